@@ -1,0 +1,60 @@
+"""Settings, all read from environment variables, with embedded defaults.
+
+The defaults need no server: an SQLite index, a folder as object store and a
+broker kept in an SQLite file, all under ``CHEXMASK_HOME`` (``./.chexmask``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def _home() -> Path:
+    return Path(os.environ.get("CHEXMASK_HOME", ".chexmask")).expanduser().resolve()
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    value = os.environ.get(name)
+    return value if value not in (None, "") else default
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path = field(default_factory=_home)
+    weights: str | None = None          # CHEXMASK_WEIGHTS: path or URL; None = bundled default
+    weights_sha256: str | None = None   # CHEXMASK_WEIGHTS_SHA256: pin for weights given by URL/path
+    database_url: str = ""              # CHEXMASK_DATABASE_URL
+    store_url: str = ""                 # CHEXMASK_STORE_URL: file:///path or s3://bucket/prefix
+    broker_url: str = ""                # CHEXMASK_BROKER_URL
+    qc_bank: str | None = None          # CHEXMASK_QC_BANK: reference bank file for RCA
+    device: str = "auto"                # CHEXMASK_DEVICE: auto, cpu, cuda
+    batch_size: int = 4                 # CHEXMASK_BATCH_SIZE
+    batch_wait_ms: int = 200            # CHEXMASK_BATCH_WAIT_MS: how long a worker gathers a batch
+    api_token: str | None = None        # CHEXMASK_API_TOKEN: bearer token for the HTTP API
+
+    @classmethod
+    def from_env(cls) -> "Settings":
+        home = _home()
+        return cls(
+            home=home,
+            weights=_env("CHEXMASK_WEIGHTS"),
+            weights_sha256=_env("CHEXMASK_WEIGHTS_SHA256"),
+            database_url=_env("CHEXMASK_DATABASE_URL", f"sqlite:///{home / 'index.db'}"),
+            store_url=_env("CHEXMASK_STORE_URL", (home / "store").as_uri()),
+            broker_url=_env("CHEXMASK_BROKER_URL", f"sqla+sqlite:///{home / 'broker.db'}"),
+            qc_bank=_env("CHEXMASK_QC_BANK"),
+            device=_env("CHEXMASK_DEVICE", "auto"),
+            batch_size=int(_env("CHEXMASK_BATCH_SIZE", "4")),
+            batch_wait_ms=int(_env("CHEXMASK_BATCH_WAIT_MS", "200")),
+            api_token=_env("CHEXMASK_API_TOKEN"),
+        )
+
+
+def resolve_device(name: str = "auto") -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name

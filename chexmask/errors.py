@@ -1,0 +1,30 @@
+"""Every exception the package raises on purpose, in one place."""
+
+
+class ChexmaskError(Exception):
+    """Base class: an expected failure with a message meant for a person."""
+
+
+class RefusedInput(ChexmaskError):
+    """The input is not something we segment. Recorded with its code; never retried.
+
+    ``code`` is short and machine-readable (``not_an_image``, ``truncated``,
+    ``wrong_modality``, ...); ``message`` is one human sentence.
+    """
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class WeightsError(ChexmaskError):
+    """Model weights are missing, unreadable or fail their pinned checksum."""
+
+
+class TransientError(ChexmaskError):
+    """A storage or network hiccup worth retrying with backoff."""
+
+
+class ConfigError(ChexmaskError):
+    """A setting is missing or malformed."""

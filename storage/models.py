@@ -1,0 +1,195 @@
+"""The index tables. The schema itself is created by the Alembic migrations in
+``migrations/versions``; these classes must stay in step with them (a test
+compares the two).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from enum import Enum
+from typing import ClassVar
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlmodel import Field, SQLModel
+
+from chexmask.status import ImageStatus
+
+# Named constraints and indexes, so later migrations can refer to them on every backend.
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+ORGANS = ("right_lung", "left_lung", "heart")
+
+# Built NULLS FIRST on PostgreSQL by the migrations (so a missing Dice sorts lowest in
+# both directions from one index); declared plainly here because autogenerate cannot
+# express a per-dialect NULL order.
+NULLS_FIRST_INDEXES = frozenset(
+    {"ix_segmentation_dice_rca_mean", "ix_segmentation_model_version_dice_rca_mean"}
+)
+
+
+def include_in_autogenerate(obj: object, name: str | None, type_: str, reflected: bool, compare_to: object) -> bool:
+    """Alembic ``include_object`` hook: leave the per-dialect Dice indexes alone."""
+    return not (type_ == "index" and name in NULLS_FIRST_INDEXES)
+
+
+class QCStatus(str, Enum):
+    PENDING = "pending"  # segmented, Dice RCA not computed yet
+    DONE = "done"
+    SKIPPED = "skipped"  # QC deliberately not run (e.g. no reference bank configured)
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class UTCDateTime(sa.TypeDecorator[datetime]):
+    """Timezone-aware UTC timestamps on every backend.
+
+    SQLite keeps no offset, so values are normalised to UTC before writing and
+    marked UTC again when read.
+    """
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        return None if value is None else as_utc(value)
+
+    def process_result_value(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        return None if value is None else as_utc(value)
+
+
+def as_utc(value: datetime) -> datetime:
+    """Aware datetimes converted to UTC; naive ones are taken to be UTC already."""
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
+def _enum(cls: type[Enum]) -> sa.Enum:
+    # Stored as short strings (no native PG enum) so adding a status needs no type migration.
+    return sa.Enum(
+        cls,
+        native_enum=False,
+        create_constraint=False,
+        length=16,
+        values_callable=lambda members: [m.value for m in members],
+        validate_strings=True,
+    )
+
+
+# JSONB on PostgreSQL (compact, binary); JSON text elsewhere.
+JSONType = sa.JSON().with_variant(JSONB(), "postgresql")
+
+
+class StorageModel(SQLModel):
+    # Own metadata so tables defined by other subsystems never leak into these migrations.
+    metadata: ClassVar[sa.MetaData] = sa.MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class ModelVersion(StorageModel, table=True):
+    __tablename__ = "model_version"
+    __table_args__ = (sa.UniqueConstraint("name"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(sa_type=sa.String(128), nullable=False)
+    weights_sha256: str = Field(sa_type=sa.String(64), nullable=False)
+    description: str = Field(default="", sa_type=sa.Text, nullable=False)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, nullable=False)
+
+
+class SourceImage(StorageModel, table=True):
+    """One input image, identified by its URI; sha256 is filled once its bytes are read."""
+
+    __tablename__ = "source_image"
+    __table_args__ = (
+        sa.UniqueConstraint("uri"),
+        sa.Index("ix_source_image_sha256", "sha256"),
+        sa.Index("ix_source_image_status_id", "status", "id"),
+        sa.Index("ix_source_image_dataset_release", "dataset", "release"),
+        # pattern ops let PostgreSQL serve prefix LIKE from the index whatever the collation
+        sa.Index(
+            "ix_source_image_dataset_image_id",
+            "dataset_image_id",
+            postgresql_ops={"dataset_image_id": "varchar_pattern_ops"},
+        ),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    uri: str = Field(sa_type=sa.String(2048), nullable=False)
+    etag_or_version: str | None = Field(default=None, sa_type=sa.String(256))
+    sha256: str | None = Field(default=None, sa_type=sa.String(64))
+    size: int | None = Field(default=None, sa_type=sa.BigInteger)
+    dataset: str = Field(sa_type=sa.String(64), nullable=False)
+    release: str | None = Field(default=None, sa_type=sa.String(64))
+    dataset_image_id: str | None = Field(default=None, sa_type=sa.String(512))
+    height: int | None = None
+    width: int | None = None
+    modality: str | None = Field(default=None, sa_type=sa.String(16))
+    view_position: str | None = Field(default=None, sa_type=sa.String(16))
+    first_seen: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, nullable=False)
+    updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, nullable=False)
+    status: ImageStatus = Field(default=ImageStatus.QUEUED, sa_type=_enum(ImageStatus), nullable=False)
+    refusal_code: str | None = Field(default=None, sa_type=sa.String(64))
+    reason: str | None = Field(default=None, sa_type=sa.Text)
+    attempts: int = Field(default=0, nullable=False)
+
+
+class Segmentation(StorageModel, table=True):
+    """One model's result for one image content (sha256): never two for the same pair.
+
+    RLE is kept at both resolutions so the CheXmask export of either is a plain
+    streaming read, with no object-store fetch or re-rasterising per row.
+    """
+
+    __tablename__ = "segmentation"
+    __table_args__ = (
+        sa.UniqueConstraint("image_sha256", "model_version"),
+        sa.Index("ix_segmentation_dice_rca_mean", "dice_rca_mean"),
+        sa.Index("ix_segmentation_model_version_dice_rca_mean", "model_version", "dice_rca_mean"),
+        sa.Index("ix_segmentation_image_id", "image_id"),
+        sa.Index("ix_segmentation_created_at", "created_at"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    image_id: int = Field(foreign_key="source_image.id", nullable=False)
+    image_sha256: str = Field(sa_type=sa.String(64), nullable=False)
+    model_version: str = Field(foreign_key="model_version.name", sa_type=sa.String(128), nullable=False)
+    weights_sha256: str = Field(sa_type=sa.String(64), nullable=False)
+    pipeline_version: str = Field(sa_type=sa.String(32), nullable=False)
+    landmarks_1024: list[list[int]] = Field(sa_type=JSONType, nullable=False)
+    landmarks_original: list[list[int]] = Field(sa_type=JSONType, nullable=False)
+    latent: list[float] | None = Field(default=None, sa_type=JSONType)
+    height: int = Field(nullable=False)  # original resolution
+    width: int = Field(nullable=False)
+    rle_right_lung: str = Field(sa_type=sa.Text, nullable=False)
+    rle_left_lung: str = Field(sa_type=sa.Text, nullable=False)
+    rle_heart: str = Field(sa_type=sa.Text, nullable=False)
+    rle_right_lung_1024: str = Field(sa_type=sa.Text, nullable=False)
+    rle_left_lung_1024: str = Field(sa_type=sa.Text, nullable=False)
+    rle_heart_1024: str = Field(sa_type=sa.Text, nullable=False)
+    dice_rca_max: float | None = None
+    dice_rca_mean: float | None = None
+    dice_rca_max_rl: float | None = None
+    dice_rca_max_ll: float | None = None
+    dice_rca_max_h: float | None = None
+    dice_rca_mean_rl: float | None = None
+    dice_rca_mean_ll: float | None = None
+    dice_rca_mean_h: float | None = None
+    qc_status: QCStatus = Field(default=QCStatus.PENDING, sa_type=_enum(QCStatus), nullable=False)
+    qc_flags: list[str] | None = Field(default=None, sa_type=JSONType)
+    shape_outlier_score: float | None = None
+    object_keys: dict[str, str] = Field(default_factory=dict, sa_type=JSONType, nullable=False)
+    timings: dict[str, float] | None = Field(default=None, sa_type=JSONType)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, nullable=False)
+
+    def rle(self, resolution: str = "original") -> dict[str, str]:
+        """The three RLE strings by organ, at ``original`` or ``1024`` resolution."""
+        suffix = {"original": "", "1024": "_1024"}[resolution]
+        return {organ: getattr(self, f"rle_{organ}{suffix}") for organ in ORGANS}
+

@@ -1,0 +1,61 @@
+"""The schema comes from the Alembic migrations, matches the models, and
+upgrading an existing index changes nothing."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from services import add_sample, index, pg_database  # noqa: F401 (fixtures)
+
+from chexmask.storage.index import MaskIndex
+from chexmask.storage.models import StorageModel, include_in_autogenerate
+
+
+def test_migrations_match_models(index):
+    with index.engine.connect() as connection:
+        context = MigrationContext.configure(
+            connection, opts={"compare_type": True, "include_object": include_in_autogenerate}
+        )
+        assert compare_metadata(context, StorageModel.metadata) == []
+
+
+def test_upgrade_on_existing_index_is_a_no_op(index):
+    _, seg = add_sample(index, "a.png", dice_mean=0.8)
+    assert index.current_revision() == MaskIndex.head_revision() == "0001"
+    before = _schema(index)
+    index.upgrade()
+    index.upgrade()
+    assert _schema(index) == before
+    assert index.get_segmentation(seg.id).dice_rca_mean == 0.8  # data untouched
+    assert index.current_revision() == "0001"
+
+
+def test_fresh_database_has_no_revision_until_upgraded(tmp_path):
+    index = MaskIndex(f"sqlite:///{tmp_path / 'nested' / 'index.db'}")
+    assert index.current_revision() is None
+    assert sa.inspect(index.engine).get_table_names() == []
+    index.upgrade()
+    assert set(sa.inspect(index.engine).get_table_names()) == {
+        "alembic_version", "model_version", "source_image", "segmentation"}
+    index.close()
+
+
+def test_sqlite_runs_in_wal_mode_with_busy_timeout(tmp_path):
+    index = MaskIndex(f"sqlite:///{tmp_path / 'index.db'}")
+    with index.engine.connect() as connection:
+        assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert connection.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30000
+        assert connection.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+    index.close()
+
+
+def _schema(index: MaskIndex) -> dict:
+    inspector = sa.inspect(index.engine)
+    return {
+        table: (
+            [(c["name"], str(c["type"]), c["nullable"]) for c in inspector.get_columns(table)],
+            sorted((i["name"], tuple(i["column_names"])) for i in inspector.get_indexes(table)),
+        )
+        for table in sorted(inspector.get_table_names())
+    }

@@ -1,0 +1,379 @@
+"""HybridGNet (HybridGNet2IGSC): a CNN encoder and a graph decoder that outputs
+120 lung and heart landmarks on a 1024x1024 chest X-ray.
+
+Follows the official model of Gaggion et al. (CheXmask, Scientific Data 2024;
+ngaggion/CheXmask-Database, HybridGNet/models/HybridGNet2IGSC.py at 8ae0c33)
+as specified in ../shared/reference/SPEC.md. It loads the official
+``state_dict`` unchanged (same keys, same shapes) and reproduces its forward
+pass, with two deliberate differences:
+
+* Batch invariance. The official encoder uses BatchNorm without running
+  statistics, so even in eval mode an image is normalised with the statistics
+  of its batch-mates and its landmarks change with them (up to 836 px). In
+  eval we normalise each image with its own statistics, which is exactly the
+  official batch-of-1 computation, for every image of a batch.
+  ``HybridGNetConfig(batch_invariant=False)`` restores the official behaviour.
+* Current torch-geometric. The official ChebConv subclass breaks on PyG >= 2.5;
+  we use PyG's own ChebConv (identical keys and arithmetic) and replace
+  torchvision's ``roi_align`` by ``roi_lookup`` below, which reproduces it
+  bit for bit and lets tests inject the official sample counts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch_geometric.nn import ChebConv
+
+from chexmask.errors import WeightsError
+
+# Landmarks per organ, in output order: right lung, left lung, heart.
+ORGAN_SIZES = {"RL": 44, "LL": 50, "H": 26}
+
+OFFICIAL_WEIGHTS_SHA256 = "b76bbb8c8ad9774cdf3ac81c9edf04bcc800b3c7f7eacf24ce7249038f3c640f"
+
+
+@dataclass(frozen=True)
+class HybridGNetConfig:
+    latents: int = 64
+    input_size: int = 1024
+    encoder_channels: tuple[int, ...] = (8, 16, 32, 64, 128)
+    filters: tuple[int, ...] = (2, 32, 32, 32, 16, 16, 16)  # decoder widths, fine to coarse
+    K: int = 6  # Chebyshev order
+    batch_invariant: bool = True
+
+
+# ---------------------------------------------------------------------------
+# Graphs
+
+
+def organ_graphs(sizes: tuple[int, ...] = tuple(ORGAN_SIZES.values())):
+    """Adjacency of the fine graph, of the coarse graph and the unpooling matrix U.
+
+    Each organ is a closed cycle. The coarse level keeps ceil(N/2) nodes per organ;
+    an even fine node copies its coarse node, an odd one averages two (SPEC 5).
+    """
+    coarse_sizes = [math.ceil(n / 2) for n in sizes]
+    A = np.zeros((sum(sizes),) * 2, np.float32)
+    AD = np.zeros((sum(coarse_sizes),) * 2, np.float32)
+    U = np.zeros((sum(sizes), sum(coarse_sizes)), np.float32)
+    fine0 = coarse0 = 0
+    for n, m in zip(sizes, coarse_sizes):
+        for i in range(n):
+            A[fine0 + i, fine0 + (i + 1) % n] = A[fine0 + (i + 1) % n, fine0 + i] = 1
+        for j in range(m):
+            AD[coarse0 + j, coarse0 + (j + 1) % m] = AD[coarse0 + (j + 1) % m, coarse0 + j] = 1
+        for i in range(n):
+            if i % 2 == 0:
+                U[fine0 + i, coarse0 + i // 2] = 1
+            else:
+                U[fine0 + i, coarse0 + i // 2] = 0.5
+                U[fine0 + i, coarse0 + (i // 2 + 1) % m] = 0.5
+        fine0 += n
+        coarse0 += m
+    return A, AD, U
+
+
+def edge_index(adjacency: np.ndarray) -> torch.Tensor:
+    """Edges in the order the official code feeds PyG (scipy CSC -> COO: by column,
+    then row). The order fixes PyG's summation order, hence the last bits."""
+    cols, rows = np.nonzero(adjacency.T)
+    return torch.from_numpy(np.stack([rows, cols]).astype(np.int64))
+
+
+# ---------------------------------------------------------------------------
+# Encoder
+
+
+class ImageNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d without running statistics (the official layer, same keys).
+
+    Training normalises over the batch, as the official model did. In eval a
+    batch-invariant model normalises each image by itself: ``instance_norm``
+    with the BatchNorm affine is the batch-of-1 BatchNorm, image by image.
+    """
+
+    def __init__(self, channels: int, batch_invariant: bool):
+        super().__init__(channels, track_running_stats=False)
+        self.batch_invariant = batch_invariant
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training or not self.batch_invariant:
+            return super().forward(x)
+        return F.instance_norm(x, weight=self.weight, bias=self.bias, eps=self.eps)
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, batch_invariant: bool):
+        super().__init__()
+        norm = lambda c: ImageNorm2d(c, batch_invariant)  # noqa: E731
+        # Names and order (skip before block) follow the official state_dict.
+        self.skip = (
+            nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), norm(cout)) if cin != cout else None
+        )
+        self.block = nn.Sequential(
+            norm(cin), nn.ReLU(), nn.Conv2d(cin, cout, 3, padding=1),
+            norm(cout), nn.ReLU(), nn.Conv2d(cout, cout, 3, padding=1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.skip is None else self.skip(x)
+        return F.relu(self.block(x) + shortcut)
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: HybridGNetConfig):
+        super().__init__()
+        c = (1, *cfg.encoder_channels, cfg.encoder_channels[-1])
+        for i in range(6):
+            self.add_module(f"dconv_down{i + 1}", ResidualBlock(c[i], c[i + 1], cfg.batch_invariant))
+        side = cfg.input_size // 2**5
+        self.fc_mu = nn.Linear(c[-1] * side * side, cfg.latents)
+        self.fc_logvar = nn.Linear(c[-1] * side * side, cfg.latents)
+
+    def forward(self, x: torch.Tensor):
+        for i in range(1, 5):
+            x = F.max_pool2d(getattr(self, f"dconv_down{i}")(x), 2)
+        conv5 = self.dconv_down5(x)
+        conv6 = self.dconv_down6(F.max_pool2d(conv5, 2))
+        flat = conv6.flatten(1)
+        # logvar only matters for the training objective; eval skips the 8M-weight layer.
+        logvar = self.fc_logvar(flat) if self.training else None
+        return self.fc_mu(flat), logvar, conv5, conv6
+
+
+# ---------------------------------------------------------------------------
+# Skip connections: image features sampled at the predicted positions
+
+
+def roi_sample_counts(pos: torch.Tensor, size: int) -> torch.Tensor:
+    """Samples per axis of torchvision's roi_align for the official 3x3 box:
+    nominally 3, but 4 when float32 rounding makes the box 3 + 1 ulp wide (SPEC 3)."""
+    p = pos.detach().float() * size
+    width = ((p + 2) - 0.5) - ((p - 1) - 0.5)
+    return torch.ceil(width).to(torch.int64)
+
+
+def roi_lookup(pos: torch.Tensor, fmap: torch.Tensor, counts: torch.Tensor | None = None) -> torch.Tensor:
+    """torchvision ``roi_align(output 1x1, aligned=True, sampling_ratio=-1)`` over the
+    box [p*S - 1, p*S + 2] for each node, reproduced operation by operation.
+
+    pos [B,N,2] in [0,1] image units (x, y); fmap [B,C,S,S]; counts [B,N,2] optional
+    per-axis sample counts (a test hook for the official ones). Returns [B,N,C].
+    Like roi_align it passes gradients to ``fmap`` only.
+    """
+    B, N, _ = pos.shape
+    C, S = fmap.shape[1], fmap.shape[-1]
+    p = pos.detach().float() * S
+    start = (p - 1) - 0.5
+    width = ((p + 2) - 0.5) - start
+    counts = roi_sample_counts(pos, S) if counts is None else counts.to(torch.int64)
+    flat = fmap.flatten(2).transpose(1, 2)  # [B, S*S, C]
+    batch = torch.arange(B, device=pos.device)[:, None]
+    total = torch.zeros(B, N, C, dtype=fmap.dtype, device=fmap.device)
+    n_max = int(counts.max())
+    for iy in range(n_max):
+        for ix in range(n_max):
+            i = torch.tensor([ix + 0.5, iy + 0.5], device=pos.device)
+            coord = start + (i * width) / counts  # [B,N,2]: x, y
+            value = _bilinear(flat, batch, coord, S)
+            valid = (ix < counts[..., 0]) & (iy < counts[..., 1])
+            total = total + torch.where(valid[..., None], value, torch.zeros_like(value))
+    return total / (counts[..., 0] * counts[..., 1])[..., None].to(fmap.dtype)
+
+
+def _bilinear(flat: torch.Tensor, batch: torch.Tensor, coord: torch.Tensor, S: int) -> torch.Tensor:
+    """One bilinear sample with torchvision's border rules."""
+    outside = ((coord < -1) | (coord > S)).any(-1)
+    c = coord.clamp(min=0)
+    low = c.floor().to(torch.int64)
+    at_edge = low >= S - 1
+    low = torch.where(at_edge, torch.full_like(low, S - 1), low)
+    high = torch.where(at_edge, low, low + 1)
+    c = torch.where(at_edge, low.to(c.dtype), c)
+    frac = c - low
+    rest = 1 - frac
+    (lx, ly), (hx, hy) = frac.unbind(-1), rest.unbind(-1)
+    (x0, y0), (x1, y1) = low.unbind(-1), high.unbind(-1)
+    v = lambda y, x: flat[batch, y * S + x]  # noqa: E731
+    w1, w2, w3, w4 = (hy * hx)[..., None], (hy * lx)[..., None], (ly * hx)[..., None], (ly * lx)[..., None]
+    value = w1 * v(y0, x0) + w2 * v(y0, x1) + w3 * v(y1, x0) + w4 * v(y1, x1)
+    return torch.where(outside[..., None], torch.zeros_like(value), value)
+
+
+class SkipLookup(nn.Module):
+    """Predict a position per node, sample the feature map there, and append both."""
+
+    def __init__(self, features: int):
+        super().__init__()
+        self.graphConv_pre = ChebConv(features, 2, K=1, bias=False)
+
+    def forward(self, x, edges, fmap, counts=None):
+        pos = self.graphConv_pre(x, edges)
+        skip = roi_lookup(pos, fmap, counts)
+        return torch.cat([x, skip, pos], dim=2), pos
+
+
+# ---------------------------------------------------------------------------
+# The network
+
+
+def _node_norm(x: torch.Tensor) -> torch.Tensor:
+    """The official InstanceNorm1d on [B, nodes, features]: PyTorch takes the nodes as
+    channels, so each node's features are normalised by themselves (a layer norm)."""
+    return F.instance_norm(x)
+
+
+class HybridGNet(nn.Module):
+    def __init__(self, cfg: HybridGNetConfig = HybridGNetConfig()):
+        super().__init__()
+        self.cfg = cfg
+        f, K = cfg.filters, cfg.K
+        skip_channels = cfg.encoder_channels[-1]
+        self.encoder = Encoder(cfg)
+        A, AD, U = organ_graphs()
+        self.register_buffer("edges_fine", edge_index(A), persistent=False)
+        self.register_buffer("edges_coarse", edge_index(AD), persistent=False)
+        self.register_buffer("unpool", torch.from_numpy(U), persistent=False)
+        self.coarse_nodes = AD.shape[0]
+        self.dec_lin = nn.Linear(cfg.latents, f[6] * self.coarse_nodes)
+        self.graphConv_up6 = ChebConv(f[6], f[5], K)
+        self.graphConv_up5 = ChebConv(f[5], f[4], K)
+        self.SC_1 = SkipLookup(f[4])
+        self.graphConv_up4 = ChebConv(f[4] + skip_channels + 2, f[3], K)
+        self.graphConv_up3 = ChebConv(f[3], f[2], K)
+        self.SC_2 = SkipLookup(f[2])
+        self.graphConv_up2 = ChebConv(f[2] + skip_channels + 2, f[1], K)
+        self.graphConv_up1 = ChebConv(f[1], f[0], K=1, bias=False)
+
+    def decode(self, z, conv5, conv6, counts1=None, counts2=None):
+        """Latent and encoder maps -> (landmarks [B,120,2], pos1 [B,60,2], pos2 [B,120,2])."""
+        act = lambda conv, x, edges: F.relu(_node_norm(conv(x, edges)))  # noqa: E731
+        x = F.relu(self.dec_lin(z)).reshape(z.shape[0], self.coarse_nodes, -1)
+        x = act(self.graphConv_up6, x, self.edges_coarse)
+        x = act(self.graphConv_up5, x, self.edges_coarse)
+        x, pos1 = self.SC_1(x, self.edges_coarse, conv6, counts1)
+        x = act(self.graphConv_up4, x, self.edges_coarse)
+        x = torch.matmul(self.unpool, x)
+        x = act(self.graphConv_up3, x, self.edges_fine)
+        x, pos2 = self.SC_2(x, self.edges_fine, conv5, counts2)
+        x = act(self.graphConv_up2, x, self.edges_fine)
+        return self.graphConv_up1(x, self.edges_fine), pos1, pos2
+
+    def forward(self, x: torch.Tensor, counts1=None, counts2=None):
+        """x [B,1,1024,1024] float in [0,1]. Returns (landmarks, pos1, pos2, mu, logvar).
+
+        In training z is sampled from the variational posterior; in eval z = mu."""
+        mu, logvar, conv5, conv6 = self.encoder(x)
+        z = mu
+        if self.training:
+            z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+        landmarks, pos1, pos2 = self.decode(z, conv5, conv6, counts1, counts2)
+        return landmarks, pos1, pos2, mu, logvar
+
+
+def to_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 [B,1024,1024] -> float32 [B,1,1024,1024]: v/255 in float64 then float32,
+    as the official script (equal to float32(v)/255 for all 256 values)."""
+    t = torch.as_tensor(np.asarray(images))
+    return (t.to(torch.float64) / 255.0).to(torch.float32).unsqueeze(1)
+
+
+@torch.inference_mode()
+def segment_batch(model: HybridGNet, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Landmarks ([B,120,2], [0,1] units of the 1024 frame) and latents ([B,64]) for a
+    batch of preprocessed uint8 images [B,1024,1024].
+
+    Each image goes through the network on its own. Per-image normalisation alone
+    is not enough for exact invariance: convolution and matmul kernels pick
+    different algorithms for different batch shapes, and the skip lookups' 3-or-4
+    sample counts (SPEC 3) turn those last-bit differences into jumps of tens of
+    pixels. Image by image, a batch gives exactly the batch-of-1 result."""
+    device = next(model.parameters()).device
+    landmarks, latents = [], []
+    for image in images:
+        lm, _, _, mu, _ = model(to_input(image[None]).to(device))
+        landmarks.append(lm[0].float().cpu().numpy())
+        latents.append(mu[0].float().cpu().numpy())
+    return np.stack(landmarks), np.stack(latents)
+
+
+# ---------------------------------------------------------------------------
+# Weights
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fetch_weights(source: str, sha256: str | None, cache_dir: Path) -> Path:
+    """A local path for ``source`` (a path, file:// or http(s):// URL), checked
+    against the pinned ``sha256`` when one is given."""
+    parsed = urllib.parse.urlparse(source)
+    if parsed.scheme in ("http", "https"):
+        if not sha256:
+            raise WeightsError(f"weights URL {source} needs a pinned sha256 (CHEXMASK_WEIGHTS_SHA256)")
+        path = cache_dir / f"{sha256}.pt"
+        if not path.exists():
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".part")
+            try:
+                urllib.request.urlretrieve(source, tmp)
+            except OSError as exc:
+                raise WeightsError(f"could not download weights from {source}: {exc}") from exc
+            tmp.replace(path)
+    else:
+        path = Path(urllib.parse.unquote(parsed.path) if parsed.scheme == "file" else source).expanduser()
+    if not path.is_file():
+        raise WeightsError(
+            f"model weights not found at {path}. Pass --weights FILE or set CHEXMASK_WEIGHTS "
+            "(the official HybridGNet checkpoint or this project's default weights)."
+        )
+    if sha256 and (actual := file_sha256(path)) != sha256:
+        raise WeightsError(f"weights {path} have sha256 {actual}, expected {sha256}")
+    return path
+
+
+def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Read a checkpoint: the official ``torch.save(state_dict)`` file, or a compact one
+    (fp16 and/or without the eval-unused ``encoder.fc_logvar``), expanded to the
+    official layout in float32."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a bad file
+        raise WeightsError(f"{path} is not a readable PyTorch checkpoint: {exc}") from exc
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]  # a training checkpoint
+    state = {k: v.float() for k, v in state.items()}
+    ref = HybridGNet().state_dict()
+    for key in ("encoder.fc_logvar.weight", "encoder.fc_logvar.bias"):
+        state.setdefault(key, torch.zeros_like(ref[key]))
+    wrong = sorted(set(ref) ^ set(state)) + [k for k in ref if k in state and ref[k].shape != state[k].shape]
+    if wrong:
+        raise WeightsError(f"{path} is not a HybridGNet checkpoint (unexpected or missing keys: {wrong[:5]})")
+    return state
+
+
+def compact_state_dict(model: HybridGNet) -> dict[str, torch.Tensor]:
+    """The inference weights in half the space: fp16 and without ``encoder.fc_logvar``.
+    ``load_state_dict`` expands it back (fc_logvar as zeros, unused in eval)."""
+    return {k: v.detach().half() for k, v in model.state_dict().items() if not k.startswith("encoder.fc_logvar")}
+
+
+def load_model(path: Path, device: str = "cpu", cfg: HybridGNetConfig = HybridGNetConfig()) -> HybridGNet:
+    model = HybridGNet(cfg)
+    model.load_state_dict(load_state_dict(path))
+    return model.to(device).eval()

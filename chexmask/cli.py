@@ -17,7 +17,8 @@ from chexmask.errors import ChexmaskError
 
 # module path -> names of click commands/groups it defines
 _COMMAND_MODULES = {
-    "chexmask.worker.commands": ["segment", "train", "evaluate", "worker"],
+    "chexmask.worker.commands": ["segment", "train", "evaluate"],
+    "chexmask.worker.worker_commands": ["worker"],
     "chexmask.worker.qc_commands": ["qc"],
     "chexmask.storage.commands": ["query", "export", "stats", "api", "db"],
     "chexmask.ingest.commands": ["serve", "watch", "listen", "scan", "reprocess"],

@@ -1,0 +1,133 @@
+"""``chexmask segment``, ``train`` and ``evaluate``."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import click
+from tqdm import tqdm
+
+from chexmask.config import Settings, resolve_device
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".dic", ".j2k", ".jp2", ".tif", ".tiff", ""}
+
+
+def collect_paths(paths: tuple[Path, ...]) -> list[Path]:
+    """Files named directly, plus every likely image file under named folders."""
+    found: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            found += sorted(
+                p for p in path.rglob("*")
+                if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
+            )
+        else:
+            found.append(path)
+    return found
+
+
+@click.command("segment")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--weights", help="Checkpoint path or URL (default: CHEXMASK_WEIGHTS, then the bundled model).")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("chexmask-out"), show_default=True,
+              help="Folder for the JSON records, mask PNGs, overlays and segmentations.csv.")
+@click.option("--batch-size", type=int, default=None, help="Images per model batch (default: CHEXMASK_BATCH_SIZE or 4).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="Default: CHEXMASK_DEVICE or auto.")
+@click.option("--dataset", default="", help="Dataset name; picks the CheXmask id column of the CSV (default image_id).")
+def segment_command(paths: tuple[Path, ...], weights: str | None, out: Path, batch_size: int | None,
+                    device: str | None, dataset: str) -> int:
+    """Segment chest X-rays (files or folders of DICOM, PNG or JPEG).
+
+    Writes <name>.json (landmarks at 1024 and original resolution, latent,
+    preprocessing, source, model), <name>_{right_lung,left_lung,heart}.png,
+    <name>_overlay.png and one segmentations.csv in the CheXmask layout at
+    original resolution. Refused inputs get <name>.error.json; the exit status
+    is 1 when any input was refused.
+    """
+    from chexmask.storage.datasets import DEFAULT_ID_COLUMN, id_column
+    from chexmask.worker.pipeline import Segmenter, write_outputs
+    from chexmask.worker.weights import load
+
+    settings = Settings.from_env()
+    model, info = load(weights, settings, resolve_device(device or settings.device))
+    files = collect_paths(paths)
+    if not files:
+        raise click.UsageError("no image files found in the given paths")
+    out.mkdir(parents=True, exist_ok=True)
+    segmenter = Segmenter(model, info, batch_size or settings.batch_size)
+    sources = [(str(p.name), p.read_bytes) for p in files]
+    refused = 0
+    with open(out / "segmentations.csv", "w", newline="") as fh:
+        writer = None
+        outcomes = segmenter.run(sources, finish=lambda o: write_outputs(o, out))
+        for outcome in tqdm(outcomes, total=len(files), desc="segment", unit="image"):
+            if not outcome.ok:
+                refused += 1
+                tqdm.write(f"refused {outcome.name}: {outcome.refusal.code}: {outcome.refusal.message}", file=sys.stderr)
+                continue
+            id_name = id_column(dataset) if dataset else DEFAULT_ID_COLUMN
+            row = {id_name: outcome.segmentation.image_id, **outcome.segmentation.csv_row()}
+            if writer is None:
+                writer = csv.DictWriter(fh, fieldnames=list(row))
+                writer.writeheader()
+            writer.writerow(row)
+    click.echo(f"{len(files) - refused} segmented, {refused} refused; results in {out} (model {info.version})")
+    return 1 if refused else 0
+
+
+@click.command("train")
+@click.option("--images", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Folder of <id>.png images in the 1024 frame.")
+@click.option("--landmarks", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Folder with RL/, LL/ and H/ subfolders of <id>.npy landmarks.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("runs/train"), show_default=True)
+@click.option("--epochs", type=int, default=100, show_default=True)
+@click.option("--batch-size", type=int, default=4, show_default=True)
+@click.option("--lr", type=float, default=1e-4, show_default=True)
+@click.option("--lr-step", type=int, default=50, show_default=True, help="Epochs between learning-rate halvings.")
+@click.option("--val-fraction", type=float, default=0.1, show_default=True)
+@click.option("--seed", type=int, default=1234, show_default=True)
+@click.option("--resume", type=click.Path(path_type=Path), help="A last.ckpt to continue from.")
+@click.option("--init-weights", type=click.Path(exists=True, path_type=Path), help="Start from these weights (fine-tuning).")
+@click.option("--limit", type=int, help="Use only the first N images (a smoke run).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+def train_command(images, landmarks, out, epochs, batch_size, lr, lr_step, val_fraction, seed, resume,
+                  init_weights, limit, device) -> int:
+    """Train HybridGNet on landmark-annotated chest X-rays (resumable).
+
+    Writes out/last.ckpt every epoch (pass it to --resume), out/best.pt (compact
+    inference weights for --weights) and out/history.json."""
+    from chexmask.worker.train import TrainConfig, train
+
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, lr_step=lr_step,
+                      val_fraction=val_fraction, seed=seed, limit=limit)
+    best = train(images, landmarks, out, cfg, resolve_device(device), resume, init_weights)
+    click.echo(json.dumps({"best": best, "weights": str(out / "best.pt")}, indent=1))
+    return 0
+
+
+@click.command("evaluate")
+@click.option("--weights", help="Checkpoint to evaluate (default: CHEXMASK_WEIGHTS, then the bundled model).")
+@click.option("--images", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--landmarks", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--ids-file", type=click.Path(exists=True, path_type=Path),
+              help="A split.json from training; evaluates its --split part only.")
+@click.option("--split", default="val", show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=Path("runs/evaluate"), show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+def evaluate_command(weights, images, landmarks, ids_file, split, out, device) -> int:
+    """Dice (lungs, heart), Hausdorff distance and landmark error against annotations;
+    writes out/summary.json and out/per_image.csv."""
+    from chexmask.worker.evaluate import evaluate, write_report
+    from chexmask.worker.weights import load
+
+    model, info = load(weights, Settings.from_env(), resolve_device(device))
+    ids = json.loads(ids_file.read_text())[split] if ids_file else None
+    rows, summary = evaluate(model, images, landmarks, ids)
+    summary["model"] = info.version
+    write_report(rows, summary, out)
+    click.echo(json.dumps(summary, indent=1))
+    return 0

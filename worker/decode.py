@@ -158,6 +158,13 @@ def _decode_raster(data: bytes, fmt: str | None) -> DecodedImage:
         grey = cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE)
     if grey is None:
         raise RefusedInput("corrupt_image", "OpenCV could not decode the image in grey.")
+    flags = []
+    if _uses_few_high_bits(stored, grey):
+        # A 10- or 12-bit image in a 16-bit PNG keeps only 4-16 grey levels in
+        # its high byte: the official path would segment a black picture. We
+        # stretch the stored values instead, as the DICOM path does, and say so.
+        grey = _display_uint8(stored.astype(np.float64))
+        flags.append("rescaled_low_bit_depth")
     provenance = {
         "format": fmt or "other",
         "bits_stored": 8 * stored.dtype.itemsize,
@@ -165,7 +172,13 @@ def _decode_raster(data: bytes, fmt: str | None) -> DecodedImage:
         "height": int(grey.shape[0]),
         "width": int(grey.shape[1]),
     }
-    return DecodedImage(grey, fmt or "other", provenance)
+    return DecodedImage(grey, fmt or "other", provenance, flags)
+
+
+def _uses_few_high_bits(stored: np.ndarray, grey: np.ndarray) -> bool:
+    if stored.dtype != np.uint16 or stored.ndim != 2:
+        return False
+    return int(grey.max()) - int(grey.min()) < _MIN_GREY_RANGE <= int(stored.max()) - int(stored.min())
 
 
 def _refuse_truncated_raster(data: bytes, fmt: str | None) -> None:

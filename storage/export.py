@@ -95,9 +95,11 @@ def iter_rows(
     )
     if resolution is Resolution.ORIGINAL:
         masks = (Segmentation.rle_left_lung, Segmentation.rle_right_lung, Segmentation.rle_heart)
-        landmarks, size = Segmentation.landmarks_original, (Segmentation.height, Segmentation.width)
+        landmarks = Segmentation.landmarks_original
+        size: tuple[Any, ...] = (Segmentation.height, Segmentation.width)
     else:
-        masks = (Segmentation.rle_left_lung_1024, Segmentation.rle_right_lung_1024, Segmentation.rle_heart_1024)
+        masks = (Segmentation.rle_left_lung_1024, Segmentation.rle_right_lung_1024,
+                 Segmentation.rle_heart_1024)
         landmarks, size = Segmentation.landmarks_1024, ()
     statement = index.select_segmentations(
         filters,
@@ -111,13 +113,15 @@ def iter_rows(
     ).order_by(SourceImage.id, Segmentation.id)
 
     if resolution is Resolution.ORIGINAL:
-        for image_id, uri, mean, max_, points, left, right, heart, height, width in index.stream(
+        for name, uri, mean, max_, points, left, right, heart, height, width in index.stream(
             statement, batch_size
         ):
-            yield (image_id or uri, mean, max_, landmarks_original_text(points), left, right, heart, height, width)
+            text = landmarks_original_text(points)
+            yield (name or uri, mean, max_, text, left, right, heart, height, width)
     else:
-        for image_id, uri, mean, max_, points, left, right, heart in index.stream(statement, batch_size):
-            yield (image_id or uri, mean, max_, landmarks_1024_text(points), left, right, heart, 1024, 1024)
+        for name, uri, mean, max_, points, left, right, heart in index.stream(statement, batch_size):
+            text = landmarks_1024_text(points)
+            yield (name or uri, mean, max_, text, left, right, heart, 1024, 1024)
 
 
 def export(
@@ -186,11 +190,12 @@ def _write_parquet(path: Path, columns: list[str], rows: Iterator[tuple[Any, ...
 
     types = [pa.string(), pa.float64(), pa.float64(), pa.string(), pa.string(), pa.string(),
              pa.string(), pa.int64(), pa.int64()]
-    schema = pa.schema(list(zip(columns, types)))
+    schema = pa.schema(list(zip(columns, types, strict=True)))
     count = 0
     with pq.ParquetWriter(path, schema) as writer:
         while batch := list(islice(rows, BATCH_SIZE)):
-            arrays = [pa.array(values, type=t) for values, t in zip(zip(*batch), types)]
+            columns_of_batch = zip(*batch, strict=True)  # rows -> columns
+            arrays = [pa.array(v, type=t) for v, t in zip(columns_of_batch, types, strict=True)]
             writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=schema))
             count += len(batch)
     return count

@@ -10,7 +10,7 @@ image whose bytes change stops showing the old one.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from datetime import datetime
@@ -242,7 +242,7 @@ class MaskIndex:
     ) -> Registration:
         """Insert or update the image at ``uri``; idempotent.
 
-        A known URI whose etag/version or sha256 differs from the stored one is
+        A known URI whose etag/version, sha256 or size differs from the stored one is
         *changed*: its content fields are replaced (unknown ones cleared) and it
         goes back to ``queued`` with no attempts. Otherwise the given fields only
         fill in or update descriptive metadata.
@@ -268,7 +268,7 @@ class MaskIndex:
             image = session.scalars(
                 select(SourceImage).where(SourceImage.uri == uri).with_for_update()
             ).one()
-            changed = _content_changed(image, etag_or_version, sha256)
+            changed = _content_changed(image, content)
             updates = {k: v for k, v in {**content, **described}.items() if v is not None}
             if changed:
                 # Whatever was known about the old bytes no longer holds.
@@ -333,6 +333,20 @@ class MaskIndex:
         with self._session() as session:
             return session.get(SourceImage, image_id)
 
+    def images_by_uri(self, uris: Iterable[str]) -> dict[str, SourceImage]:
+        """The known images among ``uris``, by URI (one query per 500 URIs)."""
+        wanted = list(dict.fromkeys(uris))
+        found: dict[str, SourceImage] = {}
+        with self._session() as session:
+            # Chunked so the IN list stays under every backend's parameter limit.
+            for start in range(0, len(wanted), 500):
+                chunk = wanted[start:start + 500]
+                found.update(
+                    (image.uri, image)
+                    for image in session.scalars(select(SourceImage).where(SourceImage.uri.in_(chunk)))
+                )
+        return found
+
     def images(
         self, filters: QueryFilters = QueryFilters(), limit: int = 100, offset: int = 0
     ) -> list[SourceImage]:
@@ -372,7 +386,9 @@ class MaskIndex:
         with self._session() as session:
             yield from session.scalars(statement)
 
-    def status_counts(self, filters: QueryFilters = QueryFilters()) -> dict[tuple[str, str | None], dict[ImageStatus, int]]:
+    def status_counts(
+        self, filters: QueryFilters = QueryFilters()
+    ) -> dict[tuple[str, str | None], dict[ImageStatus, int]]:
         """Image counts by status for each (dataset, release)."""
         if filters.segmentation_level:
             raise ValueError("status_counts() takes only image-level filters")
@@ -554,11 +570,10 @@ class MaskIndex:
             yield session
 
     def _insert(self, model: type) -> Any:
-        if self.dialect == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert
-        else:
-            from sqlalchemy.dialects.sqlite import insert
-        return insert(model)
+        """An INSERT that supports ``on_conflict_do_nothing`` on this backend."""
+        from sqlalchemy.dialects import postgresql, sqlite
+
+        return (postgresql if self.dialect == "postgresql" else sqlite).insert(model)
 
 
 def _alembic_config() -> Any:
@@ -567,12 +582,12 @@ def _alembic_config() -> Any:
     return Config(str(MIGRATIONS_INI))
 
 
-def _content_changed(image: SourceImage, etag_or_version: str | None, sha256: str | None) -> bool:
-    return (
-        etag_or_version is not None
-        and image.etag_or_version is not None
-        and etag_or_version != image.etag_or_version
-    ) or (sha256 is not None and image.sha256 is not None and sha256 != image.sha256)
+def _content_changed(image: SourceImage, given: Mapping[str, Any]) -> bool:
+    """Whether a known fingerprint (etag/version, sha256, size) differs from the stored one."""
+    return any(
+        given[name] is not None and getattr(image, name) is not None and given[name] != getattr(image, name)
+        for name in ("etag_or_version", "sha256", "size")
+    )
 
 
 def _assign(row: Any, values: Mapping[str, Any]) -> bool:

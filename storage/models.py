@@ -34,7 +34,9 @@ NULLS_FIRST_INDEXES = frozenset(
 )
 
 
-def include_in_autogenerate(obj: object, name: str | None, type_: str, reflected: bool, compare_to: object) -> bool:
+def include_in_autogenerate(
+    obj: object, name: str | None, type_: str, reflected: bool, compare_to: object
+) -> bool:
     """Alembic ``include_object`` hook: leave the per-dialect Dice indexes alone."""
     return not (type_ == "index" and name in NULLS_FIRST_INDEXES)
 

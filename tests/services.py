@@ -3,6 +3,9 @@
 Each helper skips the calling test with a clear reason when its service is not
 reachable, so the suite still runs (with fewer tests) on a bare machine.
 
+The fixtures below are meant to be loaded as a plugin (``pytest_plugins =
+["services"]``), which keeps the session-scoped ones single for the whole run.
+
 - ``postgres_url()`` / ``redis_url()``: from ``CHEXMASK_TEST_PG_URL`` and
   ``CHEXMASK_TEST_REDIS_URL`` (defaults: the local servers).
 - ``fresh_postgres_database()``: a uniquely named database, dropped afterwards.
@@ -127,7 +130,8 @@ def s3_client(endpoint_url: str):
 
 def _psycopg(url: str) -> str:
     # The bare "postgresql://" scheme would make SQLAlchemy look for psycopg2.
-    return "postgresql+psycopg://" + url.split("://", 1)[1] if url.startswith(("postgresql://", "postgres://")) else url
+    scheme, _, rest = url.partition("://")
+    return f"postgresql+psycopg://{rest}" if scheme in ("postgresql", "postgres") else url
 
 
 def _safe(url: str) -> str:
@@ -141,7 +145,15 @@ def _safe(url: str) -> str:
 @pytest.fixture(scope="session")
 def pg_database() -> Iterator[str]:
     """One fresh PostgreSQL database for the whole session."""
+    import sqlalchemy as sa
+
     with fresh_postgres_database() as url:
+        engine = sa.create_engine(url, isolation_level="AUTOCOMMIT")
+        with engine.connect() as connection:
+            # Throwaway data: commits need not wait for the WAL flush.
+            name = sa.engine.make_url(url).database
+            connection.execute(sa.text(f'ALTER DATABASE "{name}" SET synchronous_commit = off'))
+        engine.dispose()
         yield url
 
 
@@ -170,10 +182,23 @@ def index(request: pytest.FixtureRequest, tmp_path):
 def _empty_postgres_tables(index) -> None:
     import sqlalchemy as sa
 
+    # DELETE, not TRUNCATE: on tables this small it is ~30x faster.
     with index.engine.begin() as connection:
-        connection.execute(
-            sa.text("TRUNCATE segmentation, source_image, model_version RESTART IDENTITY CASCADE")
-        )
+        for table in ("segmentation", "source_image", "model_version"):
+            connection.execute(sa.text(f"DELETE FROM {table}"))
+
+
+@pytest.fixture
+def fake_aws(monkeypatch) -> None:
+    """Fake AWS credentials in the environment, so boto3 can sign requests."""
+    for name, value in FAKE_AWS_ENV.items():
+        monkeypatch.setenv(name, value)
+
+
+@pytest.fixture
+def unused_port() -> int:
+    """A loopback port nothing listens on."""
+    return free_port()
 
 
 @pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.services)])
@@ -186,8 +211,7 @@ def store(request: pytest.FixtureRequest, tmp_path, monkeypatch):
     endpoint = request.getfixturevalue("moto_endpoint")
     bucket = f"chexmask-{uuid.uuid4().hex[:12]}"
     s3_client(endpoint).create_bucket(Bucket=bucket)
-    for name, value in FAKE_AWS_ENV.items():
-        monkeypatch.setenv(name, value)
+    request.getfixturevalue("fake_aws")
     monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
     return open_store(f"s3://{bucket}/masks")
 
@@ -207,6 +231,7 @@ def add_sample(
     rle_1024=None,
     height: int = 512,
     width: int = 512,
+    object_keys: dict[str, str] | None = None,
 ):
     """Register an image called ``name`` and give it a segmentation (and QC when
     Dice values are given). Returns ``(image, segmentation)``."""
@@ -225,8 +250,19 @@ def add_sample(
         image_id=image.id, image_sha256=sha, model_version=model, weights_sha256="ab" * 32,
         landmarks_1024=landmarks_1024 or points, landmarks_original=landmarks_original or points,
         height=height, width=width, rle=rle or masks, rle_1024=rle_1024 or masks,
+        object_keys=object_keys,
     )
     if dice_mean is not None or dice_max is not None:
         segmentation = index.set_qc(segmentation.id, dice_rca_mean=dice_mean, dice_rca_max=dice_max)
     image = index.mark(image.id, ImageStatus.DONE)
     return image, segmentation
+
+
+@pytest.fixture
+def sample(index):
+    """``sample(name, **options)``: ``add_sample`` on the test's index."""
+
+    def add(name: str, **options):
+        return add_sample(index, name, **options)
+
+    return add

@@ -12,11 +12,13 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
-from services import add_sample, index, pg_database  # noqa: F401 (fixtures)
 
 from chexmask.errors import ConfigError
 from chexmask.storage import export as export_module
 from chexmask.storage.export import export, header, landmarks_original_text
+
+# Shared fixtures (index, store, pg_database, moto_endpoint), one instance per session.
+pytest_plugins = ["services"]
 
 REFERENCE = Path("/work/shared/reference/postprocessing")
 ORGAN_SLICES = {"right_lung": slice(0, 44), "left_lung": slice(44, 94), "heart": slice(94, 120)}
@@ -57,19 +59,19 @@ def rle_decode(rle: str, height: int, width: int) -> np.ndarray:
     """The official decoder (SPEC 9.3 step 4)."""
     flat = np.zeros(height * width, dtype=np.uint8)
     numbers = np.asarray(rle.split(), dtype=int)
-    for start, length in zip(numbers[0::2], numbers[1::2]):
+    for start, length in zip(numbers[0::2], numbers[1::2], strict=True):
         flat[start - 1:start - 1 + length] = 255
     return flat.reshape(height, width)
 
 
-def add_drawn(index, name: str, height: int, width: int, **kwargs) -> dict:
+def add_drawn(sample, name: str, height: int, width: int, **kwargs) -> dict:
     """A segmentation whose RLE is drawn from its landmarks, as the pipeline does."""
     at_1024 = landmarks(1, 1)
     original = landmarks(width / 1024, height / 1024)
     masks = {o: draw(original[s], height, width) for o, s in ORGAN_SLICES.items()}
     masks_1024 = {o: draw(at_1024[s], 1024, 1024) for o, s in ORGAN_SLICES.items()}
-    add_sample(
-        index, name, height=height, width=width,
+    sample(
+        name, height=height, width=width,
         landmarks_1024=at_1024.tolist(), landmarks_original=original.tolist(),
         rle={o: rle_encode(m) for o, m in masks.items()},
         rle_1024={o: rle_encode(m) for o, m in masks_1024.items()},
@@ -79,13 +81,13 @@ def add_drawn(index, name: str, height: int, width: int, **kwargs) -> dict:
 
 
 @pytest.mark.parametrize("resolution", ["original", "1024"])
-def test_round_trip_with_official_decoder(index, tmp_path, resolution):
+def test_round_trip_with_official_decoder(index, sample, tmp_path, resolution):
     sizes = {"00000001_000.png": (600, 700), "00000002_000.png": (1024, 1024),
              "00000003_000.png": (2048, 1536)}
     dice = [{}, {"dice_mean": 0.81, "dice_max": 0.91}, {"dice_mean": 0.82, "dice_max": 0.92}]
     expected = {}
-    for (name, (h, w)), qc in zip(sizes.items(), dice):
-        expected[name] = add_drawn(index, name, h, w, **qc)[resolution]
+    for (name, (h, w)), qc in zip(sizes.items(), dice, strict=True):
+        expected[name] = add_drawn(sample, name, h, w, **qc)[resolution]
 
     out = tmp_path / "nih.csv"
     assert export(index, out, dataset="nih", resolution=resolution) == 3
@@ -129,7 +131,7 @@ def test_export_reproduces_official_files_byte_for_byte(index, tmp_path, dataset
     rows_1024 = _read(REFERENCE / at_1024)
     rows_original = _read(REFERENCE / original)
     id_column = header(dataset)[0]
-    for row, row_original in zip(rows_1024, rows_original):
+    for row, row_original in zip(rows_1024, rows_original, strict=True):
         assert row[id_column] == row_original[id_column]
         digest = hashlib.sha256(row[id_column].encode()).hexdigest()
         image = index.register_image(uri=f"file:///{row[id_column]}", dataset=dataset,
@@ -158,9 +160,9 @@ def _masks(row: dict[str, str]) -> dict[str, str]:
     return {"left_lung": row["Left Lung"], "right_lung": row["Right Lung"], "heart": row["Heart"]}
 
 
-def test_parquet_holds_the_same_table(index, tmp_path):
+def test_parquet_holds_the_same_table(index, sample, tmp_path):
     for i in range(3):
-        add_drawn(index, f"id_{i}", 300 + i, 400, dice_mean=0.7 + i / 10, dice_max=0.9)
+        add_drawn(sample, f"id_{i}", 300 + i, 400, dice_mean=0.7 + i / 10, dice_max=0.9)
     assert export(index, tmp_path / "a.csv", dataset="nih") == 3
     assert export(index, tmp_path / "a.parquet", dataset="nih") == 3
     from_csv = pd.read_csv(tmp_path / "a.csv")
@@ -168,11 +170,11 @@ def test_parquet_holds_the_same_table(index, tmp_path):
     pd.testing.assert_frame_equal(from_parquet, from_csv, check_dtype=False)
 
 
-def test_export_selection(index, tmp_path):
-    add_sample(index, "a", dataset="padchest", release="r1", dice_mean=0.6)
-    add_sample(index, "b", dataset="padchest", release="r1", dice_mean=0.75)
-    add_sample(index, "c", dataset="padchest", release="r2", dice_mean=0.9)
-    add_sample(index, "d", dataset="chexpert", dice_mean=0.9)
+def test_export_selection(index, sample, tmp_path):
+    sample("a", dataset="padchest", release="r1", dice_mean=0.6)
+    sample("b", dataset="padchest", release="r1", dice_mean=0.75)
+    sample("c", dataset="padchest", release="r2", dice_mean=0.9)
+    sample("d", dataset="chexpert", dice_mean=0.9)
 
     def ids(**kwargs) -> list[str]:
         out = tmp_path / "out.csv"
@@ -186,15 +188,15 @@ def test_export_selection(index, tmp_path):
     assert ids(min_dice_mean=0.7) == ["b", "c"]
     assert ids(model="another") == []
 
-    add_sample(index, "a", dataset="padchest", release="r1", model="hybridgnet-v2", dice_mean=0.5)
+    sample("a", dataset="padchest", release="r1", model="hybridgnet-v2", dice_mean=0.5)
     with pytest.raises(ConfigError, match="--model"):
         ids()
     assert ids(model="hybridgnet-v2") == ["a"]
 
 
-def test_failed_export_leaves_previous_file(index, tmp_path, monkeypatch):
+def test_failed_export_leaves_previous_file(index, sample, tmp_path, monkeypatch):
     for name in ("a", "b", "c"):
-        add_sample(index, name)
+        sample(name)
     out = tmp_path / "exports" / "nih.csv"
     out.parent.mkdir()
     out.write_text("previous export\n")

@@ -7,12 +7,14 @@ import threading
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from services import add_sample, index, pg_database  # noqa: F401 (fixtures)
 
 from chexmask.errors import ConfigError
 from chexmask.status import ImageStatus
 from chexmask.storage.index import QueryFilters
 from chexmask.storage.models import QCStatus
+
+# Shared fixtures (index, store, pg_database, moto_endpoint), one instance per session.
+pytest_plugins = ["services"]
 
 POINTS = [[i, i + 1] for i in range(120)]
 RLE = {"right_lung": "1 5", "left_lung": "11 5", "heart": "21 5"}
@@ -56,10 +58,22 @@ def test_register_image_is_an_upsert(index):
     assert len(index.images()) == 1
 
 
-def test_register_image_detects_new_sha(index):
-    index.register_image(uri="file:///a.png", dataset="padchest", sha256=sha("1"))
+def test_register_image_detects_new_sha_or_size(index):
+    index.register_image(uri="file:///a.png", dataset="padchest", sha256=sha("1"), size=10)
     assert not index.register_image(uri="file:///a.png", dataset="padchest", sha256=sha("1")).changed
     assert index.register_image(uri="file:///a.png", dataset="padchest", sha256=sha("2")).changed
+    assert not index.register_image(uri="file:///a.png", dataset="padchest", size=10).changed
+    assert index.register_image(uri="file:///a.png", dataset="padchest", size=11).changed
+
+
+def test_images_by_uri(index):
+    uris = [f"file:///{i}.png" for i in range(1200)]
+    for uri in uris[::100]:
+        index.register_image(uri=uri, dataset="nih")
+    found = index.images_by_uri(uris + uris[:5])
+    assert sorted(found) == sorted(uris[::100])  # found across the 500-URI chunks
+    assert all(found[uri].uri == uri for uri in found)
+    assert index.images_by_uri([]) == {}
 
 
 def test_status_lifecycle(index):
@@ -155,8 +169,8 @@ def test_add_segmentation_validates_shapes(index):
         index.add_segmentation(**{**segmentation_args(image, digest), "rle": {"right_lung": ""}})
 
 
-def test_set_qc_replaces_results(index):
-    _, seg = add_sample(index, "a")
+def test_set_qc_replaces_results(index, sample):
+    _, seg = sample("a")
     seg = index.set_qc(seg.id, dice_rca_mean=0.8, dice_rca_max=0.9, dice_rca_mean_rl=0.7,
                        dice_rca_max_h=0.95, shape_outlier_score=1.5, flags=["low_heart"])
     assert (seg.qc_status, seg.dice_rca_mean, seg.dice_rca_max_h, seg.qc_flags) == (
@@ -168,11 +182,11 @@ def test_set_qc_replaces_results(index):
 
 
 @pytest.fixture
-def populated(index):
+def populated(index, sample):
     """12 segmentations over three datasets, with Dice 0.50 ... 0.94."""
     for i in range(12):
         dataset = ["chestx-ray8", "padchest", "vindr-cxr"][i % 3]
-        add_sample(index, f"img_{i:02d}.png", dataset=dataset, release="r1" if i < 6 else "r2",
+        sample(f"img_{i:02d}.png", dataset=dataset, release="r1" if i < 6 else "r2",
                    dice_mean=round(0.5 + 0.04 * i, 2), dice_max=round(0.6 + 0.03 * i, 2))
     image = index.register_image(uri="file:///pending.png", dataset="nih").image
     index.mark(image.id, ImageStatus.PROCESSING)
@@ -210,10 +224,10 @@ def test_id_patterns_exact_glob_like(populated):
     assert query(QueryFilters(id_pattern="im__0*")) == []  # in a glob "_" is literal
 
 
-def test_created_window(index):
-    add_sample(index, "early.png")
+def test_created_window(index, sample):
+    sample("early.png")
     middle = datetime.now(timezone.utc)
-    add_sample(index, "late.png")
+    sample("late.png")
     assert ids(index.query(QueryFilters(created_before=middle))) == ["early.png"]
     assert ids(index.query(QueryFilters(created_after=middle))) == ["late.png"]
     naive_future = datetime.utcnow() + timedelta(hours=1)
@@ -225,15 +239,16 @@ def test_sort_and_pagination(populated):
     best_first = ids(query(sort="-dice_rca_mean", limit=100))
     assert best_first == [f"img_{i:02d}.png" for i in reversed(range(12))]
     pages = [ids(query(sort="-dice_rca_mean", limit=5, offset=o)) for o in (0, 5, 10)]
-    assert sum(pages, []) == best_first and [len(p) for p in pages] == [5, 5, 2]
+    assert [name for page in pages for name in page] == best_first
+    assert [len(page) for page in pages] == [5, 5, 2]
     assert ids(query(sort="dataset_image_id", limit=2, offset=3)) == ["img_03.png", "img_04.png"]
     assert ids(query(sort="-id", limit=1)) == ["img_11.png"]
     with pytest.raises(ValueError, match="cannot sort"):
         query(sort="uri")
 
 
-def test_missing_dice_sorts_lowest(populated):
-    _, pending = add_sample(populated, "no_qc.png")
+def test_missing_dice_sorts_lowest(populated, sample):
+    sample("no_qc.png")
     assert ids(populated.query(sort="-dice_rca_mean"))[-1] == "no_qc.png"
     assert ids(populated.query(sort="dice_rca_mean"))[0] == "no_qc.png"
 

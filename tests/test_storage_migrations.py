@@ -6,10 +6,12 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from services import add_sample, index, pg_database  # noqa: F401 (fixtures)
 
 from chexmask.storage.index import MaskIndex
 from chexmask.storage.models import StorageModel, include_in_autogenerate
+
+# Shared fixtures (index, store, pg_database, moto_endpoint), one instance per session.
+pytest_plugins = ["services"]
 
 
 def test_migrations_match_models(index):
@@ -20,8 +22,8 @@ def test_migrations_match_models(index):
         assert compare_metadata(context, StorageModel.metadata) == []
 
 
-def test_upgrade_on_existing_index_is_a_no_op(index):
-    _, seg = add_sample(index, "a.png", dice_mean=0.8)
+def test_upgrade_on_existing_index_is_a_no_op(index, sample):
+    _, seg = sample("a.png", dice_mean=0.8)
     assert index.current_revision() == MaskIndex.head_revision() == "0001"
     before = _schema(index)
     index.upgrade()

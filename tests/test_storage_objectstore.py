@@ -6,10 +6,12 @@ import os
 import threading
 
 import pytest
-from services import FAKE_AWS_ENV, free_port, moto_endpoint, store  # noqa: F401 (fixtures)
 
 from chexmask.errors import ConfigError, TransientError
 from chexmask.storage.objectstore import LocalStore, S3Store, open_store, segmentation_keys
+
+# Shared fixtures (index, store, pg_database, moto_endpoint), one instance per session.
+pytest_plugins = ["services"]
 
 SHA = "0f" * 32
 
@@ -97,12 +99,10 @@ def test_local_list_skips_temp_files(tmp_path):
     assert list(store.list()) == ["a/b.bin"]
 
 
-def test_open_store_picks_backend(tmp_path, monkeypatch):
+def test_open_store_picks_backend(tmp_path, monkeypatch, fake_aws):
     local = open_store(tmp_path.as_uri())
     assert isinstance(local, LocalStore) and local.root == tmp_path.resolve()
     monkeypatch.setenv("CHEXMASK_S3_ENDPOINT_URL", "http://127.0.0.1:9")
-    for name, value in FAKE_AWS_ENV.items():
-        monkeypatch.setenv(name, value)
     s3 = open_store("s3://bucket/some/prefix/")
     assert isinstance(s3, S3Store)
     assert (s3.bucket, s3.prefix) == ("bucket", "some/prefix/")
@@ -113,10 +113,8 @@ def test_open_store_picks_backend(tmp_path, monkeypatch):
             open_store(bad)
 
 
-def test_unreachable_s3_is_transient(monkeypatch):
-    for name, value in FAKE_AWS_ENV.items():
-        monkeypatch.setenv(name, value)
-    store = S3Store("bucket", endpoint_url=f"http://127.0.0.1:{free_port()}", max_attempts=1)
+def test_unreachable_s3_is_transient(fake_aws, unused_port):
+    store = S3Store("bucket", endpoint_url=f"http://127.0.0.1:{unused_port}", max_attempts=1)
     with pytest.raises(TransientError):
         store.put("a.bin", b"x")
     with pytest.raises(TransientError):
@@ -124,9 +122,7 @@ def test_unreachable_s3_is_transient(monkeypatch):
 
 
 @pytest.mark.services
-def test_missing_bucket_is_a_config_error(moto_endpoint, monkeypatch):  # noqa: F811
-    for name, value in FAKE_AWS_ENV.items():
-        monkeypatch.setenv(name, value)
+def test_missing_bucket_is_a_config_error(moto_endpoint, fake_aws):
     store = S3Store("no-such-bucket", endpoint_url=moto_endpoint)
     with pytest.raises(ConfigError, match="no-such-bucket"):
         store.put("a.bin", b"x")

@@ -1,0 +1,155 @@
+"""Read-only HTTP API over the index and the object store.
+
+When a token is configured (``CHEXMASK_API_TOKEN``) every data route needs
+``Authorization: Bearer <token>``; ``/health`` and the OpenAPI docs stay open.
+Only segmentation artefacts (keys under ``segmentations/``) are served, so
+whatever else shares the store, such as source images, is never exposed.
+"""
+
+from __future__ import annotations
+
+import hmac
+import mimetypes
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import datetime
+from http import HTTPStatus
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.responses import StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel
+
+from chexmask import __version__
+from chexmask.config import Settings
+from chexmask.errors import TransientError
+from chexmask.status import ImageStatus
+from chexmask.storage.index import (
+    SORT_KEYS,
+    MaskIndex,
+    QueryFilters,
+    SegmentationSummary,
+)
+from chexmask.storage.objectstore import check_key, open_store
+from chexmask.storage.stats import compute_stats
+
+MAX_PAGE = 1000
+SERVED_PREFIX = "segmentations/"
+_SORT_PATTERN = "^-?(" + "|".join(SORT_KEYS) + ")$"
+
+
+class Page(BaseModel):
+    """A page of segmentations; each one's full record is at ``/segmentations/{id}``."""
+
+    items: list[SegmentationSummary]
+    limit: int
+    offset: int
+    next_offset: int | None  # None on the last page
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings.from_env()
+    index = MaskIndex(settings.database_url)
+    store = open_store(settings.store_url)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        index.close()
+
+    app = FastAPI(title="chexmask-stream", version=__version__, lifespan=lifespan)
+    guarded = [Depends(_bearer_guard(settings.api_token))]
+
+    @app.get("/health")
+    def health() -> dict[str, Any]:
+        try:
+            revision = index.current_revision()
+        except Exception as exc:  # any database failure makes us unhealthy, never a 500
+            raise HTTPException(HTTPStatus.SERVICE_UNAVAILABLE, f"index unreachable: {exc}") from exc
+        return {"status": "ok", "schema_revision": revision}
+
+    @app.get("/segmentations", dependencies=guarded, response_model=Page)
+    def list_segmentations(
+        filters: Annotated[QueryFilters, Depends(_filters)],
+        sort: Annotated[str, Query(pattern=_SORT_PATTERN)] = "id",
+        limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
+        offset: Annotated[int, Query(ge=0)] = 0,
+    ) -> Page:
+        # One extra row tells whether a next page exists without a COUNT(*) over the set.
+        rows = index.query(filters, sort=sort, limit=limit + 1, offset=offset)
+        return Page(items=rows[:limit], limit=limit, offset=offset,
+                    next_offset=offset + limit if len(rows) > limit else None)
+
+    @app.get("/segmentations/{segmentation_id}", dependencies=guarded)
+    def get_segmentation(segmentation_id: int, request: Request) -> dict[str, Any]:
+        segmentation = index.get_segmentation(segmentation_id)
+        if segmentation is None:
+            raise HTTPException(HTTPStatus.NOT_FOUND, "no such segmentation")
+        record = segmentation.model_dump(mode="json")
+        record["objects"] = {
+            name: str(request.url_for("get_object", key=key))
+            for name, key in segmentation.object_keys.items()
+        }
+        return record
+
+    @app.get("/objects/{key:path}", dependencies=guarded, name="get_object")
+    def get_object(key: str) -> StreamingResponse:
+        try:
+            if not check_key(key).startswith(SERVED_PREFIX):
+                raise KeyError(key)
+            chunks = store.stream(key)
+        except (KeyError, ValueError):
+            raise HTTPException(HTTPStatus.NOT_FOUND, "no such object") from None
+        except TransientError as exc:
+            raise HTTPException(HTTPStatus.SERVICE_UNAVAILABLE, str(exc)) from exc
+        media_type = mimetypes.guess_type(key)[0] or "application/octet-stream"
+        return StreamingResponse(chunks, media_type=media_type)
+
+    @app.get("/stats", dependencies=guarded)
+    def stats(
+        dataset: str | None = None, release: str | None = None, model: str | None = None
+    ) -> list[dict[str, Any]]:
+        groups = compute_stats(index, dataset=dataset, release=release, model=model)
+        return [group.as_dict() for group in groups]
+
+    return app
+
+
+def _filters(
+    dataset: str | None = None,
+    release: str | None = None,
+    model: str | None = None,
+    status: ImageStatus | None = None,
+    min_dice_mean: Annotated[float | None, Query(ge=0, le=1)] = None,
+    max_dice_mean: Annotated[float | None, Query(ge=0, le=1)] = None,
+    min_dice_max: Annotated[float | None, Query(ge=0, le=1)] = None,
+    max_dice_max: Annotated[float | None, Query(ge=0, le=1)] = None,
+    created_after: datetime | None = None,
+    created_before: datetime | None = None,
+    id_pattern: str | None = None,
+) -> QueryFilters:
+    return QueryFilters(
+        dataset=dataset, release=release, model=model, status=status,
+        min_dice_mean=min_dice_mean, max_dice_mean=max_dice_mean,
+        min_dice_max=min_dice_max, max_dice_max=max_dice_max,
+        created_after=created_after, created_before=created_before, id_pattern=id_pattern,
+    )
+
+
+_BEARER = HTTPBearer(auto_error=False)
+
+
+def _bearer_guard(token: str | None):
+    def guard(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)]) -> None:
+        if token is None:
+            return
+        # Constant-time comparison: the token must not leak through response timing.
+        if credentials is None or not hmac.compare_digest(credentials.credentials.encode(), token.encode()):
+            raise HTTPException(
+                HTTPStatus.UNAUTHORIZED,
+                "missing or wrong bearer token",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
+    return guard

@@ -1,0 +1,199 @@
+"""``chexmask query|export|stats|api|db``: thin click wrappers over the storage library."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from datetime import datetime
+from enum import Enum
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from chexmask.config import Settings
+from chexmask.errors import ConfigError
+from chexmask.status import ImageStatus
+from chexmask.storage.index import SORT_KEYS, MaskIndex, QueryFilters, SegmentationSummary
+
+if TYPE_CHECKING:
+    from chexmask.storage.stats import GroupStats
+
+_SORT_CHOICES = [*SORT_KEYS, *(f"-{key}" for key in SORT_KEYS)]
+
+
+def _open_index(upgraded: bool = True) -> MaskIndex:
+    index = MaskIndex(Settings.from_env().database_url)
+    if upgraded and index.current_revision() is None:
+        raise ConfigError("the index has no schema yet; run `chexmask db upgrade` first")
+    return index
+
+
+def _filter_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("--dataset", help="Dataset name or alias (nih, mimic, vindr, ...)."),
+        click.option("--release"),
+        click.option("--model", help="Model version."),
+        click.option("--status", type=click.Choice([s.value for s in ImageStatus])),
+        click.option("--min-dice-mean", type=float),
+        click.option("--max-dice-mean", type=float),
+        click.option("--min-dice-max", type=float),
+        click.option("--max-dice-max", type=float),
+        click.option("--created-after", type=click.DateTime(), help="UTC, inclusive."),
+        click.option("--created-before", type=click.DateTime(), help="UTC, exclusive."),
+        click.option("--id", "id_pattern", help="Dataset image id: exact, glob (* ?) or LIKE (%)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+@click.command("query")
+@_filter_options
+@click.option("--sort", type=click.Choice(_SORT_CHOICES), default="id", show_default=True,
+              help="Sort key; a leading - sorts descending.")
+@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--offset", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table",
+              show_default=True)
+def query_command(sort: str, limit: int, offset: int, fmt: str, **filters: Any) -> None:
+    """List segmentations matching the filters."""
+    status = filters.pop("status")
+    rows = _open_index().query(
+        QueryFilters(status=ImageStatus(status) if status else None, **filters),
+        sort=sort, limit=limit, offset=offset,
+    )
+    _print_rows([{k: _plain(v) for k, v in asdict(row).items()} for row in rows], fmt)
+
+
+def _plain(value: Any) -> Any:
+    """JSON/CSV-friendly values: enums as their value, datetimes in ISO 8601."""
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return value
+
+
+def _print_rows(rows: list[dict[str, Any]], fmt: str) -> None:
+    columns = list(SegmentationSummary.__dataclass_fields__)
+    if fmt == "json":
+        click.echo(json.dumps(rows, indent=2))
+    elif fmt == "csv":
+        writer = csv.DictWriter(sys.stdout, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    else:
+        shown = ["id", "dataset", "release", "dataset_image_id", "model_version",
+                 "dice_rca_mean", "dice_rca_max", "qc_status", "status"]
+        click.echo(_table(shown, [[_cell(row[c]) for c in shown] for row in rows]))
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max([len(c), *(len(r[i]) for r in rows)]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in rows]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+@click.command("export")
+@click.option("--dataset", required=True, help="Dataset name or alias.")
+@click.option("--release")
+@click.option("--model", help="Model version (needed when the index holds several).")
+@click.option("--resolution", type=click.Choice(["original", "1024"]), default="original",
+              show_default=True)
+@click.option("--min-dice-mean", type=float)
+@click.option("--out", type=click.Path(dir_okay=False, writable=True), required=True)
+@click.option("--format", "fmt", type=click.Choice(["csv", "parquet"]),
+              help="Default: from the --out suffix (.parquet or CSV).")
+def export_command(dataset: str, release: str | None, model: str | None, resolution: str,
+                   min_dice_mean: float | None, out: str, fmt: str | None) -> None:
+    """Write a dataset's masks in the CheXmask CSV layout (or Parquet)."""
+    from chexmask.storage.export import export
+
+    count = export(_open_index(), out, dataset=dataset, release=release, model=model,
+                   resolution=resolution, min_dice_mean=min_dice_mean, fmt=fmt)
+    click.echo(f"wrote {count} rows to {out}", err=True)
+
+
+@click.command("stats")
+@click.option("--dataset")
+@click.option("--release")
+@click.option("--model", help="Dice of this model version only (default: all models).")
+@click.option("--plot", type=click.Path(dir_okay=False, writable=True),
+              help="Also draw Dice RCA (Mean) histograms per dataset to this PNG.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
+              show_default=True)
+def stats_command(dataset: str | None, release: str | None, model: str | None,
+                  plot: str | None, fmt: str) -> None:
+    """Counts by status and Dice RCA summaries per dataset and release."""
+    from chexmask.storage.stats import compute_stats, plot_dice_histograms
+
+    groups = compute_stats(_open_index(), dataset=dataset, release=release, model=model)
+    if fmt == "json":
+        click.echo(json.dumps([g.as_dict() for g in groups], indent=2))
+    else:
+        click.echo(_stats_table(groups))
+    if plot:
+        plot_dice_histograms(groups, plot)
+        click.echo(f"histograms written to {plot}", err=True)
+
+
+def _stats_table(groups: list[GroupStats]) -> str:
+    statuses = [s.value for s in ImageStatus]
+    columns = ["dataset", "release", *statuses, "segs", "metric", "n", "mean",
+               "q05", "q25", "q50", "q75", "q95", ">=0.7"]
+    rows = []
+    for g in groups:
+        record = g.as_dict()
+        base = [g.dataset, g.release or "-", *(str(record["status_counts"][s]) for s in statuses),
+                str(g.segmentations)]
+        for metric, summary in (("mean", g.dice_mean), ("max", g.dice_max)):
+            numbers = ["-"] * 8 if summary is None else [
+                str(summary.n), *(f"{v:.3f}" for v in (summary.mean, summary.q05, summary.q25,
+                                                       summary.q50, summary.q75, summary.q95)),
+                f"{summary.frac_good:.1%}"]
+            rows.append([*base, metric, *numbers])
+    return _table(columns, rows)
+
+
+@click.command("api")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=8000, show_default=True)
+def api_command(host: str, port: int) -> None:
+    """Serve the read-only HTTP API (OpenAPI docs at /docs)."""
+    import uvicorn
+
+    from chexmask.storage.api import create_app
+
+    uvicorn.run(create_app(Settings.from_env()), host=host, port=port)
+
+
+@click.group("db")
+def db_command() -> None:
+    """Manage the index database schema."""
+
+
+@db_command.command("upgrade")
+@click.option("--revision", default="head", show_default=True)
+def db_upgrade(revision: str) -> None:
+    """Create or migrate the schema (safe to rerun; never drops data)."""
+    index = _open_index(upgraded=False)
+    before = index.current_revision()
+    index.upgrade(revision)
+    click.echo(f"index schema: {before or 'empty'} -> {index.current_revision()}")
+
+
+@db_command.command("current")
+def db_current() -> None:
+    """Show the schema revision of the index and the newest one known."""
+    index = _open_index(upgraded=False)
+    click.echo(f"current: {index.current_revision() or 'empty'}  head: {index.head_revision()}")

@@ -65,3 +65,7 @@ def main() -> None:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -107,7 +107,8 @@ class ImageNorm2d(nn.BatchNorm2d):
         self.batch_invariant = batch_invariant
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training or not self.batch_invariant:
+        # A single image is its own batch: the official kernel, and no copies.
+        if self.training or not self.batch_invariant or x.shape[0] == 1:
             return super().forward(x)
         return F.instance_norm(x, weight=self.weight, bias=self.bias, eps=self.eps)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -162,13 +163,13 @@ class Outcome:
 class Segmenter:
     """A loaded model plus the CPU work around it."""
 
-    def __init__(self, model: HybridGNet, info: ModelInfo, batch_size: int = 4, threads: int = 2):
+    def __init__(self, model: HybridGNet, info: ModelInfo, batch_size: int = 4, threads: int | None = None):
         self.model, self.info = model, info
         self.batch_size = max(1, batch_size)
-        self.threads = max(1, threads)
+        self.threads = max(1, threads or os.cpu_count() or 1)
 
     def segment(self, items: list[Prepared]) -> list[Segmentation]:
-        """Infer one batch and post-process it (in this thread)."""
+        """Infer one batch and post-process it."""
         started = time.perf_counter()
         landmarks, latents = segment_batch(self.model, np.stack([p.image for p in items]))
         per_image = (time.perf_counter() - started) / len(items)

@@ -1,0 +1,138 @@
+"""The QC reference bank: annotated images in the form RCA and the plausibility
+checks need them, in one compressed .npz file (a few MB for 200 references).
+
+Per reference: the image at the registration size (area-averaged from the 1024
+frame), its ground-truth landmarks (1024-frame pixels; the masks are their
+polygon fills, drawn on demand) and, when built with a model, the HybridGNet
+encoder's latent, which picks each new image's nearest references. The bank also
+carries the statistical shape model of the references' landmarks.
+
+Latents are only comparable between identical weights: the bank records the
+weights' sha256, and loading it for other weights drops the latents, so the
+references are then picked by image similarity instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from chexmask.errors import ChexmaskError, ConfigError
+from chexmask.worker.plausibility import ShapeModel
+from chexmask.worker.rca import working_image
+from chexmask.worker.train import list_ids, load_landmarks
+
+log = logging.getLogger(__name__)
+
+BANK_FORMAT = 1
+THUMBNAIL = 32  # side of the thumbnails compared when there are no latents
+
+
+@dataclass
+class ReferenceBank:
+    ids: list[str]
+    images: np.ndarray              # uint8 [N,size,size]
+    landmarks: np.ndarray           # float32 [N,120,2], ground truth in the 1024 frame
+    latents: np.ndarray | None      # float32 [N,64] encoder means, or None
+    shape_model: ShapeModel
+    weights_sha256: str = ""        # the weights that produced the latents
+
+    @property
+    def size(self) -> int:
+        return self.images.shape[-1]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @classmethod
+    def build(cls, images_dir: Path, landmarks_dir: Path, ids: list[str] | None = None, model=None,
+              weights_sha256: str = "", size: int = 128, batch_size: int = 4) -> "ReferenceBank":
+        """A bank of the images ``<id>.png`` (1024x1024 grey) with landmarks
+        ``{RL,LL,H}/<id>.npy``; latents when a HybridGNet ``model`` is given."""
+        from chexmask.worker.model import segment_batch
+
+        ids = list_ids(images_dir, landmarks_dir) if ids is None else list(ids)
+        if not ids:
+            raise ChexmaskError(f"no annotated images in {images_dir} with landmarks in {landmarks_dir}")
+        small, latents = [], []
+        for start in range(0, len(ids), batch_size):
+            batch = np.stack([_read_1024(images_dir / f"{i}.png") for i in ids[start:start + batch_size]])
+            small.extend(working_image(image, size) for image in batch)
+            if model is not None:
+                latents.append(segment_batch(model, batch)[1])
+            log.info("bank: %d/%d images", min(start + batch_size, len(ids)), len(ids))
+        landmarks = np.stack([load_landmarks(landmarks_dir, i) for i in ids]).astype(np.float32)
+        return cls(
+            ids=ids, images=np.stack(small), landmarks=landmarks,
+            latents=np.concatenate(latents).astype(np.float32) if latents else None,
+            shape_model=ShapeModel.fit(landmarks), weights_sha256=weights_sha256 if latents else "",
+        )
+
+    def save(self, path: Path) -> None:
+        """Write atomically (a temporary file, then rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        arrays = {
+            "format": np.int64(BANK_FORMAT), "ids": np.array(self.ids), "images": self.images,
+            "landmarks": self.landmarks, "weights_sha256": np.array(self.weights_sha256),
+            **self.shape_model.to_arrays(),
+        }
+        if self.latents is not None:
+            arrays["latents"] = self.latents
+        tmp = path.with_name(path.name + ".part")
+        with open(tmp, "wb") as fh:  # a file object: savez would append .npz to a name
+            np.savez_compressed(fh, **arrays)
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path, weights_sha256: str | None = None) -> "ReferenceBank":
+        """Read a bank. With ``weights_sha256`` (the serving weights), latents made by
+        other weights are dropped: their distances would mean nothing."""
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                arrays = {key: data[key] for key in data.files}
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"QC reference bank {path} is not readable: {exc}") from exc
+        if int(arrays.get("format", -1)) != BANK_FORMAT:
+            raise ConfigError(f"{path} is not a QC reference bank of format {BANK_FORMAT}")
+        bank = cls(
+            ids=[str(i) for i in arrays["ids"]], images=arrays["images"], landmarks=arrays["landmarks"],
+            latents=arrays.get("latents"), shape_model=ShapeModel.from_arrays(arrays),
+            weights_sha256=str(arrays["weights_sha256"]),
+        )
+        if weights_sha256 and bank.latents is not None and weights_sha256 != bank.weights_sha256:
+            log.warning("QC bank %s was built with other weights; picking references by image", path)
+            bank.latents, bank.weights_sha256 = None, ""
+        return bank
+
+    def nearest(self, images: np.ndarray, latents: np.ndarray | None, k: int) -> np.ndarray:
+        """Rows [B,k] of the k references nearest to each image [B,size,size] uint8:
+        by latent (each dimension scaled by its spread in the bank) when both sides
+        have latents, else by the absolute correlation of 32x32 thumbnails (absolute:
+        an inverted image must still find its look-alikes)."""
+        k = min(k, len(self))
+        if latents is not None and self.latents is not None:
+            scale = self.latents.std(0) + 1e-6
+            d = np.linalg.norm((np.asarray(latents)[:, None] - self.latents[None]) / scale, axis=-1)
+        else:
+            d = -np.abs(_thumbnails(images) @ _thumbnails(self.images).T)
+        return np.argsort(d, axis=1, kind="stable")[:, :k]
+
+
+def _read_1024(path: Path) -> np.ndarray:
+    image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    if image is None or image.shape != (1024, 1024):
+        raise ChexmaskError(f"{path}: expected a 1024x1024 grey image in the model frame")
+    return image
+
+
+def _thumbnails(images: np.ndarray) -> np.ndarray:
+    """Zero-mean, unit-norm flattened thumbnails [B, 32*32]."""
+    flat = np.stack([cv2.resize(i, (THUMBNAIL, THUMBNAIL), interpolation=cv2.INTER_AREA) for i in images])
+    flat = flat.reshape(len(images), -1).astype(np.float64)
+    flat -= flat.mean(1, keepdims=True)
+    return flat / (np.linalg.norm(flat, axis=1, keepdims=True) + 1e-9)

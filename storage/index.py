@@ -3,16 +3,22 @@
 SQLite by default (WAL, busy timeout), PostgreSQL through its URL. The schema is
 created and evolved only by the Alembic migrations (``MaskIndex.upgrade``).
 
-A segmentation belongs to image *content*: it is joined to images by sha256, so
-the same bytes under two URIs (or two datasets) share one segmentation, and an
-image whose bytes change stops showing the old one.
+A segmentation belongs to image *content*: there is at most one per image sha256
+and model version, made for (and listed with) the first image that had those
+bytes; a copy under another URI is "done" by ``has_segmentation`` but not listed
+again. Listings pair a segmentation with its image only while the image's
+sha256 still matches (``Segmentation.is_current``, kept in step by every method
+that changes an image), so an image whose bytes change stops showing the old
+one until its new bytes are segmented. The worker records the sha256 of what it
+read with ``update_image`` (or ``register_image``) before adding its segmentation.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -80,7 +86,7 @@ class Registration:
 
 @dataclass(frozen=True)
 class SegmentationSummary:
-    """One row of a query: a segmentation with the image it is shown for."""
+    """One row of a query: a segmentation with its image."""
 
     id: int
     image_id: int
@@ -132,13 +138,18 @@ def engine_url(database_url: str) -> str:
     return url.render_as_string(hide_password=False)
 
 
+def json_dumps(value: Any) -> str:
+    """Compact JSON: smaller rows, and a fixed text form the export can parse quickly."""
+    return json.dumps(value, separators=(",", ":"))
+
+
 def _create_engine(database_url: str) -> Engine:
     url = make_url(engine_url(database_url))
     if url.get_backend_name() != "sqlite":
-        return sa.create_engine(url, pool_pre_ping=True)
+        return sa.create_engine(url, pool_pre_ping=True, json_serializer=json_dumps)
     if url.database and url.database != ":memory:":
         Path(url.database).parent.mkdir(parents=True, exist_ok=True)
-    engine = sa.create_engine(url, connect_args={"timeout": 30})
+    engine = sa.create_engine(url, connect_args={"timeout": 30}, json_serializer=json_dumps)
     sa.event.listen(engine, "connect", _sqlite_pragmas)
     return engine
 
@@ -276,6 +287,7 @@ class MaskIndex:
                                refusal_code=None, reason=None)
             if _assign(image, updates):
                 image.updated_at = now
+                _sync_segmentations(session, image)
             session.commit()
             return Registration(image, created=False, changed=changed)
 
@@ -294,7 +306,7 @@ class MaskIndex:
         given = {"sha256": sha256, "size": size, "height": height, "width": width,
                  "modality": modality, "view_position": view_position}
         values = {k: v for k, v in given.items() if v is not None}
-        return self._update_image(image_id, values)
+        return self._update_image(image_id, values, sync=sha256 is not None)
 
     def mark(
         self,
@@ -316,7 +328,7 @@ class MaskIndex:
             values["attempts"] = SourceImage.attempts + 1
         return self._update_image(image_id, values)
 
-    def _update_image(self, image_id: int, values: dict[str, Any]) -> SourceImage:
+    def _update_image(self, image_id: int, values: dict[str, Any], sync: bool = False) -> SourceImage:
         with self._session() as session:
             image = session.scalars(
                 sa.update(SourceImage)
@@ -326,6 +338,8 @@ class MaskIndex:
             ).one_or_none()
             if image is None:
                 raise KeyError(f"no image with id {image_id}")
+            if sync:
+                _sync_segmentations(session, image)
             session.commit()
             return image
 
@@ -448,10 +462,13 @@ class MaskIndex:
             "created_at": utcnow(),
         }
         with self._session() as session:
+            image = session.get(SourceImage, image_id)
+            if image is None:
+                raise KeyError(f"no image with id {image_id}")
             self._ensure_model(session, model_version, weights_sha256)
             new_id = session.execute(
                 self._insert(Segmentation)
-                .values(**values)
+                .values(**values, dataset=image.dataset, is_current=image.sha256 == image_sha256)
                 .on_conflict_do_nothing(index_elements=["image_sha256", "model_version"])
                 .returning(Segmentation.id)
             ).scalar_one_or_none()
@@ -544,12 +561,20 @@ class MaskIndex:
             return [SegmentationSummary(**row._mapping) for row in connection.execute(statement)]
 
     def select_segmentations(self, filters: QueryFilters, *columns: Any) -> sa.Select:
-        """``SELECT columns`` over segmentations joined to their images, filtered."""
+        """``SELECT columns`` over the current segmentations joined to their images, filtered."""
+        # The dataset is matched on the segmentation so (dataset, Dice) is one index.
+        image_filters = replace(filters, dataset=None)
+        dataset = [] if filters.dataset is None else [Segmentation.dataset == canonical(filters.dataset)]
         return (
             sa.select(*columns)
-            .select_from(SourceImage)
-            .join(Segmentation, Segmentation.image_sha256 == SourceImage.sha256)
-            .where(*_image_conditions(filters), *_segmentation_conditions(filters))
+            .select_from(Segmentation)
+            .join(SourceImage, Segmentation.image_id == SourceImage.id)
+            .where(
+                Segmentation.is_current.is_(True),
+                *dataset,
+                *_image_conditions(image_filters),
+                *_segmentation_conditions(filters),
+            )
         )
 
     def stream(self, statement: sa.Select, batch_size: int = 2000) -> Iterator[Row[Any]]:
@@ -580,6 +605,17 @@ def _alembic_config() -> Any:
     from alembic.config import Config
 
     return Config(str(MIGRATIONS_INI))
+
+
+def _sync_segmentations(session: Session, image: SourceImage) -> None:
+    """Keep the copies segmentations hold of their image's facts in step with it:
+    its dataset, and whether it still has the bytes (sha256) they were made from."""
+    is_current = sa.false() if image.sha256 is None else Segmentation.image_sha256 == image.sha256
+    session.execute(
+        sa.update(Segmentation)
+        .where(Segmentation.image_id == image.id)
+        .values(dataset=image.dataset, is_current=is_current)
+    )
 
 
 def _content_changed(image: SourceImage, given: Mapping[str, Any]) -> bool:
@@ -663,7 +699,7 @@ def _order_by(sort: str) -> list[Any]:
         raise ValueError(f"cannot sort by {key!r}; choose from {', '.join(SORT_KEYS)}")
     column = SORT_KEYS[key]
     if descending:
-        order = [column.desc().nulls_last(), Segmentation.id.desc(), SourceImage.id.desc()]
+        order = [column.desc().nulls_last(), Segmentation.id.desc()]
     else:
-        order = [column.asc().nulls_first(), Segmentation.id.asc(), SourceImage.id.asc()]
+        order = [column.asc().nulls_first(), Segmentation.id.asc()]
     return order[1:] if key == "id" else order

@@ -10,7 +10,6 @@ from enum import Enum
 from typing import ClassVar
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import JSONB
 from sqlmodel import Field, SQLModel
 
 from chexmask.status import ImageStatus
@@ -29,9 +28,11 @@ ORGANS = ("right_lung", "left_lung", "heart")
 # Built NULLS FIRST on PostgreSQL by the migrations (so a missing Dice sorts lowest in
 # both directions from one index); declared plainly here because autogenerate cannot
 # express a per-dialect NULL order.
-NULLS_FIRST_INDEXES = frozenset(
-    {"ix_segmentation_dice_rca_mean", "ix_segmentation_model_version_dice_rca_mean"}
-)
+NULLS_FIRST_INDEXES = frozenset({
+    "ix_segmentation_dataset_dice_rca_mean",
+    "ix_segmentation_model_version_dice_rca_mean",
+    "ix_segmentation_dice_rca_mean",
+})
 
 
 def include_in_autogenerate(
@@ -85,8 +86,11 @@ def _enum(cls: type[Enum]) -> sa.Enum:
     )
 
 
-# JSONB on PostgreSQL (compact, binary); JSON text elsewhere.
-JSONType = sa.JSON().with_variant(JSONB(), "postgresql")
+# Plain JSON text (PostgreSQL "json", not "jsonb"): nothing queries inside these values,
+# and jsonb stores every number as NUMERIC, which made writing and reading the 240
+# landmark coordinates of a row ~10x slower. The text stays exactly as written
+# (compact, see index.py), which the export relies on.
+JSONType = sa.JSON()
 
 
 class StorageModel(SQLModel):
@@ -145,15 +149,22 @@ class SourceImage(StorageModel, table=True):
 class Segmentation(StorageModel, table=True):
     """One model's result for one image content (sha256): never two for the same pair.
 
+    ``dataset`` repeats the image's dataset so that the common listing (a dataset,
+    filtered and sorted by Dice) is served by one index on one table; it and
+    ``is_current`` are kept in step with the image by ``MaskIndex``.
     RLE is kept at both resolutions so the CheXmask export of either is a plain
     streaming read, with no object-store fetch or re-rasterising per row.
+    Small, often-read columns come first: SQLite reads a row front to back through
+    its overflow pages, so columns after the large RLE texts cost far more.
     """
 
     __tablename__ = "segmentation"
     __table_args__ = (
         sa.UniqueConstraint("image_sha256", "model_version"),
-        sa.Index("ix_segmentation_dice_rca_mean", "dice_rca_mean"),
+        sa.Index("ix_segmentation_dataset_dice_rca_mean", "dataset", "dice_rca_mean"),
+        sa.Index("ix_segmentation_dataset_id", "dataset", "id"),
         sa.Index("ix_segmentation_model_version_dice_rca_mean", "model_version", "dice_rca_mean"),
+        sa.Index("ix_segmentation_dice_rca_mean", "dice_rca_mean"),
         sa.Index("ix_segmentation_image_id", "image_id"),
         sa.Index("ix_segmentation_created_at", "created_at"),
     )
@@ -161,20 +172,16 @@ class Segmentation(StorageModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     image_id: int = Field(foreign_key="source_image.id", nullable=False)
     image_sha256: str = Field(sa_type=sa.String(64), nullable=False)
+    dataset: str = Field(sa_type=sa.String(64), nullable=False)
+    # Whether the image still has the bytes this was made from. A flag rather than a
+    # sha256 comparison in the join: planners cannot estimate such a two-column join
+    # and chose full scans for a page of 100.
+    is_current: bool = Field(default=True, nullable=False)
     model_version: str = Field(foreign_key="model_version.name", sa_type=sa.String(128), nullable=False)
     weights_sha256: str = Field(sa_type=sa.String(64), nullable=False)
     pipeline_version: str = Field(sa_type=sa.String(32), nullable=False)
-    landmarks_1024: list[list[int]] = Field(sa_type=JSONType, nullable=False)
-    landmarks_original: list[list[int]] = Field(sa_type=JSONType, nullable=False)
-    latent: list[float] | None = Field(default=None, sa_type=JSONType)
     height: int = Field(nullable=False)  # original resolution
     width: int = Field(nullable=False)
-    rle_right_lung: str = Field(sa_type=sa.Text, nullable=False)
-    rle_left_lung: str = Field(sa_type=sa.Text, nullable=False)
-    rle_heart: str = Field(sa_type=sa.Text, nullable=False)
-    rle_right_lung_1024: str = Field(sa_type=sa.Text, nullable=False)
-    rle_left_lung_1024: str = Field(sa_type=sa.Text, nullable=False)
-    rle_heart_1024: str = Field(sa_type=sa.Text, nullable=False)
     dice_rca_max: float | None = None
     dice_rca_mean: float | None = None
     dice_rca_max_rl: float | None = None
@@ -186,9 +193,18 @@ class Segmentation(StorageModel, table=True):
     qc_status: QCStatus = Field(default=QCStatus.PENDING, sa_type=_enum(QCStatus), nullable=False)
     qc_flags: list[str] | None = Field(default=None, sa_type=JSONType)
     shape_outlier_score: float | None = None
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, nullable=False)
     object_keys: dict[str, str] = Field(default_factory=dict, sa_type=JSONType, nullable=False)
     timings: dict[str, float] | None = Field(default=None, sa_type=JSONType)
-    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, nullable=False)
+    landmarks_1024: list[list[int]] = Field(sa_type=JSONType, nullable=False)
+    landmarks_original: list[list[int]] = Field(sa_type=JSONType, nullable=False)
+    latent: list[float] | None = Field(default=None, sa_type=JSONType)
+    rle_right_lung: str = Field(sa_type=sa.Text, nullable=False)
+    rle_left_lung: str = Field(sa_type=sa.Text, nullable=False)
+    rle_heart: str = Field(sa_type=sa.Text, nullable=False)
+    rle_right_lung_1024: str = Field(sa_type=sa.Text, nullable=False)
+    rle_left_lung_1024: str = Field(sa_type=sa.Text, nullable=False)
+    rle_heart_1024: str = Field(sa_type=sa.Text, nullable=False)
 
     def rle(self, resolution: str = "original") -> dict[str, str]:
         """The three RLE strings by organ, at ``original`` or ``1024`` resolution."""

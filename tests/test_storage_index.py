@@ -125,10 +125,32 @@ def test_same_sha_and_model_make_one_segmentation(index):
     assert stored.rle() == RLE and stored.rle("1024") == RLE
     assert stored.object_keys == {"record": "r.json"} and stored.timings == {"forward_s": 0.1}
     assert stored.created_at.tzinfo is not None
-    # both URIs show the shared segmentation
-    assert sorted(r.uri for r in index.query(QueryFilters(model="m1"))) == [
-        "file:///a.png", "file:///copy-of-a.png"]
+    # listed once, with the image it was made for
+    assert [r.uri for r in index.query(QueryFilters(model="m1"))] == ["file:///a.png"]
     assert index.get_segmentation(12345) is None
+    with pytest.raises(KeyError):
+        index.add_segmentation(**{**segmentation_args(a, digest), "image_id": 12345})
+
+
+def test_changed_image_hides_its_old_segmentation(index):
+    image = index.register_image(uri="file:///a.png", dataset="nih", etag_or_version="1",
+                                 sha256=sha("old")).image
+    index.add_segmentation(**segmentation_args(image, sha("old")))
+    assert len(index.query()) == 1
+    index.register_image(uri="file:///a.png", dataset="nih", etag_or_version="2")
+    assert index.query() == []  # the stored masks are of bytes the image no longer has
+    index.update_image(image.id, sha256=sha("new"))
+    new, _ = index.add_segmentation(**segmentation_args(image, sha("new")))
+    assert [r.id for r in index.query()] == [new.id]
+
+
+def test_dataset_of_segmentations_follows_their_image(index):
+    image = index.register_image(uri="file:///a.png", dataset="nih", sha256=sha("a")).image
+    index.add_segmentation(**segmentation_args(image, sha("a")))
+    index.register_image(uri="file:///a.png", dataset="padchest")
+    assert index.query(QueryFilters(dataset="nih")) == []
+    (row,) = index.query(QueryFilters(dataset="padchest"))
+    assert row.dataset == "padchest" and index.get_segmentation(row.id).dataset == "padchest"
 
 
 def test_concurrent_add_segmentation_makes_one_row(index):

@@ -9,7 +9,6 @@ from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
-from sqlalchemy.dialects import postgresql
 
 revision: str = "0001"
 down_revision: str | Sequence[str] | None = None
@@ -18,7 +17,7 @@ depends_on: str | Sequence[str] | None = None
 
 # Frozen copies of the types in models.py: a migration must not change when the models do.
 TIMESTAMP = sa.DateTime(timezone=True)
-JSON = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
+JSON = sa.JSON()
 
 
 def upgrade() -> None:
@@ -69,20 +68,13 @@ def upgrade() -> None:
         sa.Column("id", sa.Integer(), nullable=False),
         sa.Column("image_id", sa.Integer(), nullable=False),
         sa.Column("image_sha256", sa.String(64), nullable=False),
+        sa.Column("dataset", sa.String(64), nullable=False),
+        sa.Column("is_current", sa.Boolean(), nullable=False),
         sa.Column("model_version", sa.String(128), nullable=False),
         sa.Column("weights_sha256", sa.String(64), nullable=False),
         sa.Column("pipeline_version", sa.String(32), nullable=False),
-        sa.Column("landmarks_1024", JSON, nullable=False),
-        sa.Column("landmarks_original", JSON, nullable=False),
-        sa.Column("latent", JSON, nullable=True),
         sa.Column("height", sa.Integer(), nullable=False),
         sa.Column("width", sa.Integer(), nullable=False),
-        sa.Column("rle_right_lung", sa.Text(), nullable=False),
-        sa.Column("rle_left_lung", sa.Text(), nullable=False),
-        sa.Column("rle_heart", sa.Text(), nullable=False),
-        sa.Column("rle_right_lung_1024", sa.Text(), nullable=False),
-        sa.Column("rle_left_lung_1024", sa.Text(), nullable=False),
-        sa.Column("rle_heart_1024", sa.Text(), nullable=False),
         sa.Column("dice_rca_max", sa.Float(), nullable=True),
         sa.Column("dice_rca_mean", sa.Float(), nullable=True),
         sa.Column("dice_rca_max_rl", sa.Float(), nullable=True),
@@ -94,9 +86,19 @@ def upgrade() -> None:
         sa.Column("qc_status", sa.String(16), nullable=False),
         sa.Column("qc_flags", JSON, nullable=True),
         sa.Column("shape_outlier_score", sa.Float(), nullable=True),
+        sa.Column("created_at", TIMESTAMP, nullable=False),
         sa.Column("object_keys", JSON, nullable=False),
         sa.Column("timings", JSON, nullable=True),
-        sa.Column("created_at", TIMESTAMP, nullable=False),
+        # The large columns last (see models.Segmentation).
+        sa.Column("landmarks_1024", JSON, nullable=False),
+        sa.Column("landmarks_original", JSON, nullable=False),
+        sa.Column("latent", JSON, nullable=True),
+        sa.Column("rle_right_lung", sa.Text(), nullable=False),
+        sa.Column("rle_left_lung", sa.Text(), nullable=False),
+        sa.Column("rle_heart", sa.Text(), nullable=False),
+        sa.Column("rle_right_lung_1024", sa.Text(), nullable=False),
+        sa.Column("rle_left_lung_1024", sa.Text(), nullable=False),
+        sa.Column("rle_heart_1024", sa.Text(), nullable=False),
         sa.PrimaryKeyConstraint("id", name="pk_segmentation"),
         sa.UniqueConstraint(
             "image_sha256", "model_version", name="uq_segmentation_image_sha256_model_version"
@@ -110,8 +112,10 @@ def upgrade() -> None:
             name="fk_segmentation_model_version_model_version",
         ),
     )
-    _create_dice_index("ix_segmentation_dice_rca_mean", [])
+    _create_dice_index("ix_segmentation_dataset_dice_rca_mean", ["dataset"])
     _create_dice_index("ix_segmentation_model_version_dice_rca_mean", ["model_version"])
+    _create_dice_index("ix_segmentation_dice_rca_mean", [])
+    op.create_index("ix_segmentation_dataset_id", "segmentation", ["dataset", "id"])
     op.create_index("ix_segmentation_image_id", "segmentation", ["image_id"])
     op.create_index("ix_segmentation_created_at", "segmentation", ["created_at"])
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
+import json
 import re
 from pathlib import Path
 
@@ -15,7 +17,7 @@ import pytest
 
 from chexmask.errors import ConfigError
 from chexmask.storage import export as export_module
-from chexmask.storage.export import export, header, landmarks_original_text
+from chexmask.storage.export import csv_line, export, header, landmarks_original_text
 
 # Shared fixtures (index, store, pg_database, moto_endpoint), one instance per session.
 pytest_plugins = ["services"]
@@ -119,7 +121,22 @@ def test_landmark_text_is_numpys(tmp_path):
     rng = np.random.default_rng(0)
     for low, high in ((0, 10), (-5, 1000), (-20000, 20000), (100, 999)):
         points = rng.integers(low, high, size=(120, 2))
-        assert landmarks_original_text(points.tolist()) == str(points)
+        assert landmarks_original_text(json.dumps(points.tolist())) == str(points)
+
+
+def test_csv_lines_are_the_csv_modules():
+    rng = np.random.default_rng(1)
+    pieces = ["a", "b,c", 'say "hi"', "x\ny", "", " lead", "trail ", "é", "1 2 3", '"', ","]
+    rows = [
+        ["".join(rng.choice(pieces, size=3)), None, 0.1 + i / 7, i, "1 5 20 3", *rng.choice(pieces, 2)]
+        for i in range(300)
+    ]
+    expected = io.StringIO()
+    csv.writer(expected, lineterminator="\n").writerows(rows)
+    assert "".join(map(csv_line, rows)) == expected.getvalue()
+    # Deliberately unlike Python 3.11's csv module: a bare "\r" is quoted, since
+    # readers (pandas among them) take it for a line end.
+    assert csv_line(["a\rb", 1]) == '"a\rb",1\n'
 
 
 @pytest.mark.skipif(not REFERENCE.is_dir(), reason=f"reference goldens not at {REFERENCE}")

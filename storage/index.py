@@ -51,7 +51,9 @@ class QueryFilters:
 
     ``id_pattern`` matches ``dataset_image_id``: with ``*``/``?`` it is a glob,
     with ``%`` an SQL LIKE pattern, otherwise an exact id. Matching is case
-    sensitive on every backend. ``created_*`` bound the segmentation time.
+    sensitive on every backend. ``created_after`` (inclusive) and
+    ``created_before`` (exclusive) bound the segmentation time; naive datetimes
+    are taken as UTC. ``status`` is the image's.
     """
 
     dataset: str | None = None
@@ -77,7 +79,7 @@ class QueryFilters:
 class Registration:
     image: SourceImage
     created: bool  # first time this URI was seen
-    changed: bool  # known URI whose content (etag/version or sha256) differs
+    changed: bool  # known URI whose content (etag/version, sha256 or size) differs
 
     @property
     def needs_processing(self) -> bool:
@@ -106,7 +108,7 @@ class SegmentationSummary:
 
 _SUMMARY_COLUMNS = (
     Segmentation.id,
-    SourceImage.id.label("image_id"),
+    Segmentation.image_id,
     SourceImage.uri,
     SourceImage.dataset,
     SourceImage.release,
@@ -186,9 +188,13 @@ class MaskIndex:
 
         config = _alembic_config()
         with self.engine.begin() as connection:
+            # Take the lock first, so workers starting together queue instead of racing
+            # to create the tables, and (on SQLite, whose driver would otherwise run
+            # each DDL statement on its own) the whole migration is one transaction.
             if self.dialect == "postgresql":
-                # Workers starting together would otherwise race to create the tables.
                 connection.execute(sa.text("SELECT pg_advisory_xact_lock(4242001)"))
+            else:
+                connection.exec_driver_sql("BEGIN IMMEDIATE")
             config.attributes["connection"] = connection
             command.upgrade(config, revision)
 

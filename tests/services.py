@@ -157,6 +157,13 @@ def pg_database() -> Iterator[str]:
         yield url
 
 
+@pytest.fixture
+def new_pg_database() -> Iterator[str]:
+    """A fresh, empty PostgreSQL database for one test (slower than ``pg_database``)."""
+    with fresh_postgres_database() as url:
+        yield url
+
+
 @pytest.fixture(scope="session")
 def moto_endpoint() -> Iterator[str]:
     with moto_s3_server() as endpoint:

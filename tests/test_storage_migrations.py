@@ -3,6 +3,9 @@ upgrading an existing index changes nothing."""
 
 from __future__ import annotations
 
+import threading
+
+import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
@@ -40,6 +43,34 @@ def test_fresh_database_has_no_revision_until_upgraded(tmp_path):
     index.upgrade()
     assert set(sa.inspect(index.engine).get_table_names()) == {
         "alembic_version", "model_version", "source_image", "segmentation"}
+    index.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.services)])
+def test_concurrent_upgrades_of_a_new_database_all_succeed(backend, request, tmp_path):
+    if backend == "sqlite":
+        url = f"sqlite:///{tmp_path / 'new.db'}"
+    else:
+        url = request.getfixturevalue("new_pg_database")
+    errors: list[BaseException] = []
+
+    def upgrade() -> None:
+        index = MaskIndex(url)
+        try:
+            index.upgrade()
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            index.close()
+
+    threads = [threading.Thread(target=upgrade) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    index = MaskIndex(url)
+    assert index.current_revision() == MaskIndex.head_revision()
     index.close()
 
 

@@ -78,6 +78,16 @@ def test_transform_grid_and_points_agree():
     np.testing.assert_allclose(rca.from_norm(rca.to_norm(torch.tensor([0.0, 511.5, 1023.0]))), [0, 511.5, 1023])
 
 
+def test_register_runs_under_inference_mode():
+    # The worker may call QC from inference code; registration needs autograd anyway.
+    cfg = rca.RCAConfig(size=32, coarse_size=16, steps=(2, 2, 2), grids=(5, 6), windows=(3, 5))
+    with torch.inference_mode():
+        images = torch.rand(2, 1, 32, 32)
+        transform = rca.register(images, images.flip(-1), cfg)
+    assert transform.ctrl.shape == (2, 2, 6, 6) and torch.isfinite(transform.ctrl).all()
+    assert not torch.equal(transform.theta, torch.eye(2, 3).expand(2, 2, 3))
+
+
 def test_register_recovers_a_known_shift_even_inverted(bank):
     # Moving = reference 0 moved 48 px right (1024 frame): the anatomy at x in the
     # reference sits at x + 48 in the image, so its landmarks must come out shifted.

@@ -1,11 +1,12 @@
 """``chexmask qc``: build the QC reference bank, and validate RCA against true Dice.
 
 Validation widens the range of true quality on purpose. Per annotated image not
-in the bank it scores: the model's prediction ('model'), that prediction with
-landmark noise, a shift, a scaling, a rotation, mirrored sides ('swap'), the
-prediction of another image ('other'), a partially trained model's prediction
-('partial', with --partial-weights) and the prediction on the intensity-inverted
-image, assessed on that image ('inverted'). It reports Pearson r and MAE of
+in the bank it scores: the ground truth ('truth'), the model's prediction
+('model'), a base landmark set (the ground truth, or with --perturb model the
+prediction) with landmark noise, a shift, a scaling, a rotation or mirrored sides
+('swap'), the base of another image ('other'), a partially trained model's
+prediction ('partial', with --partial-weights) and the prediction on the
+intensity-inverted image, assessed on that image ('inverted'). It reports Pearson r and MAE of
 Dice RCA (Max) and (Mean) against the true Dice, and QC cost per image against
 the segmentation forward pass timed in the same run.
 """
@@ -26,7 +27,9 @@ from chexmask.worker import plausibility, rca
 from chexmask.worker.bank import ReferenceBank
 from chexmask.worker.train import list_ids, load_landmarks
 
-DEGRADATIONS = ("model", "noise", "shift", "scale", "rotate", "swap", "other", "partial", "inverted")
+PERTURBATIONS = ("noise", "shift", "scale", "rotate", "swap")
+DEGRADATIONS = ("truth", "model", *PERTURBATIONS, "other", "partial", "inverted")
+USABLE = 0.5  # the summary also reports the cases with at least this true Dice
 
 
 @click.group("qc")
@@ -101,7 +104,7 @@ def degrade(points: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarr
     if kind == "rotate":
         a = np.deg2rad(rng.uniform(-20, 20))
         return centre + (p - centre) @ np.array([[np.cos(a), np.sin(a)], [-np.sin(a), np.cos(a)]])
-    if kind == "swap":  # mirror about the lungs' midline: each organ lands on the other side
+    if kind == "swap":  # mirror about the vertical centre line: each organ lands on the other side
         p[:, 0] = 2 * centre[0] - p[:, 0]
         return p
     raise ValueError(f"unknown degradation {kind}")
@@ -111,7 +114,9 @@ def _pearson(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(a, b)[0, 1])
 
 
-def _stats(rows: list[dict], estimate: str, truth: str = "true") -> dict[str, float]:
+def _stats(rows: list[dict], estimate: str, truth: str = "true") -> dict[str, float | None]:
+    if len(rows) < 2:
+        return {"pearson": None, "mae": None, "bias": None}
     t, e = np.array([r[truth] for r in rows]), np.array([r[estimate] for r in rows])
     return {"pearson": _pearson(t, e), "mae": float(np.abs(t - e).mean()), "bias": float((e - t).mean())}
 
@@ -124,12 +129,14 @@ def _stats(rows: list[dict], estimate: str, truth: str = "true") -> dict[str, fl
 @click.option("--split", default="val", show_default=True)
 @click.option("--weights", default=None, help="Model weights (default: CHEXMASK_WEIGHTS or the bundled model).")
 @click.option("--partial-weights", default=None, help="Weights of a partially trained model ('partial' cases).")
+@click.option("--perturb", type=click.Choice(["truth", "model"]), default="truth", show_default=True,
+              help="Perturb the ground truth (a known range of quality) or the model's predictions.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
 @click.option("--limit", type=int, default=None, help="Validate on the first N images only.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=int, default=None, help="torch threads (segmentation and QC alike).")
-def validate_command(bank_path, images, landmarks, ids_file, split, weights, partial_weights, out, limit,
-                     seed, threads) -> None:
+def validate_command(bank_path, images, landmarks, ids_file, split, weights, partial_weights, perturb, out,
+                     limit, seed, threads) -> None:
     """Compare Dice RCA with the true Dice of predicted and degraded masks."""
     from chexmask.worker.model import segment_batch
     from chexmask.worker.postprocess import landmarks_to_pixels
@@ -155,17 +162,19 @@ def validate_command(bank_path, images, landmarks, ids_file, split, weights, par
         seg_seconds.append(time.perf_counter() - started)
         predictions[i], latents[i] = landmarks_to_pixels(landmarks01[0]), latent[0]
 
+    truths = {i: load_landmarks(landmarks, i) for i in ids}
+    bases = truths if perturb == "truth" else predictions
     rows, qc_seconds = [], []
     with click.progressbar(ids, label="validating") as bar:
         for n, i in enumerate(bar):
-            truth = load_landmarks(landmarks, i)
+            truth = truths[i]
             # The production path, timed: the model's prediction through assess().
             result = assess(pictures[i], predictions[i], latents[i], bank, cfg)
             qc_seconds.append(result.seconds)
             rng = np.random.default_rng([seed, n])
-            cases = {"model": predictions[i]}
-            cases |= {k: degrade(predictions[i], k, rng) for k in ("noise", "shift", "scale", "rotate", "swap")}
-            cases["other"] = predictions[ids[(n + 1) % len(ids)]]
+            cases = {"truth": truth, "model": predictions[i]}
+            cases |= {kind: degrade(bases[i], kind, rng) for kind in PERTURBATIONS}
+            cases["other"] = bases[ids[(n + 1) % len(ids)]]
             if partial is not None:
                 cases["partial"] = landmarks_to_pixels(segment(partial, pictures[i])[0][0])
             # The same image, hence the same references and registration, for all cases.
@@ -180,12 +189,17 @@ def validate_command(bank_path, images, landmarks, ids_file, split, weights, par
             carried = rca.carry_references(small, bank.nearest(small, latent, cfg.k), bank, cfg)[0]
             rows.append(_case(i, "inverted", points, truth, carried, bank, cfg))
 
+    usable = [r for r in rows if r["true"] >= USABLE]
     out.mkdir(parents=True, exist_ok=True)
     _write_csv(rows, out / "cases.csv")
     summary = {
         "images": len(ids), "cases": len(rows), "bank": str(bank_path), "bank_references": len(bank),
-        "latents": bank.latents is not None, "k": cfg.k,
+        "latents": bank.latents is not None, "k": cfg.k, "perturbed": perturb,
         "dice_rca_max": _stats(rows, "rca_max"), "dice_rca_mean": _stats(rows, "rca_mean"),
+        # Without the easy, far-off failures: how well RCA ranks and scores usable masks.
+        f"true_ge_{USABLE}": {
+            "cases": len(usable), "dice_rca_max": _stats(usable, "rca_max"), "dice_rca_mean": _stats(usable, "rca_mean"),
+        },
         "organs_max": {o: _stats(rows, f"rca_max_{o}", f"true_{o}") for o in rca.ORGAN_KEYS},
         "by_kind": {
             kind: {"n": len(sel), "true": float(np.mean([r["true"] for r in sel])),
@@ -198,9 +212,11 @@ def validate_command(bank_path, images, landmarks, ids_file, split, weights, par
     summary["cost_ratio"] = summary["seconds_per_image"]["qc"] / summary["seconds_per_image"]["segmentation"]
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     _scatter(rows, out / "scatter.png")
-    for key in ("dice_rca_max", "dice_rca_mean"):
-        s = summary[key]
-        click.echo(f"{key}: pearson {s['pearson']:.3f}  MAE {s['mae']:.3f}  bias {s['bias']:+.3f}  ({len(rows)} cases)")
+    for label, part, n in (("", summary, len(rows)), (f" (true >= {USABLE})", summary[f"true_ge_{USABLE}"], len(usable))):
+        for key in ("dice_rca_max", "dice_rca_mean"):
+            if (s := part[key])["pearson"] is not None:
+                click.echo(f"{key}{label}: pearson {s['pearson']:.3f}  MAE {s['mae']:.3f}  bias {s['bias']:+.3f}  "
+                           f"({n} cases)")
     seconds = summary["seconds_per_image"]
     click.echo(f"cost per image: QC {seconds['qc']:.2f} s, segmentation {seconds['segmentation']:.2f} s, "
                f"ratio {summary['cost_ratio']:.2f}")

@@ -46,7 +46,7 @@ class RCAConfig:
     k: int = 5                                            # references per image
     size: int = 128                                       # fine stage; bank images are stored at it
     coarse_size: int = 64                                 # affine and coarse deformable stage
-    steps: tuple[int, int, int] = (40, 40, 40)            # Adam steps: affine, coarse, fine
+    steps: tuple[int, int, int] = (30, 30, 30)            # Adam steps: affine, coarse, fine
     lrs: tuple[float, float, float] = (0.01, 0.005, 0.003)
     grids: tuple[int, int] = (8, 16)                      # B-spline control points per side
     windows: tuple[int, int] = (7, 9)                     # LNCC windows at coarse_size, size
@@ -156,7 +156,10 @@ def register(fixed: torch.Tensor, moving: torch.Tensor, cfg: RCAConfig = RCAConf
     The pairs are independent problems in one batch: the loss is their sum and
     Adam scales each parameter by itself."""
     n = fixed.shape[0]
-    with torch.enable_grad():
+    with torch.inference_mode(False), torch.enable_grad():
+        # Callers may hold inference tensors (segment_batch runs in inference_mode);
+        # those cannot be saved for backward, plain copies can.
+        fixed, moving = fixed.clone(), moving.clone()
         f, m = _standardise(_resize(fixed, cfg.coarse_size)), _standardise(_resize(moving, cfg.coarse_size))
         theta = torch.eye(2, 3).repeat(n, 1, 1).requires_grad_(True)
         _optimise(theta, cfg.steps[0], cfg.lrs[0], lambda: -_similarity(Transform(theta), m, f, cfg.windows[0]).sum())

@@ -1,0 +1,96 @@
+"""`chexmask qc build-bank` and `chexmask qc validate`, and the validation's degradations."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from chexmask.cli import cli
+from chexmask.worker.bank import ReferenceBank
+from chexmask.worker.plausibility import polygon_area
+from chexmask.worker.postprocess import ORGANS
+from chexmask.worker.qc_commands import degrade
+from chexmask.worker.train import list_ids, load_landmarks
+
+
+@pytest.fixture(scope="module")
+def jsrt(shared_dir: Path) -> Path:
+    root = shared_dir / "data" / "jsrt"
+    if not (root / "images").is_dir():
+        pytest.skip(f"JSRT data not found under {root}")
+    return root
+
+
+@pytest.fixture(scope="module")
+def split(jsrt: Path, tmp_path_factory) -> Path:
+    """A small split file: 5 references, 2 held-out images."""
+    ids = list_ids(jsrt / "images", jsrt / "landmarks")
+    path = tmp_path_factory.mktemp("split") / "split.json"
+    path.write_text(json.dumps({"train": ids[:5], "val": ids[20:22]}))
+    return path
+
+
+def run(*args: str) -> str:
+    result = CliRunner().invoke(cli, ["qc", *args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_build_bank_command(jsrt, split, tmp_path):
+    out = tmp_path / "bank.npz"
+    text = run("build-bank", "--images", str(jsrt / "images"), "--landmarks", str(jsrt / "landmarks"),
+               "--ids-file", str(split), "--no-latents", "--out", str(out))
+    assert "5 references at 128x128, latents no" in text
+    assert ReferenceBank.load(out).ids == json.loads(split.read_text())["train"]
+
+
+def test_degradations_do_what_they_say(jsrt):
+    truth = load_landmarks(jsrt / "landmarks", list_ids(jsrt / "images", jsrt / "landmarks")[0]).astype(np.float64)
+    rng = np.random.default_rng(0)
+    moved = degrade(truth, "shift", rng)
+    offset = moved - truth
+    np.testing.assert_allclose(offset, np.broadcast_to(offset[0], offset.shape))
+    assert 0 < np.abs(offset[0]).max() <= 80
+    swapped = degrade(truth, "swap", rng)
+    assert swapped[ORGANS["RL"], 0].mean() > swapped[ORGANS["LL"], 0].mean()  # sides exchanged
+    turned = degrade(truth, "rotate", rng)
+    heart = ORGANS["H"]
+    assert polygon_area(turned[heart]) == pytest.approx(polygon_area(truth[heart]), rel=1e-9)
+    assert not np.allclose(turned, truth)
+    noisy = degrade(truth, "noise", rng)
+    assert 3 < (noisy - truth).std() < 31  # sigma drawn from 4-30 px
+    with pytest.raises(ValueError):
+        degrade(truth, "melt", rng)
+
+
+@pytest.mark.slow
+def test_validate_command_end_to_end(jsrt, split, tmp_path):
+    """Random (seeded) weights: their masks are poor, so the cases span the whole range."""
+    from chexmask.worker.model import HybridGNet, compact_state_dict
+
+    torch.manual_seed(0)
+    weights = tmp_path / "random.pt"
+    torch.save(compact_state_dict(HybridGNet()), weights)
+    bank = tmp_path / "bank.npz"
+    common = ["--images", str(jsrt / "images"), "--landmarks", str(jsrt / "landmarks"), "--ids-file", str(split)]
+    run("build-bank", *common, "--weights", str(weights), "--out", str(bank), "--threads", "1")
+    out = tmp_path / "val"
+    text = run("validate", "--bank", str(bank), *common, "--weights", str(weights),
+               "--partial-weights", str(weights), "--out", str(out), "--threads", "1")
+    assert "dice_rca_max: pearson" in text and "ratio" in text
+    with (out / "cases.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 2 * 10  # every degradation for each held-out image
+    truth = [r for r in rows if r["kind"] == "truth"]
+    assert all(float(r["true"]) == 1.0 and float(r["rca_max"]) > 0.8 for r in truth)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["images"] == 2 and summary["latents"] is True
+    assert summary["dice_rca_max"]["pearson"] > 0.8  # random masks (true ~0) against truth (1)
+    assert summary["cost_ratio"] > 0
+    assert (out / "scatter.png").stat().st_size > 10_000

@@ -1,0 +1,158 @@
+"""The Celery application: broker, queues, routing and delivery guarantees.
+
+Built from the environment when imported, as ``celery --app
+chexmask.worker.celery_app`` (Flower, beat) expects. Three queues:
+
+- ``ingest``: cheap: read the source, hash it, register it, drop duplicates;
+- ``segment``: the model (GPU workers); images gather into batches there;
+- ``qc``: reverse-classification-accuracy scores.
+
+Every task is acknowledged only when it has finished (``acks_late``), so a
+worker that dies mid-task has its message delivered again; each stage is
+idempotent through the index, so a redelivery never makes a second result.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+from celery import Celery
+from sqlalchemy.engine import make_url
+
+from chexmask.config import Settings
+from chexmask.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+INGEST_QUEUE, SEGMENT_QUEUE, QC_QUEUE = "ingest", "segment", "qc"
+QUEUES = (INGEST_QUEUE, SEGMENT_QUEUE, QC_QUEUE)
+INGEST_TASK, SEGMENT_TASK, QC_TASK, SCAN_TASK = "chexmask.ingest", "chexmask.segment", "chexmask.qc", "chexmask.scan"
+ROUTES = {
+    INGEST_TASK: {"queue": INGEST_QUEUE},
+    SCAN_TASK: {"queue": INGEST_QUEUE},
+    SEGMENT_TASK: {"queue": SEGMENT_QUEUE},
+    QC_TASK: {"queue": QC_QUEUE},
+}
+
+# Longer than any task, retry countdowns included (Redis redelivers a message
+# that stays unacknowledged this long, even when its worker is still busy).
+DEFAULT_VISIBILITY_TIMEOUT_S = 3600
+DEFAULT_SCAN_INTERVAL_S = 3600
+
+
+@dataclass(frozen=True)
+class ScanPrefix:
+    uri: str
+    dataset: str | None = None
+    release: str | None = None
+
+
+def scan_prefixes(value: str) -> list[ScanPrefix]:
+    """Parse ``CHEXMASK_SCAN_PREFIXES``: entries ``URI [DATASET [RELEASE]]`` separated
+    by ``;`` or new lines, e.g. ``s3://nih/images chestx-ray8 v1; /data/chexpert chexpert``."""
+    prefixes = []
+    for entry in value.replace("\n", ";").split(";"):
+        words = entry.split()
+        if not words:
+            continue
+        if len(words) > 3:
+            raise ConfigError(f"CHEXMASK_SCAN_PREFIXES entry {entry.strip()!r}: expected URI [DATASET [RELEASE]]")
+        prefixes.append(ScanPrefix(*words))
+    return prefixes
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name) or str(default)
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"{name} must be a whole number of seconds, got {value!r}") from None
+
+
+def transport_options(broker_url: str, visibility_timeout: int) -> dict:
+    scheme = broker_url.split("://", 1)[0]
+    if scheme.startswith(("redis", "rediss", "sqs")):
+        return {"visibility_timeout": visibility_timeout}
+    if scheme.startswith(("amqp", "pyamqp")):
+        # A publish returns only once the broker holds the message ("safely queued").
+        return {"confirm_publish": True}
+    # Nothing for the SQLite broker: kombu passes its options on to create_engine,
+    # so it polls at its default interval (1 s).
+    return {}
+
+
+def beat_schedule(prefixes: list[ScanPrefix], interval_s: int) -> dict:
+    return {
+        f"scan {p.uri}": {
+            "task": SCAN_TASK,
+            "schedule": float(interval_s),
+            "args": (p.uri, p.dataset, p.release),
+        }
+        for p in prefixes
+    }
+
+
+def create_app(settings: Settings | None = None) -> Celery:
+    settings = settings or Settings.from_env()
+    _ensure_sqlite_folder(settings.broker_url)
+    app = Celery("chexmask", broker=settings.broker_url, include=["chexmask.worker.tasks"])
+    visibility = _env_int("CHEXMASK_VISIBILITY_TIMEOUT", DEFAULT_VISIBILITY_TIMEOUT_S)
+    prefixes = scan_prefixes(os.environ.get("CHEXMASK_SCAN_PREFIXES", ""))
+    app.conf.update(
+        task_routes=ROUTES,
+        task_default_queue=INGEST_QUEUE,
+        task_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,  # results live in the index and the store
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        # A task running when the broker connection drops is delivered again
+        # elsewhere; cancelling it here avoids running it twice at once.
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        worker_prefetch_multiplier=1,
+        broker_transport_options=transport_options(settings.broker_url, visibility),
+        broker_connection_retry_on_startup=True,
+        worker_send_task_events=True,  # for Flower
+        task_send_sent_event=True,
+        beat_schedule=beat_schedule(prefixes, _env_int("CHEXMASK_SCAN_INTERVAL", DEFAULT_SCAN_INTERVAL_S)),
+        beat_schedule_filename=str(settings.home / "celerybeat-schedule"),
+    )
+    return app
+
+
+def _sqlite_broker_path(broker_url: str) -> Path | None:
+    if not broker_url.startswith("sqla+sqlite"):
+        return None
+    database = make_url(broker_url.removeprefix("sqla+")).database
+    return Path(database) if database and database != ":memory:" else None
+
+
+def _ensure_sqlite_folder(broker_url: str) -> None:
+    if (path := _sqlite_broker_path(broker_url)) is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+
+def prune_sqlite_broker(broker_url: str) -> int:
+    """Delete delivered messages from the embedded broker; how many went.
+
+    kombu's SQLAlchemy transport only hides a message once it is delivered and
+    never deletes it, so the file would grow forever. Hidden rows are never read
+    again: unacknowledged messages are restored from the worker's memory.
+    """
+    path = _sqlite_broker_path(broker_url)
+    if path is None or not path.exists():
+        return 0
+    with sqlite3.connect(path, timeout=30) as connection:
+        try:
+            deleted = connection.execute("DELETE FROM kombu_message WHERE visible = 0").rowcount
+        except sqlite3.OperationalError:  # no table yet: nothing was ever sent
+            return 0
+    log.info("pruned %d delivered messages from %s", deleted, path)
+    return deleted
+
+
+app = create_app()

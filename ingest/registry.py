@@ -9,14 +9,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-import sqlalchemy as sa
-
 from chexmask.ingest.arrival import Arrival
 from chexmask.storage.index import MaskIndex
-from chexmask.storage.models import SourceImage
-
-# URIs per lookup query; keeps the IN list well under every backend's parameter limit.
-_LOOKUP_CHUNK = 500
 
 
 @dataclass
@@ -36,13 +30,13 @@ class Registry:
 
     def triage(self, arrivals: Sequence[Arrival]) -> Triage:
         """Sort arrivals by comparing their etag and size with the index."""
-        known = self._known(a.uri for a in arrivals)
+        known = self.index.images_by_uri(a.uri for a in arrivals)
         triage = Triage()
         for arrival in arrivals:
-            row = known.get(arrival.uri)
-            if row is None:
+            image = known.get(arrival.uri)
+            if image is None:
                 triage.new.append(arrival)
-            elif _differs(arrival.etag, row.etag_or_version) or _differs(arrival.size, row.size):
+            elif _differs(arrival.etag, image.etag_or_version) or _differs(arrival.size, image.size):
                 triage.changed.append(arrival)
             else:
                 triage.unchanged.append(arrival)
@@ -53,18 +47,6 @@ class Registry:
         for a in arrivals:
             self.index.register_image(uri=a.uri, dataset=a.dataset, dataset_image_id=a.dataset_image_id,
                                       release=a.release, etag_or_version=a.etag, size=a.size)
-
-    def _known(self, uris: Iterable[str]) -> dict[str, sa.Row]:
-        # A read-only lookup by URI; MaskIndex has no batch form of it yet.
-        uris = list(dict.fromkeys(uris))
-        found: dict[str, sa.Row] = {}
-        with self.index.engine.connect() as connection:
-            for start in range(0, len(uris), _LOOKUP_CHUNK):
-                chunk = uris[start:start + _LOOKUP_CHUNK]
-                statement = sa.select(SourceImage.uri, SourceImage.etag_or_version, SourceImage.size).where(
-                    SourceImage.uri.in_(chunk))
-                found.update((row.uri, row) for row in connection.execute(statement))
-        return found
 
 
 def _differs(given: object, stored: object) -> bool:

@@ -22,6 +22,7 @@ import cv2
 import numpy as np
 
 from chexmask.errors import ChexmaskError, ConfigError
+from chexmask.worker.model import HybridGNet, segment_batch
 from chexmask.worker.plausibility import ShapeModel
 from chexmask.worker.rca import working_image
 from chexmask.worker.train import list_ids, load_landmarks
@@ -49,12 +50,11 @@ class ReferenceBank:
         return len(self.ids)
 
     @classmethod
-    def build(cls, images_dir: Path, landmarks_dir: Path, ids: list[str] | None = None, model=None,
-              weights_sha256: str = "", size: int = 128, batch_size: int = 4) -> "ReferenceBank":
+    def build(cls, images_dir: Path, landmarks_dir: Path, ids: list[str] | None = None,
+              model: HybridGNet | None = None, weights_sha256: str = "", size: int = 128,
+              batch_size: int = 4) -> "ReferenceBank":
         """A bank of the images ``<id>.png`` (1024x1024 grey) with landmarks
         ``{RL,LL,H}/<id>.npy``; latents when a HybridGNet ``model`` is given."""
-        from chexmask.worker.model import segment_batch
-
         ids = list_ids(images_dir, landmarks_dir) if ids is None else list(ids)
         if not ids:
             raise ChexmaskError(f"no annotated images in {images_dir} with landmarks in {landmarks_dir}")

@@ -9,7 +9,7 @@ the plausibility flags are still computed.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -42,9 +42,6 @@ class QCResult:
     scores: dict[str, float] = field(default_factory=dict)  # plausibility measurements
     references: list[str] = field(default_factory=list)     # bank ids used, nearest first
     seconds: float = 0.0                      # QC time of this image (its share of a batch)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def assess(image: np.ndarray, landmarks: np.ndarray, latent: np.ndarray | None,

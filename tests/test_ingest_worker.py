@@ -175,3 +175,27 @@ def test_refused_and_missing_sources(service, tmp_path):
     result = service.segment(ingested.image_id)
     assert result.status is ImageStatus.FAILED and "not found" in result.reason
     assert service.index.get_image(ingested.image_id).status is ImageStatus.FAILED
+
+
+@pytest.mark.slow
+def test_transient_errors_are_retried_then_the_image_fails(service, monkeypatch):
+    """The segment task against an S3 endpoint that refuses connections: retried
+    (eagerly here, without the backoff waits), then marked failed with the reason."""
+    from chexmask.ingest import fetch
+    from chexmask.worker import tasks
+    from services import FAKE_AWS_ENV, free_port
+
+    for name, value in FAKE_AWS_ENV.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    fetch.bucket.cache_clear()
+    monkeypatch.setattr(tasks, "_service", service)
+    image = service.index.register_image(uri="s3://unreachable/00000001_000.png", dataset="nih").image
+    try:
+        outcome = tasks.segment.apply(args=[image.id])
+    finally:
+        fetch.bucket.cache_clear()
+    assert isinstance(outcome.result, TransientError)
+    failed = service.index.get_image(image.id)
+    assert failed.status is ImageStatus.FAILED and failed.reason.startswith("TransientError: S3 unreachable")
+    assert failed.attempts == RETRY.transient_retries + 1

@@ -47,6 +47,7 @@ def _fresh_service_after_fork(**_: object) -> None:
 
 
 def _attempt(task: Task, image_id: int | None, work: Callable[[], T]) -> T:
+    # The tasks have max_retries=None: RETRY decides, per kind of error.
     try:
         return work()
     except Exception as exc:
@@ -54,13 +55,13 @@ def _attempt(task: Task, image_id: int | None, work: Callable[[], T]) -> T:
         if retries < RETRY.retries_for(exc):
             countdown = RETRY.delay(retries)
             log.warning("%s[%s] retry %d in %.0f s: %s", task.name, task.request.id, retries + 1, countdown, exc)
-            raise task.retry(exc=exc, countdown=countdown, max_retries=None)
+            raise task.retry(exc=exc, countdown=countdown)
         if image_id is not None:
             service().fail(image_id, exc)
         raise
 
 
-@app.task(name=INGEST_TASK, bind=True)
+@app.task(name=INGEST_TASK, bind=True, max_retries=None)
 def ingest(self: Task, arrival: dict) -> int | None:
     """Read, hash and register one arrival, then queue its segmentation."""
     ingested = _attempt(self, None, lambda: service().ingest(Arrival.from_dict(arrival)))
@@ -70,7 +71,7 @@ def ingest(self: Task, arrival: dict) -> int | None:
     return ingested.image_id
 
 
-@app.task(name=SEGMENT_TASK, bind=True)
+@app.task(name=SEGMENT_TASK, bind=True, max_retries=None)
 def segment(self: Task, image_id: int, timings: dict[str, float] | None = None,
             queued_at: float | None = None) -> str:
     """Segment one registered image (batched with the others this worker holds)."""
@@ -83,12 +84,12 @@ def segment(self: Task, image_id: int, timings: dict[str, float] | None = None,
     return result.status.value
 
 
-@app.task(name=QC_TASK, bind=True)
+@app.task(name=QC_TASK, bind=True, max_retries=None)
 def qc(self: Task, segmentation_id: int) -> str:
     return _attempt(self, None, lambda: service().qc(segmentation_id)).value
 
 
-@app.task(name=SCAN_TASK, bind=True)
+@app.task(name=SCAN_TASK, bind=True, max_retries=None)
 def scan(self: Task, uri: str, dataset: str | None = None, release: str | None = None) -> dict:
     """A periodic scan of a configured prefix (``CHEXMASK_SCAN_PREFIXES``)."""
     from chexmask.ingest.queue import CeleryQueue, Intake

@@ -109,3 +109,17 @@ def test_worker_on_the_embedded_sqlite_broker(tmp_path, weights, samples_dir):
     finally:
         assert worker.stop() == 0, worker.output()[-3000:]
     assert (home / "broker.db").is_file()
+
+
+def test_serve_watches_until_stopped(tmp_path, weights, samples_dir):
+    home, inbox = tmp_path / "home", tmp_path / "inbox"
+    server = Process.cli(["serve", "--inbox", str(inbox)], embedded_env(home, weights), tmp_path / "serve.log")
+    try:
+        server.wait_output("watching")
+        partial = inbox / ".00000001_000.png.part"  # as a copy tool writes: aside, then renamed
+        partial.write_bytes((samples_dir / "00000001_000.png").read_bytes())
+        partial.rename(inbox / "00000001_000.png")
+        server.wait_output("[1] segmented 00000001_000.png")
+    finally:
+        assert server.stop() == 0, server.output()
+    assert server.output().splitlines()[-1].startswith("1 segmented in")

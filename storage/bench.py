@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import random
 import statistics
 import tempfile
@@ -30,7 +29,8 @@ import sqlalchemy as sa
 
 from chexmask.status import ImageStatus
 from chexmask.storage.export import export
-from chexmask.storage.index import MaskIndex, QueryFilters, engine_url
+from chexmask.storage.index import MaskIndex, QueryFilters, engine_url, json_dumps
+from chexmask.storage.layout import numpy_text
 from chexmask.storage.models import Segmentation, SourceImage
 
 DATASETS = ("chestx-ray8", "chexpert", "mimic-cxr-jpg", "padchest", "vindr-cxr")
@@ -65,11 +65,9 @@ class Synth:
     def __init__(self, rle_runs: int, seed: int = 0):
         rng = random.Random(seed)
         self.rng = rng
-        self.landmarks = [
-            json.dumps([[rng.randrange(1024), rng.randrange(1024)] for _ in range(120)],
-                       separators=(",", ":"))
-            for _ in range(500)
-        ]
+        points = [[[rng.randrange(2048), rng.randrange(2048)] for _ in range(120)] for _ in range(500)]
+        self.landmarks = [json_dumps(p) for p in points]
+        self.landmarks_text = [numpy_text(p) for p in points]
         self.rles = [_rle(rng, rle_runs) for _ in range(200)]
         self.now = datetime.now(timezone.utc)
 
@@ -99,6 +97,7 @@ class Synth:
             "weights_sha256": WEIGHTS, "pipeline_version": "1",
             "landmarks_1024": self.landmarks[i % 500],
             "landmarks_original": self.landmarks[(i + 7) % 500],
+            "landmarks_original_str": self.landmarks_text[(i + 7) % 500],
             "latent": None, "height": 2048, "width": 2048,
             "rle_right_lung": rle[i % 200], "rle_left_lung": rle[(i + 1) % 200],
             "rle_heart": rle[(i + 2) % 200], "rle_right_lung_1024": rle[(i + 3) % 200],

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import Enum
-from functools import lru_cache
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -21,20 +20,10 @@ from typing import Any
 import sqlalchemy as sa
 
 from chexmask.errors import ConfigError
-from chexmask.storage.datasets import id_column
 from chexmask.storage.index import MaskIndex, QueryFilters
+from chexmask.storage.layout import csv_line, header, landmarks_1024_text
 from chexmask.storage.models import Segmentation, SourceImage
 
-VALUE_COLUMNS = (
-    "Dice RCA (Mean)",
-    "Dice RCA (Max)",
-    "Landmarks",
-    "Left Lung",
-    "Right Lung",
-    "Heart",
-    "Height",
-    "Width",
-)
 FORMATS = ("csv", "parquet")
 BATCH_SIZE = 2000
 
@@ -42,37 +31,6 @@ BATCH_SIZE = 2000
 class Resolution(str, Enum):
     ORIGINAL = "original"
     R1024 = "1024"
-
-
-def header(dataset: str) -> list[str]:
-    return [id_column(dataset), *VALUE_COLUMNS]
-
-
-# Landmarks arrive as their stored JSON text, "[[x0,y0],[x1,y1],...]": reformatting
-# the text directly is several times faster than decoding JSON and printing ints.
-_JSON_PUNCTUATION = str.maketrans("", "", "[] ")
-
-
-def landmarks_1024_text(points_json: str) -> str:
-    """``x0,y0,x1,y1,...`` as in the 1024-level CheXmask files."""
-    return points_json.translate(_JSON_PUNCTUATION)
-
-
-def landmarks_original_text(points_json: str) -> str:
-    """The text of ``str(numpy.array(points))`` for an N x 2 int array, as the
-    original-resolution CheXmask files hold it.
-
-    Written out by hand because numpy's array printing is ~20x slower and would
-    dominate a large export: numpy right-aligns every number to the widest one.
-    """
-    values = points_json.translate(_JSON_PUNCTUATION).split(",")
-    return _numpy_template(max(map(len, values)), len(values) // 2) % tuple(values)
-
-
-@lru_cache(maxsize=64)
-def _numpy_template(width: int, points: int) -> str:
-    # One %-format for the whole array: a single C call per row instead of 240.
-    return "[[" + "]\n [".join([f"%{width}s %{width}s"] * points) + "]]"
 
 
 def _resolve_model(index: MaskIndex, model: str | None) -> str | None:
@@ -104,11 +62,12 @@ def iter_rows(
     )
     if resolution is Resolution.ORIGINAL:
         masks = (Segmentation.rle_left_lung, Segmentation.rle_right_lung, Segmentation.rle_heart)
-        landmarks = sa.cast(Segmentation.landmarks_original, sa.Text)  # the JSON text, undecoded
+        landmarks = Segmentation.landmarks_original_str
         size: tuple[Any, ...] = (Segmentation.height, Segmentation.width)
     else:
         masks = (Segmentation.rle_left_lung_1024, Segmentation.rle_right_lung_1024,
                  Segmentation.rle_heart_1024)
+        # the JSON text, undecoded: reformatting it is far cheaper than decoding it
         landmarks, size = sa.cast(Segmentation.landmarks_1024, sa.Text), ()
     statement = index.select_segmentations(
         filters,
@@ -122,10 +81,9 @@ def iter_rows(
     ).order_by(Segmentation.id)
 
     if resolution is Resolution.ORIGINAL:
-        for name, uri, mean, max_, points, left, right, heart, height, width in index.stream(
+        for name, uri, mean, max_, text, left, right, heart, height, width in index.stream(
             statement, batch_size
         ):
-            text = landmarks_original_text(points)
             yield (name or uri, mean, max_, text, left, right, heart, height, width)
     else:
         for name, uri, mean, max_, points, left, right, heart in index.stream(statement, batch_size):
@@ -189,28 +147,6 @@ def _write_csv(path: Path, columns: list[str], rows: Iterator[tuple[Any, ...]]) 
             f.write("".join(map(csv_line, batch)))
             count += len(batch)
     return count
-
-
-def csv_line(row: Sequence[Any]) -> str:
-    """One line exactly as ``csv.writer(f, lineterminator="\\n")`` writes it: minimal
-    quoting and "\\n" endings, as pandas wrote the official CheXmask files.
-
-    Built by hand because the csv module inspects and copies the long RLE fields
-    character by character, which made it the slowest step of an export (about
-    half of it); here a field costs four substring searches. A test holds the
-    two to the same output.
-    """
-    return ",".join(map(_csv_field, row)) + "\n"
-
-
-def _csv_field(value: Any) -> str:
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        return str(value)
-    if "," in value or '"' in value or "\n" in value or "\r" in value:
-        return '"' + value.replace('"', '""') + '"'
-    return value
 
 
 def _write_parquet(path: Path, columns: list[str], rows: Iterator[tuple[Any, ...]]) -> int:

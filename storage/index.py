@@ -31,6 +31,7 @@ from chexmask import PIPELINE_VERSION
 from chexmask.errors import ConfigError
 from chexmask.status import ImageStatus
 from chexmask.storage.datasets import canonical
+from chexmask.storage.layout import numpy_text
 from chexmask.storage.models import (
     ORGANS,
     ModelVersion,
@@ -449,6 +450,7 @@ class MaskIndex:
         RLE strings at original and 1024 resolution. The model version is
         registered on first use.
         """
+        original = _points(landmarks_original)
         values = {
             "image_id": image_id,
             "image_sha256": image_sha256,
@@ -456,7 +458,8 @@ class MaskIndex:
             "weights_sha256": weights_sha256,
             "pipeline_version": pipeline_version,
             "landmarks_1024": _points(landmarks_1024),
-            "landmarks_original": _points(landmarks_original),
+            "landmarks_original": original,
+            "landmarks_original_str": numpy_text(original),
             "latent": None if latent is None else [float(v) for v in latent],
             "height": int(height),
             "width": int(width),

@@ -198,6 +198,9 @@ class Segmentation(StorageModel, table=True):
     timings: dict[str, float] | None = Field(default=None, sa_type=JSONType)
     landmarks_1024: list[list[int]] = Field(sa_type=JSONType, nullable=False)
     landmarks_original: list[list[int]] = Field(sa_type=JSONType, nullable=False)
+    # The same as numpy prints it, the original-resolution CSV form (layout.numpy_text):
+    # made once here because formatting it per row took two thirds of an export.
+    landmarks_original_str: str = Field(sa_type=sa.Text, nullable=False)
     latent: list[float] | None = Field(default=None, sa_type=JSONType)
     rle_right_lung: str = Field(sa_type=sa.Text, nullable=False)
     rle_left_lung: str = Field(sa_type=sa.Text, nullable=False)

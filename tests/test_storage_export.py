@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import json
 import re
 from pathlib import Path
 
@@ -16,8 +15,8 @@ import pandas as pd
 import pytest
 
 from chexmask.errors import ConfigError
-from chexmask.storage import export as export_module
-from chexmask.storage.export import csv_line, export, header, landmarks_original_text
+from chexmask.storage.export import export
+from chexmask.storage.layout import csv_line, header, numpy_text
 
 # Shared fixtures (index, store, pg_database, moto_endpoint), one instance per session.
 pytest_plugins = ["services"]
@@ -121,7 +120,7 @@ def test_landmark_text_is_numpys(tmp_path):
     rng = np.random.default_rng(0)
     for low, high in ((0, 10), (-5, 1000), (-20000, 20000), (100, 999)):
         points = rng.integers(low, high, size=(120, 2))
-        assert landmarks_original_text(json.dumps(points.tolist())) == str(points)
+        assert numpy_text(points.tolist()) == str(points)
 
 
 def test_csv_lines_are_the_csv_modules():
@@ -217,14 +216,15 @@ def test_failed_export_leaves_previous_file(index, sample, tmp_path, monkeypatch
     out = tmp_path / "exports" / "nih.csv"
     out.parent.mkdir()
     out.write_text("previous export\n")
-    calls = iter(range(100))
+    real_stream = index.stream
 
-    def fail_on_third_row(points):
-        if next(calls) == 2:
-            raise RuntimeError("database went away mid-export")
-        return "[]"
+    def stream_then_fail(statement, batch_size):
+        rows = real_stream(statement, batch_size)
+        yield next(rows)
+        yield next(rows)
+        raise RuntimeError("database went away mid-export")
 
-    monkeypatch.setattr(export_module, "landmarks_original_text", fail_on_third_row)
+    monkeypatch.setattr(index, "stream", stream_then_fail)
     with pytest.raises(RuntimeError, match="mid-export"):
         export(index, out, dataset="nih")
     assert out.read_text() == "previous export\n"

@@ -92,6 +92,7 @@ def upgrade() -> None:
         # The large columns last (see models.Segmentation).
         sa.Column("landmarks_1024", JSON, nullable=False),
         sa.Column("landmarks_original", JSON, nullable=False),
+        sa.Column("landmarks_original_str", sa.Text(), nullable=False),
         sa.Column("latent", JSON, nullable=True),
         sa.Column("rle_right_lung", sa.Text(), nullable=False),
         sa.Column("rle_left_lung", sa.Text(), nullable=False),

@@ -22,7 +22,7 @@ def test_reachable_services_give_their_urls(services):
 
 def test_unreachable_services_skip_with_a_reason(services, unused_port, monkeypatch):
     monkeypatch.setenv("CHEXMASK_TEST_PG_URL", f"postgresql://postgres@127.0.0.1:{unused_port}/x")
-    with pytest.raises(pytest.skip.Exception, match="PostgreSQL not reachable.*CHEXMASK_TEST_PG_URL"):
+    with pytest.raises(pytest.skip.Exception, match=r"PostgreSQL not reachable.*CHEXMASK_TEST_PG_URL"):
         services.require_postgres()
     with pytest.raises(pytest.skip.Exception, match="Redis not reachable"):
         services.require_redis(f"redis://127.0.0.1:{unused_port}/0")

@@ -104,13 +104,16 @@ def test_stats(run, tmp_path):
 def test_api_serves_over_http(index, sample, unused_port, tmp_path):
     for name in ("a.png", "b.png", "c.png"):
         sample(name)
-    port = unused_port
+    port, log = unused_port, tmp_path / "api.log"
     env = {**os.environ, "CHEXMASK_API_TOKEN": "t0ken", "CHEXMASK_DATABASE_URL": url_of(index),
            "CHEXMASK_HOME": str(tmp_path / "home")}
-    server = subprocess.Popen(
-        [sys.executable, "-c", "from chexmask.cli import main; main()", "api", "--port", str(port)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
+    with log.open("wb") as stderr:  # the server keeps its own copy of the handle
+        server = subprocess.Popen(
+            # The storage command alone: the full CLI would also import every other subsystem.
+            [sys.executable, "-c", "from chexmask.storage.commands import api_command; api_command()",
+             "--port", str(port)],
+            env=env, stdout=subprocess.DEVNULL, stderr=stderr,
+        )
     try:
         base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 20
@@ -119,7 +122,8 @@ def test_api_serves_over_http(index, sample, unused_port, tmp_path):
                 assert httpx.get(f"{base}/health").json()["status"] == "ok"
                 break
             except httpx.TransportError:
-                assert server.poll() is None and time.monotonic() < deadline, "api did not start"
+                alive = server.poll() is None and time.monotonic() < deadline
+                assert alive, f"api did not start:\n{log.read_text()}"
                 time.sleep(0.1)
         assert httpx.get(f"{base}/segmentations").status_code == 401
         page = httpx.get(f"{base}/segmentations", headers={"Authorization": "Bearer t0ken"}).json()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
@@ -160,7 +161,7 @@ class SqsListener:
 
         self.listener = listener
         self.queue_url = queue_url
-        self.client = client or boto3.client("sqs")
+        self.client = client or boto3.client("sqs", region_name=_sqs_region(queue_url))
         self.wait_s = wait_s
 
     def poll(self) -> int:
@@ -254,6 +255,13 @@ def webhook_app(listener: Listener, token: str | None = None) -> FastAPI:
         return {"queued": offered.new + offered.changed, "skipped": offered.skipped}
 
     return app
+
+
+def _sqs_region(queue_url: str) -> str | None:
+    """The region in an AWS queue URL (``https://sqs.<region>.amazonaws.com/...``), so no
+    region setting is needed; None (the configured one) for other endpoints."""
+    match = re.match(r"https://sqs\.([a-z0-9-]+)\.amazonaws\.com", queue_url)
+    return match.group(1) if match else None
 
 
 def _token_matches(header: str | None, token: str) -> bool:

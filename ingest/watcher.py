@@ -135,8 +135,9 @@ class FolderWatcher:
     def scan(self) -> list[Path]:
         """Complete files not reported yet; younger ones wait in pending to settle."""
         now = time.time()
-        ready = []
+        ready, present = [], set()
         for path, stat in walk(self.root):
+            present.add(path)
             if ignored(path, self.root) or self._reported.get(path) == (stat.st_size, stat.st_mtime_ns):
                 continue
             if now - stat.st_mtime_ns / 1e9 >= self.settle:
@@ -144,6 +145,8 @@ class FolderWatcher:
                 self._reported[path] = (stat.st_size, stat.st_mtime_ns)
             else:
                 self._touch(path, only_new=True)
+        # Forget files cleared out of the folder, so memory follows what it holds now.
+        self._reported = {p: v for p, v in self._reported.items() if p in present}
         return ready
 
     def _touch(self, path: Path, ready: bool = False, only_new: bool = False) -> None:

@@ -18,6 +18,7 @@ from chexmask.ingest.s3events import (
     RedisListListener,
     SqsListener,
     parse,
+    _sqs_region,
     webhook_app,
 )
 from chexmask.storage.index import MaskIndex
@@ -120,6 +121,11 @@ def test_listener_forgets_events_it_could_not_queue(listener, queue):
         listener.handle([body])
     queue.broken = False
     assert listener.handle([body]).new == 1
+
+
+def test_sqs_region_comes_from_the_queue_url():
+    assert _sqs_region("https://sqs.eu-west-1.amazonaws.com/123456789012/events") == "eu-west-1"
+    assert _sqs_region("http://127.0.0.1:9324/000000000000/events") is None
 
 
 # --- SQS (moto's server) --------------------------------------------------------------------

@@ -49,7 +49,10 @@ class RCAConfig:
     steps: tuple[int, int, int] = (30, 30, 30)            # Adam steps: affine, coarse, fine
     lrs: tuple[float, float, float] = (0.01, 0.005, 0.003)
     grids: tuple[int, int] = (8, 16)                      # B-spline control points per side
-    windows: tuple[int, int] = (7, 9)                     # LNCC windows at coarse_size, size
+    # LNCC windows (pixels): wide for the affine stage, whose capture range they set, then
+    # at coarse_size and at size.
+    affine_window: int = 15
+    windows: tuple[int, int] = (11, 9)
     smooth: float = 0.02                                  # weight of the field's gradient energy
     dice_size: int = 512                                  # raster of the Dice (1024 frame / 2)
 
@@ -162,7 +165,7 @@ def register(fixed: torch.Tensor, moving: torch.Tensor, cfg: RCAConfig = RCAConf
         fixed, moving = fixed.clone(), moving.clone()
         f, m = _standardise(_resize(fixed, cfg.coarse_size)), _standardise(_resize(moving, cfg.coarse_size))
         theta = torch.eye(2, 3).repeat(n, 1, 1).requires_grad_(True)
-        _optimise(theta, cfg.steps[0], cfg.lrs[0], lambda: -_similarity(Transform(theta), m, f, cfg.windows[0]).sum())
+        _optimise(theta, cfg.steps[0], cfg.lrs[0], lambda: -_similarity(Transform(theta), m, f, cfg.affine_window).sum())
         theta = theta.detach()
 
         ctrl = torch.zeros(n, 2, cfg.grids[0], cfg.grids[0])

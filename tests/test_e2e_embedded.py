@@ -81,19 +81,19 @@ def test_serve_once(tmp_path, weights, samples_dir):
     assert again.returncode == 0 and again.stdout.splitlines()[-1].startswith("nothing to do, 2 unchanged"), again.stdout
 
 
-def test_worker_on_the_embedded_sqlite_broker(tmp_path, weights, samples_dir):
+def test_worker_with_periodic_scans_on_the_embedded_sqlite_broker(tmp_path, weights, samples_dir):
+    """``chexmask worker --beat`` alone on a fresh home: it creates the index, beat
+    scans CHEXMASK_SCAN_PREFIXES, and the tasks travel through the SQLite broker."""
     home, release = tmp_path / "home", tmp_path / "release"
-    env = embedded_env(home, weights)
     release.mkdir()
     (release / "00000001_000.png").write_bytes((samples_dir / "00000001_000.png").read_bytes())
     (release / "corrupt.png").write_bytes(CORRUPT_PNG)
+    env = {**embedded_env(home, weights), "CHEXMASK_SCAN_PREFIXES": f"{release} nih test",
+           "CHEXMASK_SCAN_INTERVAL": "2"}
 
-    worker = Process.cli(["worker", "--concurrency", "2"], env, tmp_path / "worker.log")
+    worker = Process.cli(["worker", "--concurrency", "2", "--beat"], env, tmp_path / "worker.log")
     try:
         worker.wait_output(" ready.")
-        scan = Process.ingest_command("scan", [str(release), "--dataset", "nih", "--release", "test"], env,
-                                      tmp_path / "scan.log")
-        assert scan.popen.wait(300) == 0, scan.output()
         index = MaskIndex(f"sqlite:///{home / 'index.db'}")
         try:
             def finished():
@@ -102,8 +102,9 @@ def test_worker_on_the_embedded_sqlite_broker(tmp_path, weights, samples_dir):
             images = {Path(i.uri).name: i for i in wait_for("both images final", finished)}
             assert images["00000001_000.png"].status is ImageStatus.DONE
             assert images["corrupt.png"].status is ImageStatus.REFUSED
-            assert {i.release for i in images.values()} == {"test"}
+            assert {(i.dataset, i.release) for i in images.values()} == {("chestx-ray8", "test")}
             assert len(index.query(QueryFilters(release="test"))) == 1
+            wait_for("a later scan", lambda: worker.output().count("'seen': 2, 'new': 0") >= 1, timeout=60)
         finally:
             index.close()
     finally:

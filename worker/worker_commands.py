@@ -29,6 +29,7 @@ def worker_command(queues: str, concurrency: int | None, pool: str, beat: bool, 
     CHEXMASK_BATCH_WAIT_MS for a batch to fill.
     """
     from chexmask.config import Settings
+    from chexmask.storage.index import MaskIndex
     from chexmask.worker.celery_app import app, prune_sqlite_broker
 
     settings = Settings.from_env()
@@ -36,6 +37,9 @@ def worker_command(queues: str, concurrency: int | None, pool: str, beat: bool, 
     if unknown := set(names) - set(QUEUES):
         raise click.UsageError(f"unknown queue(s): {', '.join(sorted(unknown))}")
     prune_sqlite_broker(settings.broker_url)
+    index = MaskIndex(settings.database_url)
+    index.upgrade()  # a no-op when current; a fresh embedded home gets its schema
+    index.close()
     if SEGMENT_QUEUE in names and pool != "prefork":
         from chexmask.worker.tasks import service
 

@@ -18,16 +18,6 @@ BANK_SIZE = 6
 HELD_OUT = 10  # index (in list_ids order) of an image that is not in the bank
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Registration is many small ops: one thread is faster than two that wait on each
-    other, and much faster on a machine that is busy with other work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def jsrt(shared_dir: Path) -> Path:
     root = shared_dir / "data" / "jsrt"
@@ -80,10 +70,12 @@ def test_transform_grid_and_points_agree():
 
 def test_register_runs_under_inference_mode():
     # The worker may call QC from inference code; registration needs autograd anyway.
-    cfg = rca.RCAConfig(size=32, coarse_size=16, steps=(2, 2, 2), grids=(5, 6), windows=(3, 5))
+    cfg = rca.RCAConfig(size=32, coarse_size=16, steps=(2, 2, 2), grids=(5, 6), affine_window=5, windows=(3, 5))
+    threads = torch.get_num_threads()
     with torch.inference_mode():
         images = torch.rand(2, 1, 32, 32)
         transform = rca.register(images, images.flip(-1), cfg)
+    assert torch.get_num_threads() == threads  # registration's own thread count is undone
     assert transform.ctrl.shape == (2, 2, 6, 6) and torch.isfinite(transform.ctrl).all()
     assert not torch.equal(transform.theta, torch.eye(2, 3).expand(2, 2, 3))
 

@@ -134,7 +134,8 @@ def _stats(rows: list[dict], estimate: str, truth: str = "true") -> dict[str, fl
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
 @click.option("--limit", type=int, default=None, help="Validate on the first N images only.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--threads", type=int, default=None, help="torch threads (segmentation and QC alike).")
+@click.option("--threads", type=int, default=None,
+              help="torch threads of the forward passes (registration always uses RCAConfig.threads).")
 def validate_command(bank_path, images, landmarks, ids_file, split, weights, partial_weights, perturb, out,
                      limit, seed, threads) -> None:
     """Compare Dice RCA with the true Dice of predicted and degraded masks."""

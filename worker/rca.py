@@ -15,8 +15,8 @@ but polygons need no resampling, and both masks get the CheXmask rasterisation.
 
 Similarity: squared local normalised cross-correlation. Squaring makes it blind to
 the sign of the local intensity relation, so inverted or re-windowed images
-(JSRT is stored with the opposite polarity of most datasets) register as well as
-matched ones.
+(datasets differ in windowing; a missed MONOCHROME1 flag inverts one) register as
+well as matched ones.
 
 Coordinates are grid_sample's (align_corners=False) in [-1, 1]: the pixel centre
 x of the 1024 frame is (2x + 1) / 1024 - 1 at every working resolution.

@@ -74,6 +74,18 @@ def test_concurrent_upgrades_of_a_new_database_all_succeed(backend, request, tmp
     index.close()
 
 
+@pytest.mark.parametrize("index", [pytest.param("postgresql", marks=pytest.mark.services)], indirect=True)
+def test_postgresql_compresses_large_columns_with_lz4(index, sample):
+    sample("a.png", rle={"right_lung": "1 2 " * 2000, "left_lung": "", "heart": ""})
+    with index.engine.connect() as connection:
+        has_lz4 = connection.exec_driver_sql(
+            "SELECT 'lz4' = ANY(enumvals) FROM pg_settings WHERE name = 'default_toast_compression'"
+        ).scalar()
+        method = connection.exec_driver_sql(
+            "SELECT pg_column_compression(rle_right_lung) FROM segmentation").scalar()
+    assert method == ("lz4" if has_lz4 else "pglz")
+
+
 def test_sqlite_runs_in_wal_mode_with_busy_timeout(tmp_path):
     index = MaskIndex(f"sqlite:///{tmp_path / 'index.db'}")
     with index.engine.connect() as connection:

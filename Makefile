@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 INBOX ?= inbox
 
-.PHONY: setup run demo test test-all bench bench-storage bench-serve qc-validate train clean
+.PHONY: setup run test test-all bench bench-storage bench-serve clean
 
 setup:
 	@bash scripts/setup.sh
@@ -27,6 +27,10 @@ bench: setup
 
 bench-storage: setup
 	$(PY) -m chexmask.storage.bench --rows 1000000
+
+## Pipeline overhead: `chexmask serve` against `chexmask segment` on the same images.
+bench-serve: setup
+	$(PY) -m chexmask.ingest.bench
 
 clean:
 	rm -rf $(VENV) .chexmask .pytest_cache chexmask-out

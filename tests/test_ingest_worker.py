@@ -199,3 +199,30 @@ def test_transient_errors_are_retried_then_the_image_fails(service, monkeypatch)
     failed = service.index.get_image(image.id)
     assert failed.status is ImageStatus.FAILED and failed.reason.startswith("TransientError: S3 unreachable")
     assert failed.attempts == RETRY.transient_retries + 1
+
+
+@pytest.mark.slow
+def test_qc_with_a_reference_bank_stores_dice_rca(service, samples_dir, shared_dir, tmp_path):
+    from dataclasses import replace
+
+    from chexmask.worker.bank import ReferenceBank
+    from chexmask.worker.train import list_ids
+
+    jsrt = shared_dir / "data" / "jsrt"
+    if not (jsrt / "images").is_dir():
+        pytest.skip(f"JSRT data not found under {jsrt}")
+    bank_path = tmp_path / "bank.npz"
+    ReferenceBank.build(jsrt / "images", jsrt / "landmarks", list_ids(jsrt / "images", jsrt / "landmarks")[:4]).save(bank_path)
+    source = tmp_path / "utils_example1.jpg"
+    source.write_bytes((samples_dir / source.name).read_bytes())
+    ingested = service.ingest(arrival_for(source))
+    result = service.segment(ingested.image_id)
+
+    banked = Service(replace(service.settings, qc_bank=str(bank_path)))
+    try:
+        assert banked.qc(result.segmentation_id) is QCStatus.DONE  # reads the source again
+    finally:
+        banked.close()
+    row = service.index.get_segmentation(result.segmentation_id)
+    assert row.qc_status is QCStatus.DONE
+    assert 0 <= row.dice_rca_mean <= row.dice_rca_max <= 1 and row.dice_rca_mean_h is not None

@@ -1,7 +1,8 @@
 """The ``chexmask`` command: a thin layer over the library.
 
 Each subsystem defines its commands next to its code; this file only wires them
-into one group.
+into one group. Command modules are imported when their command runs, so that
+``chexmask --help`` or ``chexmask query`` does not pay for importing torch.
 """
 
 from __future__ import annotations
@@ -15,17 +16,42 @@ import click
 from chexmask import __version__
 from chexmask.errors import ChexmaskError
 
-# module path -> names of click commands/groups it defines
-_COMMAND_MODULES = {
-    "chexmask.worker.commands": ["segment", "train", "evaluate"],
-    "chexmask.worker.worker_commands": ["worker"],
-    "chexmask.worker.qc_commands": ["qc"],
-    "chexmask.storage.commands": ["query", "export", "stats", "api", "db"],
-    "chexmask.ingest.commands": ["serve", "watch", "listen", "scan", "reprocess"],
+# command name -> (module defining ``<name>_command``, one-line help for the listing)
+COMMANDS = {
+    "segment": ("chexmask.worker.commands", "Segment chest X-rays (files or folders of DICOM, PNG or JPEG)."),
+    "serve": ("chexmask.ingest.commands", "All in one, no servers: watch an inbox, segment, store and index."),
+    "worker": ("chexmask.worker.worker_commands", "Run a Celery worker (ingest, segment and QC queues)."),
+    "watch": ("chexmask.ingest.commands", "Watch a folder and queue the images that arrive."),
+    "listen": ("chexmask.ingest.commands", "Queue images announced by S3 (SQS) or MinIO (Redis list, webhook) events."),
+    "scan": ("chexmask.ingest.commands", "Queue the new or changed images of a folder or S3 prefix (a dataset release)."),
+    "reprocess": ("chexmask.ingest.commands", "Queue the images that lack a segmentation from a model."),
+    "query": ("chexmask.storage.commands", "List segmentations matching the filters."),
+    "export": ("chexmask.storage.commands", "Write a dataset's masks in the CheXmask CSV layout (or Parquet)."),
+    "stats": ("chexmask.storage.commands", "Counts by status and Dice RCA summaries per dataset and release."),
+    "api": ("chexmask.storage.commands", "Serve the read-only HTTP API (OpenAPI docs at /docs)."),
+    "db": ("chexmask.storage.commands", "Manage the index database schema."),
+    "qc": ("chexmask.worker.qc_commands", "Quality control: build an RCA reference bank, validate RCA."),
+    "train": ("chexmask.worker.commands", "Train HybridGNet on landmark-annotated chest X-rays (resumable)."),
+    "evaluate": ("chexmask.worker.commands", "Dice, Hausdorff distance and landmark error against annotations."),
 }
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        module = importlib.import_module(COMMANDS[name][0])
+        return getattr(module, f"{name}_command")
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, help_) for name, (_, help_) in COMMANDS.items()])
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="chexmask")
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
 def cli(verbose: int) -> None:
@@ -33,23 +59,6 @@ def cli(verbose: int) -> None:
     store the masks and query them."""
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-
-def _register() -> None:
-    for module_name, names in _COMMAND_MODULES.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name == module_name:  # subsystem not built yet
-                continue
-            raise
-        for name in names:
-            command = getattr(module, f"{name}_command", None)
-            if command is not None:
-                cli.add_command(command, name)
-
-
-_register()
 
 
 def main() -> None:

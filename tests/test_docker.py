@@ -36,8 +36,9 @@ def resolve(args: list[str]) -> tuple[click.Command, click.Context]:
     name = "chexmask"
     while isinstance(command, click.Group):
         sub = args[0]
-        assert sub in command.commands, f"chexmask has no command {sub!r} ({' '.join(args)})"
-        command, name, args = command.commands[sub], sub, args[1:]
+        found = command.get_command(click.Context(command), sub)
+        assert found is not None, f"chexmask has no command {sub!r} ({' '.join(args)})"
+        command, name, args = found, sub, args[1:]
     return command, command.make_context(name, list(args))
 
 

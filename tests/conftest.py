@@ -51,6 +51,15 @@ def shared_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def jsrt(shared_dir: Path) -> Path:
+    """JSRT radiographs with landmarks (images/, landmarks/{RL,LL,H}/, masks/)."""
+    root = shared_dir / "data" / "jsrt"
+    if not (root / "images").is_dir():
+        pytest.skip(f"JSRT data not found under {root}")
+    return root
+
+
+@pytest.fixture(scope="session")
 def samples_dir(shared_dir: Path) -> Path:
     return shared_dir / "data" / "samples"
 

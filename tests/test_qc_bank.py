@@ -17,14 +17,6 @@ BANK_IDS = 4
 
 
 @pytest.fixture(scope="module")
-def jsrt(shared_dir: Path) -> Path:
-    root = shared_dir / "data" / "jsrt"
-    if not (root / "images").is_dir():
-        pytest.skip(f"JSRT data not found under {root}")
-    return root
-
-
-@pytest.fixture(scope="module")
 def ids(jsrt: Path) -> list[str]:
     return list_ids(jsrt / "images", jsrt / "landmarks")[:BANK_IDS]
 

@@ -20,14 +20,6 @@ from chexmask.worker.train import list_ids, load_landmarks
 
 
 @pytest.fixture(scope="module")
-def jsrt(shared_dir: Path) -> Path:
-    root = shared_dir / "data" / "jsrt"
-    if not (root / "images").is_dir():
-        pytest.skip(f"JSRT data not found under {root}")
-    return root
-
-
-@pytest.fixture(scope="module")
 def split(jsrt: Path, tmp_path_factory) -> Path:
     """A small split file: 5 references, 2 held-out images."""
     ids = list_ids(jsrt / "images", jsrt / "landmarks")

@@ -19,14 +19,6 @@ HELD_OUT = 10  # index (in list_ids order) of an image that is not in the bank
 
 
 @pytest.fixture(scope="module")
-def jsrt(shared_dir: Path) -> Path:
-    root = shared_dir / "data" / "jsrt"
-    if not (root / "images").is_dir():
-        pytest.skip(f"JSRT data not found under {root}")
-    return root
-
-
-@pytest.fixture(scope="module")
 def ids(jsrt: Path) -> list[str]:
     return list_ids(jsrt / "images", jsrt / "landmarks")
 

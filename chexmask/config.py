@@ -10,6 +10,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from chexmask.errors import ConfigError
+
 
 def _home() -> Path:
     return Path(os.environ.get("CHEXMASK_HOME", ".chexmask")).expanduser().resolve()
@@ -18,6 +20,14 @@ def _home() -> Path:
 def _env(name: str, default: str | None = None) -> str | None:
     value = os.environ.get(name)
     return value if value not in (None, "") else default
+
+
+def _env_int(name: str, default: int) -> int:
+    value = _env(name, str(default))
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"{name} must be a whole number, got {value!r}") from None
 
 
 @dataclass(frozen=True)
@@ -33,6 +43,9 @@ class Settings:
     batch_size: int = 4                 # CHEXMASK_BATCH_SIZE
     batch_wait_ms: int = 200            # CHEXMASK_BATCH_WAIT_MS: how long a worker gathers a batch
     api_token: str | None = None        # CHEXMASK_API_TOKEN: bearer token for the HTTP API
+    visibility_timeout_s: int = 3600    # CHEXMASK_VISIBILITY_TIMEOUT: longer than the longest task
+    scan_prefixes: str = ""             # CHEXMASK_SCAN_PREFIXES: "URI [DATASET [RELEASE]]; ..." for beat
+    scan_interval_s: int = 3600         # CHEXMASK_SCAN_INTERVAL: seconds between beat scans
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -46,9 +59,12 @@ class Settings:
             broker_url=_env("CHEXMASK_BROKER_URL", f"sqla+sqlite:///{home / 'broker.db'}"),
             qc_bank=_env("CHEXMASK_QC_BANK"),
             device=_env("CHEXMASK_DEVICE", "auto"),
-            batch_size=int(_env("CHEXMASK_BATCH_SIZE", "4")),
-            batch_wait_ms=int(_env("CHEXMASK_BATCH_WAIT_MS", "200")),
+            batch_size=_env_int("CHEXMASK_BATCH_SIZE", 4),
+            batch_wait_ms=_env_int("CHEXMASK_BATCH_WAIT_MS", 200),
             api_token=_env("CHEXMASK_API_TOKEN"),
+            visibility_timeout_s=_env_int("CHEXMASK_VISIBILITY_TIMEOUT", 3600),
+            scan_prefixes=_env("CHEXMASK_SCAN_PREFIXES", ""),
+            scan_interval_s=_env_int("CHEXMASK_SCAN_INTERVAL", 3600),
         )
 
 

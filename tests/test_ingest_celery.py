@@ -21,13 +21,24 @@ from chexmask.worker.celery_app import (
 )
 
 
-def app_for(tmp_path, broker_url: str):
-    return create_app(Settings(home=tmp_path, broker_url=broker_url))
+def app_for(tmp_path, broker_url: str, **settings):
+    return create_app(Settings(home=tmp_path, broker_url=broker_url, **settings))
 
 
-def test_delivery_guarantees(tmp_path, monkeypatch):
+def test_settings_read_the_queue_variables(monkeypatch):
     monkeypatch.setenv("CHEXMASK_VISIBILITY_TIMEOUT", "7200")
-    conf = app_for(tmp_path, "redis://127.0.0.1:6379/0").conf
+    monkeypatch.setenv("CHEXMASK_SCAN_PREFIXES", "s3://nih/images chestx-ray8")
+    monkeypatch.setenv("CHEXMASK_SCAN_INTERVAL", "900")
+    settings = Settings.from_env()
+    assert (settings.visibility_timeout_s, settings.scan_prefixes, settings.scan_interval_s) == (
+        7200, "s3://nih/images chestx-ray8", 900)
+    monkeypatch.setenv("CHEXMASK_SCAN_INTERVAL", "soon")
+    with pytest.raises(ConfigError, match="CHEXMASK_SCAN_INTERVAL"):
+        Settings.from_env()
+
+
+def test_delivery_guarantees(tmp_path):
+    conf = app_for(tmp_path, "redis://127.0.0.1:6379/0", visibility_timeout_s=7200).conf
     assert conf.task_acks_late and conf.task_reject_on_worker_lost
     assert conf.worker_prefetch_multiplier == 1
     assert conf.broker_transport_options == {"visibility_timeout": 7200}
@@ -42,15 +53,13 @@ def test_default_broker_is_a_sqlite_file(tmp_path):
     assert (tmp_path / "q").is_dir() and app.conf.broker_transport_options == {}
 
 
-def test_scan_prefixes_and_beat_schedule(tmp_path, monkeypatch):
+def test_scan_prefixes_and_beat_schedule(tmp_path):
     value = "s3://nih/images chestx-ray8 v1;\n/data/chexpert  chexpert ; s3://x/y"
     assert scan_prefixes(value) == [ScanPrefix("s3://nih/images", "chestx-ray8", "v1"),
                                     ScanPrefix("/data/chexpert", "chexpert"), ScanPrefix("s3://x/y")]
     with pytest.raises(ConfigError):
         scan_prefixes("s3://a b c d")
-    monkeypatch.setenv("CHEXMASK_SCAN_PREFIXES", value)
-    monkeypatch.setenv("CHEXMASK_SCAN_INTERVAL", "900")
-    schedule = app_for(tmp_path, "redis://127.0.0.1:6379/0").conf.beat_schedule
+    schedule = app_for(tmp_path, "redis://127.0.0.1:6379/0", scan_prefixes=value, scan_interval_s=900).conf.beat_schedule
     assert schedule["scan s3://nih/images"] == {"task": SCAN_TASK, "schedule": 900.0,
                                                 "args": ("s3://nih/images", "chestx-ray8", "v1")}
     assert len(schedule) == 3

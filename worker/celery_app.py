@@ -15,7 +15,6 @@ idempotent through the index, so a redelivery never makes a second result.
 from __future__ import annotations
 
 import logging
-import os
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,8 +39,6 @@ ROUTES = {
 
 # Longer than any task, retry countdowns included (Redis redelivers a message
 # that stays unacknowledged this long, even when its worker is still busy).
-DEFAULT_VISIBILITY_TIMEOUT_S = 3600
-DEFAULT_SCAN_INTERVAL_S = 3600
 
 
 @dataclass(frozen=True)
@@ -63,14 +60,6 @@ def scan_prefixes(value: str) -> list[ScanPrefix]:
             raise ConfigError(f"CHEXMASK_SCAN_PREFIXES entry {entry.strip()!r}: expected URI [DATASET [RELEASE]]")
         prefixes.append(ScanPrefix(*words))
     return prefixes
-
-
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name) or str(default)
-    try:
-        return int(value)
-    except ValueError:
-        raise ConfigError(f"{name} must be a whole number of seconds, got {value!r}") from None
 
 
 def transport_options(broker_url: str, visibility_timeout: int) -> dict:
@@ -100,8 +89,8 @@ def create_app(settings: Settings | None = None) -> Celery:
     settings = settings or Settings.from_env()
     _ensure_sqlite_folder(settings.broker_url)
     app = Celery("chexmask", broker=settings.broker_url, include=["chexmask.worker.tasks"])
-    visibility = _env_int("CHEXMASK_VISIBILITY_TIMEOUT", DEFAULT_VISIBILITY_TIMEOUT_S)
-    prefixes = scan_prefixes(os.environ.get("CHEXMASK_SCAN_PREFIXES", ""))
+    visibility = settings.visibility_timeout_s
+    prefixes = scan_prefixes(settings.scan_prefixes)
     app.conf.update(
         task_routes=ROUTES,
         task_default_queue=INGEST_QUEUE,
@@ -118,7 +107,7 @@ def create_app(settings: Settings | None = None) -> Celery:
         broker_connection_retry_on_startup=True,
         worker_send_task_events=True,  # for Flower
         task_send_sent_event=True,
-        beat_schedule=beat_schedule(prefixes, _env_int("CHEXMASK_SCAN_INTERVAL", DEFAULT_SCAN_INTERVAL_S)),
+        beat_schedule=beat_schedule(prefixes, settings.scan_interval_s),
         beat_schedule_filename=str(settings.home / "celerybeat-schedule"),
     )
     return app

@@ -15,7 +15,12 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
 fi
 echo "setting up $VENV (first run takes a few minutes)..."
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@" 2>&1 | grep -v "is ignored: it is neither" || true; }
+log="$VENV/setup.log"
+: > "$log"
+pip() {
+  "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@" >>"$log" 2>&1 \
+    || { tail -n 40 "$log" >&2; echo "setup failed: pip install $* (full log: $log)" >&2; exit 1; }
+}
 pip install --upgrade pip
 pip install "$TORCH_SPEC"
 pip install -e ".[dev]"

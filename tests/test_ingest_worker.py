@@ -177,6 +177,20 @@ def test_refused_and_missing_sources(service, tmp_path):
     assert service.index.get_image(ingested.image_id).status is ImageStatus.FAILED
 
 
+def test_an_image_that_keeps_killing_workers_ends_failed(service, samples_dir, tmp_path):
+    """Each redelivery after a worker death leaves the image 'processing' with one more
+    attempt; at the cap it is failed with a reason instead of delivered forever."""
+    source = tmp_path / "poison.png"
+    source.write_bytes((samples_dir / "00000001_000.png").read_bytes())
+    ingested = service.ingest(arrival_for(source))
+    for _ in range(RETRY.max_attempts):
+        service.index.mark(ingested.image_id, ImageStatus.PROCESSING)  # a worker took it, then died
+    result = service.segment(ingested.image_id)
+    assert result.status is ImageStatus.FAILED and "gave up after" in result.reason
+    image = service.index.get_image(ingested.image_id)
+    assert image.status is ImageStatus.FAILED and image.attempts == RETRY.max_attempts
+
+
 @pytest.mark.slow
 def test_transient_errors_are_retried_then_the_image_fails(service, monkeypatch):
     """The segment task against an S3 endpoint that refuses connections: retried

@@ -57,6 +57,9 @@ class RetryPolicy:
     unexpected_retries: int = 2  # any other error but a refusal (never retried)
     backoff_s: float = 5.0
     backoff_max_s: float = 600.0  # stays under the broker's visibility timeout
+    # Attempts that may end with no outcome at all (the worker process died, e.g. an
+    # image that crashes a decoder) before the image is failed instead of redelivered.
+    max_attempts: int = 10
 
     def retries_for(self, exc: BaseException) -> int:
         if isinstance(exc, RefusedInput):
@@ -221,6 +224,10 @@ class Service:
         version = self.runner.info.version
         if image.sha256 and (done := self._reuse(image_id, image.sha256, version)):
             return done
+        if image.status is ImageStatus.PROCESSING and image.attempts >= RETRY.max_attempts:
+            reason = f"gave up after {image.attempts} attempts that ended without a result (the worker died each time)"
+            self.index.mark(image_id, ImageStatus.FAILED, reason=reason)
+            return Result(image_id, ImageStatus.FAILED, reason=reason)
         self.index.mark(image_id, ImageStatus.PROCESSING)
         started = time.perf_counter()
         try:

@@ -42,6 +42,7 @@ class Settings:
     device: str = "auto"                # CHEXMASK_DEVICE: auto, cpu, cuda
     batch_size: int = 4                 # CHEXMASK_BATCH_SIZE
     batch_wait_ms: int = 200            # CHEXMASK_BATCH_WAIT_MS: how long a worker gathers a batch
+    model_threads: int = 0              # CHEXMASK_MODEL_THREADS: images inferred at once; 0 = one per core
     api_token: str | None = None        # CHEXMASK_API_TOKEN: bearer token for the HTTP API
     visibility_timeout_s: int = 3600    # CHEXMASK_VISIBILITY_TIMEOUT: longer than the longest task
     scan_prefixes: str = ""             # CHEXMASK_SCAN_PREFIXES: "URI [DATASET [RELEASE]]; ..." for beat
@@ -61,6 +62,7 @@ class Settings:
             device=_env("CHEXMASK_DEVICE", "auto"),
             batch_size=_env_int("CHEXMASK_BATCH_SIZE", 4),
             batch_wait_ms=_env_int("CHEXMASK_BATCH_WAIT_MS", 200),
+            model_threads=_env_int("CHEXMASK_MODEL_THREADS", 0),
             api_token=_env("CHEXMASK_API_TOKEN"),
             visibility_timeout_s=_env_int("CHEXMASK_VISIBILITY_TIMEOUT", 3600),
             scan_prefixes=_env("CHEXMASK_SCAN_PREFIXES", ""),

@@ -21,18 +21,29 @@ from test_e2e_celery import weights  # noqa: F401 (a fixture)
 class RecordingSegmenter:
     """Stands in for the model to observe batching: returns each input's name."""
 
-    def __init__(self, batch_size: int, fail_on: str | None = None):
+    def __init__(self, batch_size: int, fail_on: str | None = None, workers: int = 1):
         self.batch_size = batch_size
+        self.workers, self.torch_threads = workers, 1
         self.batches: list[list[str]] = []
         self.fail_on = fail_on
         self.info = None
+        self.running = 0
+        self.most_running = 0
+        self._lock = threading.Lock()
 
     def segment(self, items):
-        self.batches.append([p.name for p in items])
-        if self.fail_on in self.batches[-1]:
-            raise ValueError(f"cannot segment {self.fail_on}")
-        time.sleep(0.05)
-        return [f"segmented {p.name}" for p in items]
+        with self._lock:
+            self.batches.append([p.name for p in items])
+            self.running += 1
+            self.most_running = max(self.most_running, self.running)
+        try:
+            if any(p.name == self.fail_on for p in items):
+                raise ValueError(f"cannot segment {self.fail_on}")
+            time.sleep(0.3)
+            return [f"segmented {p.name}" for p in items]
+        finally:
+            with self._lock:
+                self.running -= 1
 
 
 class Item:
@@ -66,12 +77,22 @@ def test_concurrent_callers_share_batches():
     assert sorted(len(b) for b in segmenter.batches) == [2, 4]
 
 
+def test_model_threads_run_batches_side_by_side():
+    segmenter = RecordingSegmenter(batch_size=2, workers=2)
+    runner = BatchRunner(segmenter, wait_s=0.2)
+    results = segment_concurrently(runner, [f"img{i}" for i in range(4)])
+    runner.close()
+    assert results == {f"img{i}": f"segmented img{i}" for i in range(4)}
+    assert sorted(name for batch in segmenter.batches for name in batch) == [f"img{i}" for i in range(4)]
+    assert segmenter.most_running == 2
+
+
 def test_a_lone_image_waits_at_most_the_batch_wait():
     segmenter = RecordingSegmenter(batch_size=4)
     runner = BatchRunner(segmenter, wait_s=0.2)
     started = time.monotonic()
     assert runner.segment(Item("alone")) == "segmented alone"
-    assert time.monotonic() - started < 1.0
+    assert time.monotonic() - started < 1.5
     runner.close()
 
 

@@ -24,6 +24,7 @@ from chexmask.worker.model import (
     fetch_weights,
     load_model,
     load_state_dict,
+    max_pool2,
     organ_graphs,
     roi_lookup,
     roi_sample_counts,
@@ -189,6 +190,28 @@ def test_segment_batch_is_batch_invariant(model, golden):
     names = list(golden["single_names"])
     rows = [names.index(n) for n in golden["batch_names"]]
     np.testing.assert_allclose(together[1], golden["single_mu"][rows], atol=2e-4)
+
+
+def test_results_do_not_depend_on_the_thread_count(model, golden):
+    """Parallel segmentation gives each image one torch thread; a lone image gets all
+    cores. Both must give the same numbers, bit for bit."""
+    images = golden["batch_inputs_uint8"]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = segment_batch(model, images)
+        torch.set_num_threads(max(2, threads))
+        many = segment_batch(model, images)
+    finally:
+        torch.set_num_threads(threads)
+    np.testing.assert_array_equal(one[0], many[0])
+    np.testing.assert_array_equal(one[1], many[1])
+
+
+def test_max_pool2_is_max_pool2d():
+    x = torch.randn(2, 8, 64, 48)
+    x[0, 0, :2, :2] = 0.0  # ties
+    assert torch.equal(max_pool2(x), torch.nn.functional.max_pool2d(x, 2))
 
 
 @pytest.mark.slow

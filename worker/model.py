@@ -122,13 +122,22 @@ class ResidualBlock(nn.Module):
             nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), norm(cout)) if cin != cout else None
         )
         self.block = nn.Sequential(
-            norm(cin), nn.ReLU(), nn.Conv2d(cin, cout, 3, padding=1),
-            norm(cout), nn.ReLU(), nn.Conv2d(cout, cout, 3, padding=1),
+            norm(cin), nn.ReLU(inplace=True), nn.Conv2d(cin, cout, 3, padding=1),
+            norm(cout), nn.ReLU(inplace=True), nn.Conv2d(cout, cout, 3, padding=1),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x if self.skip is None else self.skip(x)
-        return F.relu(self.block(x) + shortcut)
+        return F.relu_(self.block(x) + shortcut)
+
+
+def max_pool2(x: torch.Tensor) -> torch.Tensor:
+    """``F.max_pool2d(x, 2)`` for even sizes, bit for bit, about 8x faster on the CPU:
+    the pooling kernel also computes argmax indices, which nothing here needs."""
+    return torch.maximum(
+        torch.maximum(x[..., ::2, ::2], x[..., ::2, 1::2]),
+        torch.maximum(x[..., 1::2, ::2], x[..., 1::2, 1::2]),
+    )
 
 
 class Encoder(nn.Module):
@@ -143,13 +152,24 @@ class Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor):
         for i in range(1, 5):
-            x = F.max_pool2d(getattr(self, f"dconv_down{i}")(x), 2)
+            x = max_pool2(getattr(self, f"dconv_down{i}")(x))
         conv5 = self.dconv_down5(x)
-        conv6 = self.dconv_down6(F.max_pool2d(conv5, 2))
+        conv6 = self.dconv_down6(max_pool2(conv5))
         flat = conv6.flatten(1)
+        if self.training:
+            return self.fc_mu(flat), self.fc_logvar(flat), conv5, conv6
         # logvar only matters for the training objective; eval skips the 8M-weight layer.
-        logvar = self.fc_logvar(flat) if self.training else None
-        return self.fc_mu(flat), logvar, conv5, conv6
+        return self._mu_exact(flat), None, conv5, conv6
+
+    def _mu_exact(self, flat: torch.Tensor) -> torch.Tensor:
+        """fc_mu summed in float64. Its 131,072-term float32 sums are split across threads,
+        so mu (and, through the skip lookups' sample counts, landmarks) would depend on the
+        core count; in float64 the rounding to float32 hides the order of the sum."""
+        w = self.fc_mu.weight
+        key = (w.data_ptr(), w._version, w.device)
+        if getattr(self, "_mu_weight64", (None,))[0] != key:
+            self._mu_weight64 = (key, w.detach().double())
+        return F.linear(flat.double(), self._mu_weight64[1], self.fc_mu.bias.double()).to(flat.dtype)
 
 
 # ---------------------------------------------------------------------------

@@ -6,8 +6,8 @@ reaches it and how retries are timed. Every stage is idempotent through the
 index: a stage run twice for the same image never makes a second result.
 
 Segmentation calls from many threads meet in one ``BatchRunner``: the model
-runs in its own thread on batches of whatever images are waiting, while the
-callers read, decode and write in parallel.
+runs in its own threads (``Segmenter.workers`` of them) on batches of whatever
+images are waiting, while the callers read, decode and write in parallel.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from chexmask.config import Settings, resolve_device
 from chexmask.errors import RefusedInput, TransientError, WeightsError
@@ -96,7 +97,8 @@ class Result:
 
 
 class BatchRunner:
-    """One model in one thread; concurrent callers' images share its forward passes.
+    """One model in ``segmenter.workers`` threads; concurrent callers' images share
+    its forward passes.
 
     A batch closes when it holds ``batch_size`` images or ``wait_s`` after its
     first image arrived, whichever comes first.
@@ -106,8 +108,10 @@ class BatchRunner:
         self.segmenter = segmenter
         self.wait_s = wait_s
         self._requests: queue.Queue[tuple[Prepared, Future] | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._loop, name="chexmask-model", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._loop, name=f"chexmask-model-{i}", daemon=True)
+                         for i in range(segmenter.workers)]
+        for thread in self._threads:
+            thread.start()
 
     @property
     def info(self):
@@ -119,10 +123,13 @@ class BatchRunner:
         return future.result()
 
     def close(self) -> None:
-        self._requests.put(None)
-        self._thread.join()
+        for thread in self._threads:
+            self._requests.put(None)
+        for thread in self._threads:
+            thread.join()
 
     def _loop(self) -> None:
+        torch.set_num_threads(self.segmenter.torch_threads)  # this thread's own setting
         while (first := self._requests.get()) is not None:
             batch = [first]
             deadline = time.monotonic() + self.wait_s
@@ -180,7 +187,7 @@ class Service:
                 from chexmask.worker.weights import load
 
                 model, info = load(None, self.settings, resolve_device(self.settings.device))
-                segmenter = Segmenter(model, info, self.settings.batch_size)
+                segmenter = Segmenter(model, info, self.settings.batch_size, self.settings.model_threads)
                 self._runner = BatchRunner(segmenter, self.settings.batch_wait_ms / 1000)
                 log.info("model %s loaded", info.version)
             return self._runner

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from chexmask.worker.memory import keep_freed_memory
 from chexmask.worker.metrics import landmark_scores
 from chexmask.worker.model import ORGAN_SIZES, HybridGNet, compact_state_dict, to_input
 
@@ -161,6 +162,7 @@ def train(images: Path, landmarks: Path, out: Path, cfg: TrainConfig, device: st
     """Train, writing ``last.ckpt`` (resumable) every epoch and ``best.pt`` (compact
     inference weights) whenever validation improves. Returns the best validation scores."""
     out.mkdir(parents=True, exist_ok=True)
+    keep_freed_memory()
     torch.manual_seed(cfg.seed)
     ids = list_ids(images, landmarks)[: cfg.limit]
     train_ids, val_ids = split_ids(ids, cfg.val_fraction, cfg.seed)

@@ -40,7 +40,7 @@ class Settings:
     broker_url: str = ""                # CHEXMASK_BROKER_URL
     qc_bank: str | None = None          # CHEXMASK_QC_BANK: reference bank file for RCA
     device: str = "auto"                # CHEXMASK_DEVICE: auto, cpu, cuda
-    batch_size: int = 4                 # CHEXMASK_BATCH_SIZE
+    batch_size: int = 4                 # CHEXMASK_BATCH_SIZE: images in the model at once, over its threads
     batch_wait_ms: int = 200            # CHEXMASK_BATCH_WAIT_MS: how long a worker gathers a batch
     model_threads: int = 0              # CHEXMASK_MODEL_THREADS: images inferred at once; 0 = one per core
     api_token: str | None = None        # CHEXMASK_API_TOKEN: bearer token for the HTTP API

@@ -24,6 +24,7 @@ class RecordingSegmenter:
     def __init__(self, batch_size: int, fail_on: str | None = None, workers: int = 1):
         self.batch_size = batch_size
         self.workers, self.torch_threads = workers, 1
+        self.thread_batch = batch_size // workers
         self.batches: list[list[str]] = []
         self.fail_on = fail_on
         self.info = None
@@ -78,7 +79,7 @@ def test_concurrent_callers_share_batches():
 
 
 def test_model_threads_run_batches_side_by_side():
-    segmenter = RecordingSegmenter(batch_size=2, workers=2)
+    segmenter = RecordingSegmenter(batch_size=4, workers=2)
     runner = BatchRunner(segmenter, wait_s=0.2)
     results = segment_concurrently(runner, [f"img{i}" for i in range(4)])
     runner.close()

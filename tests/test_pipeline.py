@@ -33,7 +33,7 @@ def test_parallel_run_equals_one_by_one_in_input_order(model, samples_dir: Path)
     info = ModelInfo("random", "random", "", "")
     serial = list(Segmenter(model, info, batch_size=1, workers=1).run(sources(samples_dir)))
     finished: list[str] = []
-    parallel = list(Segmenter(model, info, batch_size=2, workers=2).run(
+    parallel = list(Segmenter(model, info, batch_size=4, workers=2).run(
         sources(samples_dir), finish=lambda o: finished.append(o.name)))
     names = [name for name, _ in sources(samples_dir)]
     assert [o.name for o in serial] == [o.name for o in parallel] == names

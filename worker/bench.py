@@ -103,7 +103,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=24, help="number of images (the mixed set is cycled)")
     parser.add_argument("--weights", default=None, help="checkpoint (default: CHEXMASK_WEIGHTS or bundled); 'random' for untrained")
-    parser.add_argument("--batch-size", type=int, default=1, help="images per model call of the pipelined mode")
+    parser.add_argument("--batch-size", type=int, default=Settings.from_env().batch_size,
+                        help="images in the model at once in the pipelined mode (as `chexmask segment`)")
     parser.add_argument("--repeat", type=int, default=3, help="runs per mode; the median is reported")
     parser.add_argument("--mode", choices=[*NAIVE_MODES, "pipelined"], help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)

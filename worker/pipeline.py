@@ -179,6 +179,11 @@ class Segmenter:
         keep_freed_memory()
 
     @property
+    def thread_batch(self) -> int:
+        """Images per model call in each thread: ``batch_size`` is shared by the threads."""
+        return max(1, self.batch_size // self.workers)
+
+    @property
     def torch_threads(self) -> int:
         """Intra-op threads for each of the ``workers`` threads."""
         return max(1, (os.cpu_count() or 1) // self.workers)
@@ -196,12 +201,13 @@ class Segmenter:
             finish: Callable[[Outcome], None] | None = None) -> Iterator[Outcome]:
         """Segment ``(name, read)`` pairs, yielding outcomes in input order.
 
-        Each of ``workers`` threads takes ``batch_size`` sources at a time and reads,
+        Each of ``workers`` threads takes ``thread_batch`` sources at a time and reads,
         decodes, infers and finishes them (``finish``, e.g. writing files); torch,
         OpenCV and the decoders release the GIL for their heavy parts.
         """
         sources = list(sources)
-        chunks = [sources[i:i + self.batch_size] for i in range(0, len(sources), self.batch_size)]
+        size = self.thread_batch
+        chunks = [sources[i:i + size] for i in range(0, len(sources), size)]
         with ThreadPoolExecutor(self.workers, thread_name_prefix="chexmask-segment",
                                 initializer=torch.set_num_threads, initargs=(self.torch_threads,)) as pool:
             running: deque[Future[list[Outcome]]] = deque()

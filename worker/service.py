@@ -100,8 +100,8 @@ class BatchRunner:
     """One model in ``segmenter.workers`` threads; concurrent callers' images share
     its forward passes.
 
-    A batch closes when it holds ``batch_size`` images or ``wait_s`` after its
-    first image arrived, whichever comes first.
+    A thread's batch closes when it holds ``segmenter.thread_batch`` images or
+    ``wait_s`` after its first image arrived, whichever comes first.
     """
 
     def __init__(self, segmenter: Segmenter, wait_s: float):
@@ -133,7 +133,7 @@ class BatchRunner:
         while (first := self._requests.get()) is not None:
             batch = [first]
             deadline = time.monotonic() + self.wait_s
-            while len(batch) < self.segmenter.batch_size:
+            while len(batch) < self.segmenter.thread_batch:
                 try:
                     item = self._requests.get(timeout=max(0.0, deadline - time.monotonic()))
                 except queue.Empty:

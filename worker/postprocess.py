@@ -70,10 +70,11 @@ def rle_encode(mask: np.ndarray) -> str:
 
     Only exact 255 counts, as the official ``(mask / 255).astype(int)`` does.
     """
-    flat = (np.asarray(mask) == 255).ravel().astype(np.int8)
-    edges = np.flatnonzero(np.diff(np.concatenate(([0], flat, [0]))))
-    starts, ends = edges[0::2], edges[1::2]
-    return " ".join(f"{start + 1} {end - start}" for start, end in zip(starts, ends))
+    inside = np.concatenate(([False], np.asarray(mask).ravel() == 255, [False]))
+    pairs = np.flatnonzero(inside[1:] != inside[:-1])  # start, end, start, end...
+    pairs[1::2] -= pairs[0::2]
+    pairs[0::2] += 1
+    return " ".join(map(str, pairs.tolist()))
 
 
 def rle_decode(rle: str, height: int, width: int) -> np.ndarray:

@@ -2,4 +2,4 @@
 
 __version__ = "0.1.0"
 # Bumped whenever pre- or post-processing changes results; stored with every segmentation.
-PIPELINE_VERSION = "1"
+PIPELINE_VERSION = "2"

@@ -274,5 +274,5 @@ def segmentation_keys(image_sha256: str, model_version: str) -> SegmentationKeys
         right_lung=f"{base}/right_lung.png",
         left_lung=f"{base}/left_lung.png",
         heart=f"{base}/heart.png",
-        overlay=f"{base}/overlay.png",
+        overlay=f"{base}/overlay.jpg",
     )

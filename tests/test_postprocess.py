@@ -16,7 +16,7 @@ from chexmask.worker.postprocess import (
     csv_landmarks_original,
     landmarks_to_pixels,
     organ_masks,
-    overlay_png,
+    overlay_jpeg,
     rle_decode,
     rle_encode,
     to_original,
@@ -160,15 +160,17 @@ def test_csv_landmarks_original_is_numpy_str() -> None:
     assert csv_landmarks_original(points) == "[[106 380]\n [ -2 243]\n [  1 294]]"
 
 
-def test_overlay_png_shows_xray_and_organs(preprocessing_dir: Path, landmarks) -> None:
+def test_overlay_shows_xray_and_organs(preprocessing_dir: Path, landmarks) -> None:
     image = read_png(preprocessing_dir / "utils_example1_pre1024.png")
     points = landmarks["utils_example1"]
     masks = organ_masks(points, 1024, 1024)
-    picture = cv2.imdecode(np.frombuffer(overlay_png(image, masks, points), np.uint8), cv2.IMREAD_UNCHANGED)
+    picture = cv2.imdecode(np.frombuffer(overlay_jpeg(image, masks, points), np.uint8), cv2.IMREAD_UNCHANGED)
     assert picture.shape == (1024, 1024, 3)
     # Far from every organ the X-ray shows unchanged and grey.
     outside = cv2.dilate(np.maximum.reduce(list(masks.values())), np.ones((15, 15), np.uint8)) == 0
-    np.testing.assert_array_equal(picture[outside], np.repeat(image[outside][:, None], 3, axis=1))
+    # (within JPEG's error).
+    error = np.abs(picture[outside].astype(int) - image[outside][:, None].astype(int))
+    assert error.mean() < 2 and np.percentile(error, 99) <= 8
     # Inside the heart (and not a lung) red dominates; inside the right lung blue does.
     heart_only = (masks["H"] == 255) & (masks["RL"] == 0) & (masks["LL"] == 0)
     blue, green, red = (picture[heart_only][:, c].astype(int).mean() for c in range(3))

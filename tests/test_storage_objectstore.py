@@ -137,7 +137,7 @@ def test_segmentation_keys_are_content_addressed():
         "right_lung": f"{base}/right_lung.png",
         "left_lung": f"{base}/left_lung.png",
         "heart": f"{base}/heart.png",
-        "overlay": f"{base}/overlay.png",
+        "overlay": f"{base}/overlay.jpg",
     }
     assert segmentation_keys(SHA, "hybridgnet-1.0") == keys
     with pytest.raises(ValueError):

@@ -44,7 +44,7 @@ def segment_command(paths: tuple[Path, ...], weights: str | None, out: Path, bat
 
     Writes <name>.json (landmarks at 1024 and original resolution, latent,
     preprocessing, source, model), <name>_{right_lung,left_lung,heart}.png,
-    <name>_overlay.png and one segmentations.csv in the CheXmask layout at
+    <name>_overlay.jpg and one segmentations.csv in the CheXmask layout at
     original resolution. Refused inputs get <name>.error.json; the exit status
     is 1 when any input was refused.
     """

@@ -31,7 +31,7 @@ from chexmask.worker.postprocess import (
     csv_landmarks_original,
     landmarks_to_pixels,
     organ_masks,
-    overlay_png,
+    overlay_jpeg,
     rle_encode,
     to_original,
 )
@@ -105,9 +105,9 @@ class Segmentation:
         }
 
     def pictures(self) -> dict[str, bytes]:
-        """PNG files: one mask per organ at original resolution and an overlay at 1024."""
+        """Pictures by file name: a PNG mask per organ at original resolution and a JPEG overlay at 1024."""
         files = {f"{MASK_FILES[k]}.png": _png(m) for k, m in self.masks_original.items()}
-        files["overlay.png"] = overlay_png(self.prepared.image, self.masks_1024, self.landmarks_1024)
+        files["overlay.jpg"] = overlay_jpeg(self.prepared.image, self.masks_1024, self.landmarks_1024)
         return files
 
     def csv_row(self) -> dict[str, object]:

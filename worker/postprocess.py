@@ -22,6 +22,7 @@ ORGANS: dict[str, slice] = {
 }
 N_LANDMARKS = 120
 
+OVERLAY_JPEG_QUALITY = 90
 # BGR fill colours of the overlay, and how much of the X-ray shows through.
 _OVERLAY_COLOURS: dict[str, tuple[int, int, int]] = {
     "RL": (230, 120, 30),  # blue
@@ -115,8 +116,11 @@ def csv_landmarks_original(points: np.ndarray) -> str:
     )
 
 
-def overlay_png(image: np.ndarray, masks: dict[str, np.ndarray], landmarks: np.ndarray) -> bytes:
-    """A PNG for people: the grey X-ray, tinted organ fills, contours and landmark dots.
+def overlay_jpeg(image: np.ndarray, masks: dict[str, np.ndarray], landmarks: np.ndarray) -> bytes:
+    """A JPEG for people: the grey X-ray, tinted organ fills, contours and landmark dots.
+
+    JPEG rather than PNG: a 1024 overlay is ~120 KiB instead of ~1 MiB (it is stored
+    for every image) and encodes 15x faster; the masks themselves stay lossless PNGs.
 
     ``image``, ``masks`` and ``landmarks`` must share one frame (1024 or original).
     """
@@ -133,7 +137,7 @@ def overlay_png(image: np.ndarray, masks: dict[str, np.ndarray], landmarks: np.n
         cv2.polylines(picture, [_polygon(landmarks[rows])], True, colour, thickness, cv2.LINE_AA)
         for x, y in landmarks[rows]:
             cv2.circle(picture, (int(x), int(y)), 2 * thickness, (255, 255, 255), -1, cv2.LINE_AA)
-    ok, encoded = cv2.imencode(".png", picture)
+    ok, encoded = cv2.imencode(".jpg", picture, [cv2.IMWRITE_JPEG_QUALITY, OVERLAY_JPEG_QUALITY])
     if not ok:
-        raise ValueError("OpenCV could not encode the overlay as PNG")
+        raise ValueError("OpenCV could not encode the overlay as JPEG")
     return encoded.tobytes()

@@ -297,8 +297,9 @@ class Service:
         masks = {"height": prepared.padding.height, "width": prepared.padding.width, "rle": rle, "rle_1024": rle_1024}
         self.store.put(keys.record, json.dumps(segmentation.record()).encode(), "application/json")
         self.store.put(keys.masks, json.dumps(masks).encode(), "application/json")
-        for filename, png in segmentation.pictures().items():
-            self.store.put(getattr(keys, filename.removesuffix(".png")), png, "image/png")
+        for filename, data in segmentation.pictures().items():
+            name, suffix = filename.rsplit(".", 1)
+            self.store.put(getattr(keys, name), data, "image/png" if suffix == "png" else "image/jpeg")
         seconds = {**timings, **prepared.seconds, "store": time.perf_counter() - started}
         row, _ = self.index.add_segmentation(
             image_id=image_id, image_sha256=prepared.sha256, model_version=info.version,

@@ -41,7 +41,7 @@ class Settings:
     qc_bank: str | None = None          # CHEXMASK_QC_BANK: reference bank file for RCA
     device: str = "auto"                # CHEXMASK_DEVICE: auto, cpu, cuda
     batch_size: int = 4                 # CHEXMASK_BATCH_SIZE: images in the model at once, over its threads
-    batch_wait_ms: int = 200            # CHEXMASK_BATCH_WAIT_MS: how long a worker gathers a batch
+    batch_wait_ms: int = 0              # CHEXMASK_BATCH_WAIT_MS: how long a model thread gathers a batch
     model_threads: int = 0              # CHEXMASK_MODEL_THREADS: images inferred at once; 0 = one per core
     api_token: str | None = None        # CHEXMASK_API_TOKEN: bearer token for the HTTP API
     visibility_timeout_s: int = 3600    # CHEXMASK_VISIBILITY_TIMEOUT: longer than the longest task
@@ -61,7 +61,7 @@ class Settings:
             qc_bank=_env("CHEXMASK_QC_BANK"),
             device=_env("CHEXMASK_DEVICE", "auto"),
             batch_size=_env_int("CHEXMASK_BATCH_SIZE", 4),
-            batch_wait_ms=_env_int("CHEXMASK_BATCH_WAIT_MS", 200),
+            batch_wait_ms=_env_int("CHEXMASK_BATCH_WAIT_MS", 0),
             model_threads=_env_int("CHEXMASK_MODEL_THREADS", 0),
             api_token=_env("CHEXMASK_API_TOKEN"),
             visibility_timeout_s=_env_int("CHEXMASK_VISIBILITY_TIMEOUT", 3600),

@@ -25,8 +25,9 @@ def worker_command(queues: str, concurrency: int | None, pool: str, beat: bool, 
     Tasks are acknowledged only when done, so the work of a worker that dies is
     delivered again; results go to CHEXMASK_DATABASE_URL and CHEXMASK_STORE_URL.
     Segmentation uses CHEXMASK_WEIGHTS on CHEXMASK_DEVICE (GPU when present),
-    gathering up to CHEXMASK_BATCH_SIZE images, waiting at most
-    CHEXMASK_BATCH_WAIT_MS for a batch to fill.
+    in CHEXMASK_MODEL_THREADS threads (default one per core) that share up to
+    CHEXMASK_BATCH_SIZE images, each waiting at most CHEXMASK_BATCH_WAIT_MS
+    (default 0) for its batch to fill.
     """
     from chexmask.config import Settings
     from chexmask.storage.index import MaskIndex

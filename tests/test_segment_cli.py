@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pandas as pd
 import pytest
@@ -68,8 +69,9 @@ def test_records_carry_landmarks_latent_and_provenance(segmented):
     assert len(record["model"]["weights_sha256"]) == 64
     dicom = json.loads((out / "siim_cr_jpeg_baseline_mono2.json").read_text())
     assert dicom["source"]["modality"] == "CR" and dicom["preprocessing"]["remove_padding"] is False
-    for suffix in ("right_lung", "left_lung", "heart", "overlay"):
+    for suffix in ("right_lung", "left_lung", "heart"):
         assert (out / f"16747_3_1_{suffix}.png").stat().st_size > 100
+    assert cv2.imread(str(out / "16747_3_1_overlay.jpg")).shape == (1024, 1024, 3)
 
 
 def test_latent_matches_official_batch_of_one(segmented, shared_dir: Path):
@@ -92,8 +94,6 @@ def test_csv_is_chexmask_layout_and_decodes_to_the_masks(segmented):
     record = json.loads((out / "16747_3_1.json").read_text())
     points = np.array([int(v) for v in re.findall(r"-?\d+", row["Landmarks"])]).reshape(120, 2)
     np.testing.assert_array_equal(points, record["landmarks_original"])
-    import cv2
-
     heart_png = cv2.imread(str(out / "16747_3_1_heart.png"), cv2.IMREAD_GRAYSCALE)
     np.testing.assert_array_equal(rle_decode(row["Heart"], row["Height"], row["Width"]), heart_png)
 

@@ -166,10 +166,11 @@ class Segmenter:
     """A loaded model plus the CPU work around it.
 
     ``workers`` images are segmented at the same time, each in its own thread with
-    ``cores // workers`` torch threads. A batch-of-1 forward pass uses two cores
-    only 1.4x better than one, while two images side by side use them ~2x better,
-    and the decoding and mask drawing of one image fill the gaps of the other.
-    Results do not depend on the number of threads (see ``Encoder._mu_exact``).
+    ``cores // workers`` torch threads. A batch-of-1 forward pass runs only ~1.4x
+    faster on two cores than on one; two images side by side, one core each, gave
+    1.4x the throughput of one image on both, and the decoding and mask drawing of
+    one image fill the gaps of the other. Results do not depend on the number of
+    threads (see ``Encoder._mu_exact``).
     """
 
     def __init__(self, model: HybridGNet, info: ModelInfo, batch_size: int = 4, workers: int | None = None):

@@ -19,7 +19,7 @@ from chexmask.worker.model import OFFICIAL_WEIGHTS_SHA256, HybridGNet, fetch_wei
 
 @dataclass(frozen=True)
 class ModelInfo:
-    name: str            # e.g. "chexmask-jsrt-v1", "hybridgnet-official"
+    name: str            # e.g. "chexmask-jsrt-v2", "hybridgnet-official"
     version: str         # name plus the first 12 hex digits of the weights' sha256
     weights_sha256: str
     path: str

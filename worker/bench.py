@@ -140,5 +140,6 @@ def main() -> None:
 def _median_run(runs: list[dict]) -> dict:
     return sorted(runs, key=lambda r: r["images_per_second"])[len(runs) // 2]
 
+
 if __name__ == "__main__":
     main()

@@ -123,7 +123,7 @@ class BatchRunner:
         return future.result()
 
     def close(self) -> None:
-        for thread in self._threads:
+        for _ in self._threads:
             self._requests.put(None)
         for thread in self._threads:
             thread.join()

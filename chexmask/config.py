@@ -40,7 +40,7 @@ class Settings:
     broker_url: str = ""                # CHEXMASK_BROKER_URL
     qc_bank: str | None = None          # CHEXMASK_QC_BANK: reference bank file for RCA
     device: str = "auto"                # CHEXMASK_DEVICE: auto, cpu, cuda
-    batch_size: int = 4                 # CHEXMASK_BATCH_SIZE: images in the model at once, over its threads
+    batch_size: int = 2                 # CHEXMASK_BATCH_SIZE: images in the model at once, over its threads
     batch_wait_ms: int = 0              # CHEXMASK_BATCH_WAIT_MS: how long a model thread gathers a batch
     model_threads: int = 0              # CHEXMASK_MODEL_THREADS: images inferred at once; 0 = one per core
     api_token: str | None = None        # CHEXMASK_API_TOKEN: bearer token for the HTTP API
@@ -60,7 +60,7 @@ class Settings:
             broker_url=_env("CHEXMASK_BROKER_URL", f"sqla+sqlite:///{home / 'broker.db'}"),
             qc_bank=_env("CHEXMASK_QC_BANK"),
             device=_env("CHEXMASK_DEVICE", "auto"),
-            batch_size=_env_int("CHEXMASK_BATCH_SIZE", 4),
+            batch_size=_env_int("CHEXMASK_BATCH_SIZE", 2),
             batch_wait_ms=_env_int("CHEXMASK_BATCH_WAIT_MS", 0),
             model_threads=_env_int("CHEXMASK_MODEL_THREADS", 0),
             api_token=_env("CHEXMASK_API_TOKEN"),

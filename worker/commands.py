@@ -34,7 +34,7 @@ def collect_paths(paths: tuple[Path, ...]) -> list[Path]:
 @click.option("--weights", help="Checkpoint path or URL (default: CHEXMASK_WEIGHTS, then the bundled model).")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("chexmask-out"), show_default=True,
               help="Folder for the JSON records, mask PNGs, overlays and segmentations.csv.")
-@click.option("--batch-size", type=int, default=None, help="Images in the model at once, shared by its threads (default: CHEXMASK_BATCH_SIZE or 4). "
+@click.option("--batch-size", type=int, default=None, help="Images in the model at once, shared by its threads (default: CHEXMASK_BATCH_SIZE or 2). "
               "Results never depend on it.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="Default: CHEXMASK_DEVICE or auto.")
 @click.option("--dataset", default="", help="Dataset name; picks the CheXmask id column of the CSV (default image_id).")

@@ -173,7 +173,7 @@ class Segmenter:
     threads (see ``Encoder._mu_exact``).
     """
 
-    def __init__(self, model: HybridGNet, info: ModelInfo, batch_size: int = 4, workers: int | None = None):
+    def __init__(self, model: HybridGNet, info: ModelInfo, batch_size: int = 2, workers: int | None = None):
         self.model, self.info = model, info
         self.batch_size = max(1, batch_size)
         self.workers = max(1, workers or os.cpu_count() or 1)

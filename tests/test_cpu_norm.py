@@ -79,6 +79,8 @@ def test_no_kernel_where_it_does_not_apply():
         assert cpu_norm.batch_norm(torch.randn(2, 8, 16, 16), weight, bias, 1e-5) is None  # a batch
         assert cpu_norm.batch_norm(torch.randn(1, 4, 16, 16), weight[:4], bias[:4], 1e-5) is None
         assert cpu_norm.batch_norm(x.double(), weight.double(), bias.double(), 1e-5) is None
+        channels_last = x.contiguous(memory_format=torch.channels_last)
+        assert cpu_norm.batch_norm(channels_last, weight, bias, 1e-5) is None
 
 
 def test_add_relu_pool_is_the_three_operations():

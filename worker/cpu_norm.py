@@ -141,9 +141,11 @@ def _matches_torch() -> bool:
 
 def batch_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor | None:
     """``batch_norm`` of a single image with its own statistics, or None where this kernel
-    does not apply (autograd, GPU, not float32, channels not a multiple of eight, several
-    torch threads, which torch's kernel uses and this one does not) or is not exact here."""
+    does not apply (autograd, GPU, not float32, channels not a multiple of eight, another
+    memory layout, whose torch kernel sums in another order, several torch threads, which
+    torch's kernel uses and this one does not) or is not exact here."""
     if (x.shape[0] != 1 or x.shape[1] % LANES or x.dtype != torch.float32 or x.device.type != "cpu"
-            or torch.is_grad_enabled() or torch.get_num_threads() != 1 or not exact_here()):
+            or not x.is_contiguous() or torch.is_grad_enabled() or torch.get_num_threads() != 1
+            or not exact_here()):
         return None
-    return _batch_norm(x.contiguous(), weight, bias, eps)
+    return _batch_norm(x, weight, bias, eps)

@@ -156,7 +156,7 @@ def test_segment_writes_the_store_and_the_index_once(service, samples_dir, tmp_p
     assert record["sha256"] == image.sha256 == row.image_sha256
     assert masks["rle"] == row.rle() and masks["rle_1024"] == row.rle("1024")
     assert record["landmarks_original"] == row.landmarks_original
-    assert service.store.get(row.object_keys["overlay"]).startswith(b"\x89PNG")
+    assert service.store.get(row.object_keys["overlay"]).startswith(b"\xff\xd8")  # JPEG
     assert {"ingest", "fetch", "decode", "preprocess", "inference", "store"} <= set(row.timings)
 
     # Redelivered: nothing is computed or written again.

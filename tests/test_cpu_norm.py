@@ -108,3 +108,15 @@ def test_fast_model_equals_torch_operations_on_real_images(samples_dir: Path, th
         torch.set_num_threads(before)
     np.testing.assert_array_equal(ours[0], reference[0])
     np.testing.assert_array_equal(ours[1], reference[1])
+
+
+def test_a_kernel_that_does_not_compile_leaves_torch_in_charge(monkeypatch, caplog):
+    def broken() -> bool:
+        raise RuntimeError("no LLVM here")
+
+    monkeypatch.setattr(cpu_norm, "_exact", None)  # a fresh process
+    monkeypatch.setattr(cpu_norm, "_matches_torch", broken)
+    weight, bias = _affine(8, 0)
+    with torch.inference_mode():
+        assert cpu_norm.batch_norm(torch.randn(1, 8, 16, 16), weight, bias, 1e-5) is None
+    assert "does not compile here (no LLVM here)" in caplog.text

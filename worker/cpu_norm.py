@@ -39,7 +39,16 @@ def _fma(typingctx, a, b, c):
     return a(a, b, c), codegen
 
 
-@njit(nogil=True, cache=True)
+def _compiled(fn):
+    """Compiled without the GIL, cached on disk where numba finds a writable place
+    (else, as in a read-only container without NUMBA_CACHE_DIR, compiled at each start)."""
+    try:
+        return njit(nogil=True, cache=True)(fn)
+    except RuntimeError:  # numba: "cannot cache function ...: no locator available"
+        return njit(nogil=True)(fn)
+
+
+@_compiled
 def _channel_sums(x: np.ndarray, mean: np.ndarray, centred: bool, out: np.ndarray) -> None:
     """out[c] = sum over i of x[c, i] (or of (x[c, i] - mean[c])**2 in float32), added
     in float64 from i = 0 up, eight channels at a time."""
@@ -74,7 +83,7 @@ def _channel_sums(x: np.ndarray, mean: np.ndarray, centred: bool, out: np.ndarra
         out[c + 4], out[c + 5], out[c + 6], out[c + 7] = s4, s5, s6, s7
 
 
-@njit(nogil=True, cache=True)
+@_compiled
 def _scale_shift(x: np.ndarray, alpha: np.ndarray, mean: np.ndarray, bias: np.ndarray, out: np.ndarray) -> None:
     """out = x * alpha + (bias - mean * alpha), each with one rounding as torch's compiled kernel."""
     C, n = x.shape
@@ -121,9 +130,14 @@ def exact_here() -> bool:
     global _exact
     with _lock:
         if _exact is None:
-            _exact = _matches_torch()
-            if not _exact:
-                log.warning("the fast CPU BatchNorm does not match torch here; using torch's kernel")
+            try:
+                _exact = _matches_torch()
+            except Exception as exc:  # numba fails to compile in many ways; torch's kernel still works
+                log.warning("the fast CPU BatchNorm does not compile here (%s); using torch's kernel", exc)
+                _exact = False
+            else:
+                if not _exact:
+                    log.warning("the fast CPU BatchNorm does not match torch here; using torch's kernel")
         return _exact
 
 

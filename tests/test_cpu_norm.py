@@ -110,7 +110,7 @@ def test_fast_model_equals_torch_operations_on_real_images(samples_dir: Path, th
     np.testing.assert_array_equal(ours[1], reference[1])
 
 
-def test_a_kernel_that_does_not_compile_leaves_torch_in_charge(monkeypatch, caplog):
+def test_a_kernel_that_does_not_compile_leaves_torch_in_charge(monkeypatch, caplog, one_thread):
     def broken() -> bool:
         raise RuntimeError("no LLVM here")
 

@@ -203,7 +203,8 @@ def test_an_image_that_keeps_killing_workers_ends_failed(service, samples_dir, t
     """Each redelivery after a worker death leaves the image 'processing' with one more
     attempt; at the cap it is failed with a reason instead of delivered forever."""
     source = tmp_path / "poison.png"
-    source.write_bytes((samples_dir / "00000001_000.png").read_bytes())
+    # Content no other test segments (a stored result would be reused, not retried).
+    source.write_bytes((samples_dir / "00000001_000.png").read_bytes() + b"poison")
     ingested = service.ingest(arrival_for(source))
     for _ in range(RETRY.max_attempts):
         service.index.mark(ingested.image_id, ImageStatus.PROCESSING)  # a worker took it, then died

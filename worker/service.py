@@ -257,8 +257,11 @@ class Service:
                 return done
         prepared.seconds["fetch"] = fetched
         segmentation = self.runner.segment(prepared)
-        with self._cpu:
-            row = self._write(image_id, segmentation, timings or {})
+        with self._cpu:  # encoding is CPU work; writing (fsync) waits on the disk, not a core
+            started = time.perf_counter()
+            artefacts = self._artefacts(segmentation)
+            prepared.seconds["encode"] = time.perf_counter() - started
+        row = self._write(image_id, segmentation, artefacts, timings or {})
         self.index.update_image(
             image_id, height=prepared.padding.height, width=prepared.padding.width,
             modality=_short(prepared.source.get("modality")), view_position=_short(prepared.source.get("view_position")),
@@ -286,20 +289,28 @@ class Service:
             return session.exec(select(SegmentationRow).where(
                 SegmentationRow.image_sha256 == sha256, SegmentationRow.model_version == version)).first()
 
-    def _write(self, image_id: int, segmentation: Segmentation, timings: dict[str, float]) -> SegmentationRow:
+    def _artefacts(self, segmentation: Segmentation) -> dict[str, tuple[bytes, str]]:
+        """The stored objects by key attribute: record, masks (RLE), mask PNGs and overlay."""
+        padding = segmentation.prepared.padding
+        rle, rle_1024 = _named_rle(segmentation)
+        masks = {"height": padding.height, "width": padding.width, "rle": rle, "rle_1024": rle_1024}
+        artefacts = {"record": (json.dumps(segmentation.record()).encode(), "application/json"),
+                     "masks": (json.dumps(masks).encode(), "application/json")}
+        for filename, data in segmentation.pictures().items():
+            name, suffix = filename.rsplit(".", 1)
+            artefacts[name] = (data, "image/png" if suffix == "png" else "image/jpeg")
+        return artefacts
+
+    def _write(self, image_id: int, segmentation: Segmentation, artefacts: dict[str, tuple[bytes, str]],
+               timings: dict[str, float]) -> SegmentationRow:
         """Artefacts to the store first, then the index row, so a row never points at
         missing objects. Keys are content-addressed: a rerun rewrites the same objects."""
         started = time.perf_counter()
         prepared, info = segmentation.prepared, segmentation.model
         keys = segmentation_keys(prepared.sha256, info.version)
-        rle = {MASK_FILES[k]: v for k, v in segmentation.rle.items()}
-        rle_1024 = {MASK_FILES[k]: v for k, v in segmentation.rle_1024.items()}
-        masks = {"height": prepared.padding.height, "width": prepared.padding.width, "rle": rle, "rle_1024": rle_1024}
-        self.store.put(keys.record, json.dumps(segmentation.record()).encode(), "application/json")
-        self.store.put(keys.masks, json.dumps(masks).encode(), "application/json")
-        for filename, data in segmentation.pictures().items():
-            name, suffix = filename.rsplit(".", 1)
-            self.store.put(getattr(keys, name), data, "image/png" if suffix == "png" else "image/jpeg")
+        for name, (data, content_type) in artefacts.items():
+            self.store.put(getattr(keys, name), data, content_type)
+        rle, rle_1024 = _named_rle(segmentation)
         seconds = {**timings, **prepared.seconds, "store": time.perf_counter() - started}
         row, _ = self.index.add_segmentation(
             image_id=image_id, image_sha256=prepared.sha256, model_version=info.version,
@@ -345,6 +356,12 @@ class Service:
         status = QCStatus.DONE if result.status == "done" else QCStatus.SKIPPED
         self.index.set_qc(segmentation_id, status=status, **{name: getattr(result, name) for name in QC_FIELDS})
         return status
+
+
+def _named_rle(segmentation: Segmentation) -> tuple[dict[str, str], dict[str, str]]:
+    """RLE by mask file name, at original resolution and at 1024."""
+    return ({MASK_FILES[k]: v for k, v in segmentation.rle.items()},
+            {MASK_FILES[k]: v for k, v in segmentation.rle_1024.items()})
 
 
 def _short(value: Any, limit: int = 16) -> str | None:

@@ -165,8 +165,9 @@ class Service:
         self.settings = settings
         self.index = MaskIndex(settings.database_url)
         self.store = open_store(settings.store_url)
-        # Decoding and encoding run in the callers' threads, at most one per core: more
-        # would only slow the model down and hold more images in memory.
+        # An image holds one of these slots from decoding through the model to encoding, so
+        # at most one image per core is in CPU work, as in ``chexmask segment``: more would
+        # only make decoding and the model compete for the cores and their caches.
         self._cpu = threading.BoundedSemaphore(os.cpu_count() or 1)
         self._model_lock = threading.Lock()
         self._bank_lock = threading.Lock()
@@ -244,20 +245,19 @@ class Service:
             self.index.mark(image_id, ImageStatus.FAILED, reason=reason)
             return Result(image_id, ImageStatus.FAILED, reason=reason)
         fetched = time.perf_counter() - started
-        try:
-            with self._cpu:
+        with self._cpu:  # decoding, the model and encoding; writing (fsync) waits on the disk
+            try:
                 prepared = prepare(data, image.uri.rsplit("/", 1)[-1])
-        except RefusedInput as exc:
-            self.index.mark(image_id, ImageStatus.REFUSED, exc.code, exc.message)
-            return Result(image_id, ImageStatus.REFUSED, code=exc.code, reason=exc.message)
-        if prepared.sha256 != image.sha256:
-            # The source changed after it was registered: record what was read.
-            self.index.update_image(image_id, sha256=prepared.sha256, size=prepared.size)
-            if done := self._reuse(image_id, prepared.sha256, version):
-                return done
-        prepared.seconds["fetch"] = fetched
-        segmentation = self.runner.segment(prepared)
-        with self._cpu:  # encoding is CPU work; writing (fsync) waits on the disk, not a core
+            except RefusedInput as exc:
+                self.index.mark(image_id, ImageStatus.REFUSED, exc.code, exc.message)
+                return Result(image_id, ImageStatus.REFUSED, code=exc.code, reason=exc.message)
+            if prepared.sha256 != image.sha256:
+                # The source changed after it was registered: record what was read.
+                self.index.update_image(image_id, sha256=prepared.sha256, size=prepared.size)
+                if done := self._reuse(image_id, prepared.sha256, version):
+                    return done
+            prepared.seconds["fetch"] = fetched
+            segmentation = self.runner.segment(prepared)
             started = time.perf_counter()
             artefacts = self._artefacts(segmentation)
             prepared.seconds["encode"] = time.perf_counter() - started

@@ -16,6 +16,8 @@ read with ``update_image`` (or ``register_image``) before adding its segmentatio
 from __future__ import annotations
 
 import json
+import sqlite3
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
@@ -161,13 +163,27 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     # WAL lets readers run while a worker writes; the busy timeout makes writers queue
     # instead of failing at once; NORMAL sync is crash-safe in WAL mode.
-    cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA busy_timeout=30000")
+    _enable_wal(cursor)
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     # PostgreSQL's LIKE is case sensitive; make SQLite's agree.
     cursor.execute("PRAGMA case_sensitive_like=ON")
     cursor.close()
+
+
+def _enable_wal(cursor: Any, attempts: int = 100) -> None:
+    """Switch the file to WAL (the first connection to a new file does). Connections racing
+    to switch a new file get "database is locked" at once, without the busy timeout
+    (SQLite does not wait where waiting could deadlock), so they try again."""
+    for attempt in range(attempts):
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or attempt == attempts - 1:
+                raise
+            time.sleep(0.05)
 
 
 class MaskIndex:

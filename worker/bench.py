@@ -4,9 +4,10 @@ The naive loop is what the official inference script does: one image at a time,
 read, decode, preprocess, infer (batch of 1, torch's own operations on all cores:
 ``HybridGNetConfig(fast_kernels=False)``), post-process, write. A second naive run
 adds the allocator tuning the pipeline uses (``worker/memory.py``), so the report
-splits the gain: the allocator, then the fast kernels and parallel images. All modes run on the same mixed set
-of real images in the same invocation, interleaved, each run in its own process
-(so peak memory is its own), and their landmarks and latents must be identical.
+splits the gain: the allocator, then the fast kernels and parallel images. All
+modes run on the same mixed set of real images in the same invocation,
+interleaved, each run in its own process (so peak memory is its own), and their
+landmarks and latents must be identical.
 Usage: ``python -m chexmask.worker.bench [--images N] [--weights FILE] [--repeat N]``.
 """
 

@@ -128,6 +128,8 @@ _exact: bool | None = None
 def exact_here() -> bool:
     """Whether this kernel gives torch's bits on this machine (checked once per process)."""
     global _exact
+    if _exact is not None:  # every BatchNorm asks: no lock once it is known
+        return _exact
     with _lock:
         if _exact is None:
             try:

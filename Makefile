@@ -23,14 +23,14 @@ test-all: setup
 
 ## Segmentation throughput: pipelined `chexmask segment` against a naive loop, same run.
 bench: setup
-	$(PY) -m chexmask.worker.bench
+	$(PY) -m benchmarks.bench_segment
 
 bench-storage: setup
-	$(PY) -m chexmask.storage.bench --rows 1000000
+	$(PY) -m benchmarks.bench_storage --rows 1000000
 
 ## Pipeline overhead: `chexmask serve` against `chexmask segment` on the same images.
 bench-serve: setup
-	$(PY) -m chexmask.ingest.bench
+	$(PY) -m benchmarks.bench_serve
 
 clean:
 	rm -rf $(VENV) .chexmask .pytest_cache chexmask-out

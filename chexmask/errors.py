@@ -18,6 +18,11 @@ class RefusedInput(ChexmaskError):
         self.message = message
 
 
+class NotFound(ChexmaskError):
+    """An image, segmentation or stored object that does not exist. Never retried:
+    asking again finds nothing either."""
+
+
 class WeightsError(ChexmaskError):
     """Model weights are missing, unreadable or fail their pinned checksum."""
 

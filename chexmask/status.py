@@ -1,4 +1,4 @@
-"""The lifecycle of an image in the index."""
+"""The lifecycles of an image and of its quality control, as the index records them."""
 
 from enum import Enum
 
@@ -13,3 +13,9 @@ class ImageStatus(str, Enum):
     @property
     def final(self) -> bool:
         return self in (ImageStatus.DONE, ImageStatus.REFUSED, ImageStatus.FAILED)
+
+
+class QCStatus(str, Enum):
+    PENDING = "pending"  # segmented, Dice RCA not computed yet
+    DONE = "done"
+    SKIPPED = "skipped"  # QC deliberately not run (e.g. no reference bank configured)

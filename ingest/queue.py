@@ -15,9 +15,9 @@ from typing import Protocol
 
 from celery import Celery
 
-from chexmask.ingest.arrival import Arrival
 from chexmask.ingest.registry import Registry
-from chexmask.worker.celery_app import INGEST_QUEUE, INGEST_TASK
+from chexmask.messages import Arrival
+from chexmask.queues import INGEST_QUEUE, INGEST_TASK
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ class IngestQueue(Protocol):
 
 
 class CeleryQueue:
-    """Ingest tasks on the broker (by name, so producers need not import the model)."""
+    """Ingest tasks on the broker, sent by name: producers never import the task code."""
 
     def __init__(self, app: Celery):
         self.app = app

@@ -1,16 +1,25 @@
-"""What the index already knows of arriving images: new, changed or seen before.
+"""What the index knows of arriving images, and registering them.
 
-Watchers, listeners and scanners ask before they queue, so a file seen again
-on a rescan, a restart or a duplicate event is not queued twice.
+Watchers, listeners and scanners ask before they queue (``triage``), so a file
+seen again on a rescan, a restart or a duplicate event is not queued twice.
+The consumer of the queue reads and hashes the source and registers what it
+read (``admit``), which hands only new or changed content on to segmentation.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from chexmask.ingest.arrival import Arrival
+from chexmask.messages import Arrival
+from chexmask.status import ImageStatus
+from chexmask.storage import sources
 from chexmask.storage.index import MaskIndex
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -22,6 +31,15 @@ class Triage:
     @property
     def to_queue(self) -> list[Arrival]:
         return self.new + self.changed
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """An arrival read and registered, ready to segment."""
+
+    image_id: int
+    seconds: float
+    data: bytes | None = None  # kept for a segmenter in the same process
 
 
 class Registry:
@@ -47,6 +65,27 @@ class Registry:
         for a in arrivals:
             self.index.register_image(uri=a.uri, dataset=a.dataset, dataset_image_id=a.dataset_image_id,
                                       release=a.release, etag_or_version=a.etag, size=a.size)
+
+    def admit(self, arrival: Arrival, keep_bytes: bool = False) -> Admitted | None:
+        """Read and hash the source and register it; ``None`` when there is nothing to do
+        (the source is gone, or this content is already being or was handled)."""
+        started = time.perf_counter()
+        try:
+            data = sources.read(arrival.uri)
+        except FileNotFoundError:
+            log.warning("gone before it could be read: %s", arrival.uri)
+            return None
+        registration = self.index.register_image(
+            uri=arrival.uri, dataset=arrival.dataset, dataset_image_id=arrival.dataset_image_id,
+            release=arrival.release, etag_or_version=arrival.etag,
+            sha256=hashlib.sha256(data).hexdigest(), size=len(data),
+        )
+        # A known image still queued was registered by a producer, or by an admission
+        # that died before handing it on: either way it still needs segmenting.
+        if not (registration.needs_processing or registration.image.status is ImageStatus.QUEUED):
+            log.info("already %s: %s", registration.image.status.value, arrival.uri)
+            return None
+        return Admitted(registration.image.id, time.perf_counter() - started, data if keep_bytes else None)
 
 
 def _differs(given: object, stored: object) -> bool:

@@ -29,9 +29,9 @@ from urllib.parse import unquote_plus
 from fastapi import FastAPI, Header, HTTPException, Request
 from starlette.concurrency import run_in_threadpool
 
-from chexmask.ingest.arrival import Arrival
+from chexmask.files import ignored_name
 from chexmask.ingest.queue import Intake, Offered
-from chexmask.ingest.watcher import ignored_name
+from chexmask.messages import Arrival
 
 log = logging.getLogger(__name__)
 

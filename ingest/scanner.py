@@ -20,10 +20,10 @@ from urllib.parse import unquote, urlparse
 
 from tqdm import tqdm
 
-from chexmask.ingest import fetch
-from chexmask.ingest.arrival import Arrival
+from chexmask.files import ignored_name, walk
 from chexmask.ingest.queue import Intake, Offered
-from chexmask.ingest.watcher import ignored_name, walk
+from chexmask.messages import Arrival
+from chexmask.storage import sources
 
 DEFAULT_PAGE = 500
 
@@ -110,7 +110,7 @@ class ReleaseScanner:
         params = {"Bucket": bucket, "Prefix": prefix}
         if start_after:
             params["StartAfter"] = start_after
-        paginator = fetch.bucket(bucket).client.get_paginator("list_objects_v2")
+        paginator = sources.bucket(bucket).client.get_paginator("list_objects_v2")
         for page in paginator.paginate(**params):
             for obj in page.get("Contents", []):
                 key = obj["Key"]

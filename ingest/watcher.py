@@ -25,51 +25,13 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
-from chexmask.worker.commands import IMAGE_SUFFIXES
+from chexmask.files import ignored, walk
 
 log = logging.getLogger(__name__)
 
-TEMPORARY_SUFFIXES = {".part", ".tmp", ".crdownload", ".partial", ".download", ".swp"}
 DEFAULT_SETTLE_S = 2.0
 DEFAULT_RECONCILE_S = 600.0
 _TICK_S = 0.2
-
-
-def ignored(path: Path, root: Path) -> bool:
-    """Whether ``path`` under ``root`` is not an image to report; see ``ignored_name``."""
-    try:
-        return ignored_name(path.relative_to(root))
-    except ValueError:
-        return True
-
-
-def ignored_name(relative: PurePath) -> bool:
-    """Hidden, temporary, backup and non-image files, and anything in a hidden folder."""
-    suffix = relative.suffix.lower()
-    return (
-        any(p.startswith((".", "~")) for p in relative.parts)
-        or relative.name.endswith("~")
-        or suffix in TEMPORARY_SUFFIXES
-        or suffix not in IMAGE_SUFFIXES
-    )
-
-
-def walk(root: Path) -> Iterator[tuple[Path, os.stat_result]]:
-    """Files under ``root`` outside hidden folders, in sorted path order, with their stat."""
-    try:
-        entries = sorted(os.scandir(root), key=lambda e: e.name)
-    except FileNotFoundError:
-        return
-    for entry in entries:
-        if entry.name.startswith((".", "~")):
-            continue
-        if entry.is_dir(follow_symlinks=False):
-            yield from walk(Path(entry.path))
-        elif entry.is_file():
-            try:
-                yield Path(entry.path), entry.stat()
-            except FileNotFoundError:
-                continue
 
 
 @dataclass

@@ -23,14 +23,10 @@ from pydantic import BaseModel
 
 from chexmask import __version__
 from chexmask.config import Settings
-from chexmask.errors import TransientError
+from chexmask.errors import NotFound, TransientError
 from chexmask.status import ImageStatus
-from chexmask.storage.index import (
-    SORT_KEYS,
-    MaskIndex,
-    QueryFilters,
-    SegmentationSummary,
-)
+from chexmask.storage.index import MaskIndex
+from chexmask.storage.queries import SORT_KEYS, QueryFilters, SegmentationSummary
 from chexmask.storage.objectstore import check_key, open_store
 from chexmask.storage.stats import compute_stats
 
@@ -97,9 +93,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def get_object(key: str) -> StreamingResponse:
         try:
             if not check_key(key).startswith(SERVED_PREFIX):
-                raise KeyError(key)
+                raise NotFound(key)
             chunks = store.stream(key)
-        except (KeyError, ValueError):
+        except (NotFound, ValueError):
             raise HTTPException(HTTPStatus.NOT_FOUND, "no such object") from None
         except TransientError as exc:
             raise HTTPException(HTTPStatus.SERVICE_UNAVAILABLE, str(exc)) from exc

@@ -20,7 +20,8 @@ from typing import Any
 import sqlalchemy as sa
 
 from chexmask.errors import ConfigError
-from chexmask.storage.index import MaskIndex, QueryFilters
+from chexmask.storage.index import MaskIndex
+from chexmask.storage.queries import QueryFilters
 from chexmask.storage.layout import csv_line, header, landmarks_1024_text
 from chexmask.storage.models import Segmentation, SourceImage
 

@@ -15,67 +15,31 @@ read with ``update_image`` (or ``register_image``) before adding its segmentatio
 
 from __future__ import annotations
 
-import json
-import sqlite3
-import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, fields, replace
-from datetime import datetime
-from pathlib import Path
+from dataclasses import dataclass, replace
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Engine, Row, make_url
+from sqlalchemy.engine import Row
 from sqlmodel import Session, select
 
 from chexmask import PIPELINE_VERSION
-from chexmask.errors import ConfigError
-from chexmask.status import ImageStatus
-from chexmask.storage.datasets import canonical
+from chexmask.anatomy import N_LANDMARKS, ORGANS
+from chexmask.datasets import canonical
+from chexmask.errors import ConfigError, NotFound
+from chexmask.status import ImageStatus, QCStatus
+from chexmask.storage.engine import alembic_config, create_engine
 from chexmask.storage.layout import numpy_text
-from chexmask.storage.models import (
-    ORGANS,
-    ModelVersion,
-    QCStatus,
-    Segmentation,
-    SourceImage,
-    as_utc,
-    utcnow,
+from chexmask.storage.models import ModelVersion, Segmentation, SourceImage, utcnow
+from chexmask.storage.queries import (
+    SUMMARY_COLUMNS,
+    QueryFilters,
+    SegmentationSummary,
+    image_conditions,
+    order_by,
+    segmentation_conditions,
 )
-
-N_LANDMARKS = 120
-MIGRATIONS_INI = Path(__file__).with_name("alembic.ini")
-
-
-@dataclass(frozen=True)
-class QueryFilters:
-    """What to select. ``None`` means no constraint.
-
-    ``id_pattern`` matches ``dataset_image_id``: with ``*``/``?`` it is a glob,
-    with ``%`` an SQL LIKE pattern, otherwise an exact id. Matching is case
-    sensitive on every backend. ``created_after`` (inclusive) and
-    ``created_before`` (exclusive) bound the segmentation time; naive datetimes
-    are taken as UTC. ``status`` is the image's.
-    """
-
-    dataset: str | None = None
-    release: str | None = None
-    model: str | None = None
-    status: ImageStatus | None = None
-    min_dice_mean: float | None = None
-    max_dice_mean: float | None = None
-    min_dice_max: float | None = None
-    max_dice_max: float | None = None
-    created_after: datetime | None = None
-    created_before: datetime | None = None
-    id_pattern: str | None = None
-
-    @property
-    def segmentation_level(self) -> bool:
-        """Whether any filter concerns segmentations rather than images."""
-        image_fields = {"dataset", "release", "status", "id_pattern"}
-        return any(getattr(self, f.name) is not None for f in fields(self) if f.name not in image_fields)
 
 
 @dataclass(frozen=True)
@@ -89,106 +53,9 @@ class Registration:
         return self.created or self.changed
 
 
-@dataclass(frozen=True)
-class SegmentationSummary:
-    """One row of a query: a segmentation with its image."""
-
-    id: int
-    image_id: int
-    uri: str
-    dataset: str
-    release: str | None
-    dataset_image_id: str | None
-    status: ImageStatus
-    model_version: str
-    dice_rca_mean: float | None
-    dice_rca_max: float | None
-    qc_status: QCStatus
-    height: int
-    width: int
-    created_at: datetime
-
-
-_SUMMARY_COLUMNS = (
-    Segmentation.id,
-    Segmentation.image_id,
-    SourceImage.uri,
-    SourceImage.dataset,
-    SourceImage.release,
-    SourceImage.dataset_image_id,
-    SourceImage.status,
-    Segmentation.model_version,
-    Segmentation.dice_rca_mean,
-    Segmentation.dice_rca_max,
-    Segmentation.qc_status,
-    Segmentation.height,
-    Segmentation.width,
-    Segmentation.created_at,
-)
-
-SORT_KEYS: dict[str, Any] = {
-    "id": Segmentation.id,
-    "created_at": Segmentation.created_at,
-    "dice_rca_mean": Segmentation.dice_rca_mean,
-    "dice_rca_max": Segmentation.dice_rca_max,
-    "dataset_image_id": SourceImage.dataset_image_id,
-}
-
-
-def engine_url(database_url: str) -> str:
-    """``database_url`` with the driver this package installs (psycopg 3 for PostgreSQL)."""
-    url = make_url(database_url)
-    if url.drivername in ("postgresql", "postgres"):
-        url = url.set(drivername="postgresql+psycopg")
-    return url.render_as_string(hide_password=False)
-
-
-def json_dumps(value: Any) -> str:
-    """Compact JSON: smaller rows, and a fixed text form the export can parse quickly."""
-    return json.dumps(value, separators=(",", ":"))
-
-
-def _create_engine(database_url: str) -> Engine:
-    url = make_url(engine_url(database_url))
-    if url.get_backend_name() != "sqlite":
-        return sa.create_engine(url, pool_pre_ping=True, json_serializer=json_dumps)
-    if url.database and url.database != ":memory:":
-        Path(url.database).parent.mkdir(parents=True, exist_ok=True)
-    engine = sa.create_engine(url, connect_args={"timeout": 30}, json_serializer=json_dumps)
-    sa.event.listen(engine, "connect", _sqlite_pragmas)
-    return engine
-
-
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-    cursor = dbapi_connection.cursor()
-    # WAL lets readers run while a worker writes; the busy timeout makes writers queue
-    # instead of failing at once; NORMAL sync is crash-safe in WAL mode.
-    cursor.execute("PRAGMA busy_timeout=30000")
-    _enable_wal(cursor)
-    cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.execute("PRAGMA foreign_keys=ON")
-    # PostgreSQL's LIKE is case sensitive; make SQLite's agree.
-    cursor.execute("PRAGMA case_sensitive_like=ON")
-    cursor.close()
-
-
-def _enable_wal(cursor: Any, attempts: int = 100) -> None:
-    """Switch the file to WAL (the first connection to a new file does). Connections racing
-    to switch a new file get "database is locked" at once, without the busy timeout
-    (SQLite does not wait where waiting could deadlock), so they try again."""
-    for attempt in range(attempts):
-        try:
-            cursor.execute("PRAGMA journal_mode=WAL")
-            return
-        except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) or attempt == attempts - 1:
-                raise
-            time.sleep(0.05)
-
-
 class MaskIndex:
     def __init__(self, database_url: str):
-        self.engine = _create_engine(database_url)
+        self.engine = create_engine(database_url)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -203,7 +70,7 @@ class MaskIndex:
         """Bring the schema to ``revision`` with Alembic; a no-op when already there."""
         from alembic import command
 
-        config = _alembic_config()
+        config = alembic_config()
         with self.engine.begin() as connection:
             # Take the lock first, so workers starting together queue instead of racing
             # to create the tables, and (on SQLite, whose driver would otherwise run
@@ -226,7 +93,7 @@ class MaskIndex:
     def head_revision() -> str | None:
         from alembic.script import ScriptDirectory
 
-        return ScriptDirectory.from_config(_alembic_config()).get_current_head()
+        return ScriptDirectory.from_config(alembic_config()).get_current_head()
 
     # --- models -----------------------------------------------------------------
 
@@ -360,7 +227,7 @@ class MaskIndex:
                 .returning(SourceImage)
             ).one_or_none()
             if image is None:
-                raise KeyError(f"no image with id {image_id}")
+                raise NotFound(f"no image with id {image_id}")
             if sync:
                 _sync_segmentations(session, image)
             session.commit()
@@ -392,7 +259,7 @@ class MaskIndex:
             raise ValueError("images() takes only dataset, release, status and id_pattern filters")
         statement = (
             select(SourceImage)
-            .where(*_image_conditions(filters))
+            .where(*image_conditions(filters))
             .order_by(SourceImage.id)
             .limit(limit)
             .offset(offset)
@@ -416,7 +283,7 @@ class MaskIndex:
         )
         statement = (
             select(SourceImage)
-            .where(*_image_conditions(filters), SourceImage.status != ImageStatus.REFUSED, ~done)
+            .where(*image_conditions(filters), SourceImage.status != ImageStatus.REFUSED, ~done)
             .order_by(SourceImage.id)
             .execution_options(yield_per=batch_size)
         )
@@ -431,7 +298,7 @@ class MaskIndex:
             raise ValueError("status_counts() takes only image-level filters")
         statement = (
             sa.select(SourceImage.dataset, SourceImage.release, SourceImage.status, sa.func.count())
-            .where(*_image_conditions(filters))
+            .where(*image_conditions(filters))
             .group_by(SourceImage.dataset, SourceImage.release, SourceImage.status)
         )
         counts: dict[tuple[str, str | None], dict[ImageStatus, int]] = {}
@@ -489,7 +356,7 @@ class MaskIndex:
         with self._session() as session:
             image = session.get(SourceImage, image_id)
             if image is None:
-                raise KeyError(f"no image with id {image_id}")
+                raise NotFound(f"no image with id {image_id}")
             self._ensure_model(session, model_version, weights_sha256)
             new_id = session.execute(
                 self._insert(Segmentation)
@@ -518,6 +385,14 @@ class MaskIndex:
         )
         with self.engine.connect() as connection:
             return bool(connection.execute(statement).scalar())
+
+    def segmentation_for(self, image_sha256: str, model_version: str) -> Segmentation | None:
+        """The segmentation of this content by this model, if there is one."""
+        with self._session() as session:
+            return session.scalars(select(Segmentation).where(
+                Segmentation.image_sha256 == image_sha256,
+                Segmentation.model_version == model_version,
+            )).one_or_none()
 
     def get_segmentation(self, segmentation_id: int) -> Segmentation | None:
         with self._session() as session:
@@ -557,7 +432,7 @@ class MaskIndex:
                 .returning(Segmentation)
             ).one_or_none()
             if segmentation is None:
-                raise KeyError(f"no segmentation with id {segmentation_id}")
+                raise NotFound(f"no segmentation with id {segmentation_id}")
             session.commit()
             return segmentation
 
@@ -577,8 +452,8 @@ class MaskIndex:
         never overlap.
         """
         statement = (
-            self.select_segmentations(filters, *_SUMMARY_COLUMNS)
-            .order_by(*_order_by(sort))
+            self.select_segmentations(filters, *SUMMARY_COLUMNS)
+            .order_by(*order_by(sort))
             .limit(limit)
             .offset(offset)
         )
@@ -597,8 +472,8 @@ class MaskIndex:
             .where(
                 Segmentation.is_current.is_(True),
                 *dataset,
-                *_image_conditions(image_filters),
-                *_segmentation_conditions(filters),
+                *image_conditions(image_filters),
+                *segmentation_conditions(filters),
             )
         )
 
@@ -624,12 +499,6 @@ class MaskIndex:
         from sqlalchemy.dialects import postgresql, sqlite
 
         return (postgresql if self.dialect == "postgresql" else sqlite).insert(model)
-
-
-def _alembic_config() -> Any:
-    from alembic.config import Config
-
-    return Config(str(MIGRATIONS_INI))
 
 
 def _sync_segmentations(session: Session, image: SourceImage) -> None:
@@ -674,57 +543,3 @@ def _organs(rle: Mapping[str, str]) -> dict[str, str]:
     return {organ: str(rle[organ]) for organ in ORGANS}
 
 
-def _image_conditions(filters: QueryFilters) -> list[Any]:
-    conditions: list[Any] = []
-    if filters.dataset is not None:
-        conditions.append(SourceImage.dataset == canonical(filters.dataset))
-    if filters.release is not None:
-        conditions.append(SourceImage.release == filters.release)
-    if filters.status is not None:
-        conditions.append(SourceImage.status == ImageStatus(filters.status))
-    if filters.id_pattern is not None:
-        conditions.append(_id_condition(filters.id_pattern))
-    return conditions
-
-
-def _id_condition(pattern: str) -> Any:
-    column = SourceImage.dataset_image_id
-    if "*" in pattern or "?" in pattern:
-        escaped = pattern.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-        return column.like(escaped.replace("*", "%").replace("?", "_"), escape="\\")
-    if "%" in pattern:
-        return column.like(pattern)
-    # Ids often contain "_"; without "%" a pattern is an exact id, not a LIKE.
-    return column == pattern
-
-
-def _segmentation_conditions(filters: QueryFilters) -> list[Any]:
-    conditions: list[Any] = []
-    if filters.model is not None:
-        conditions.append(Segmentation.model_version == filters.model)
-    if filters.min_dice_mean is not None:
-        conditions.append(Segmentation.dice_rca_mean >= filters.min_dice_mean)
-    if filters.max_dice_mean is not None:
-        conditions.append(Segmentation.dice_rca_mean <= filters.max_dice_mean)
-    if filters.min_dice_max is not None:
-        conditions.append(Segmentation.dice_rca_max >= filters.min_dice_max)
-    if filters.max_dice_max is not None:
-        conditions.append(Segmentation.dice_rca_max <= filters.max_dice_max)
-    if filters.created_after is not None:
-        conditions.append(Segmentation.created_at >= as_utc(filters.created_after))
-    if filters.created_before is not None:
-        conditions.append(Segmentation.created_at < as_utc(filters.created_before))
-    return conditions
-
-
-def _order_by(sort: str) -> list[Any]:
-    descending = sort.startswith("-")
-    key = sort.removeprefix("-")
-    if key not in SORT_KEYS:
-        raise ValueError(f"cannot sort by {key!r}; choose from {', '.join(SORT_KEYS)}")
-    column = SORT_KEYS[key]
-    if descending:
-        order = [column.desc().nulls_last(), Segmentation.id.desc()]
-    else:
-        order = [column.asc().nulls_first(), Segmentation.id.asc()]
-    return order[1:] if key == "id" else order

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
 
-from chexmask.storage.datasets import id_column
+from chexmask.datasets import id_column
 
 VALUE_COLUMNS = (
     "Dice RCA (Mean)",

@@ -12,7 +12,8 @@ from typing import ClassVar
 import sqlalchemy as sa
 from sqlmodel import Field, SQLModel
 
-from chexmask.status import ImageStatus
+from chexmask.anatomy import ORGANS
+from chexmask.status import ImageStatus, QCStatus
 
 # Named constraints and indexes, so later migrations can refer to them on every backend.
 NAMING_CONVENTION = {
@@ -22,8 +23,6 @@ NAMING_CONVENTION = {
     "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
     "pk": "pk_%(table_name)s",
 }
-
-ORGANS = ("right_lung", "left_lung", "heart")
 
 # Built NULLS FIRST on PostgreSQL by the migrations (so a missing Dice sorts lowest in
 # both directions from one index); declared plainly here because autogenerate cannot
@@ -40,12 +39,6 @@ def include_in_autogenerate(
 ) -> bool:
     """Alembic ``include_object`` hook: leave the per-dialect Dice indexes alone."""
     return not (type_ == "index" and name in NULLS_FIRST_INDEXES)
-
-
-class QCStatus(str, Enum):
-    PENDING = "pending"  # segmented, Dice RCA not computed yet
-    DONE = "done"
-    SKIPPED = "skipped"  # QC deliberately not run (e.g. no reference bank configured)
 
 
 def utcnow() -> datetime:

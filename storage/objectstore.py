@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from chexmask.errors import ConfigError, TransientError
+from chexmask.errors import ConfigError, NotFound, TransientError
 
 CHUNK_SIZE = 1 << 16
 _TEMP_PREFIX = ".tmp-"
@@ -26,7 +26,7 @@ _MODEL_VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 
 
 class ObjectStore(ABC):
-    """A flat key -> bytes store. Missing keys raise ``KeyError``."""
+    """A flat key -> bytes store. Missing keys raise ``NotFound``."""
 
     @abstractmethod
     def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
@@ -87,13 +87,13 @@ class LocalStore(ObjectStore):
         try:
             return self._path(key).read_bytes()
         except (FileNotFoundError, IsADirectoryError):
-            raise KeyError(key) from None
+            raise NotFound(f"no stored object {key!r}") from None
 
     def stream(self, key: str, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
         try:
             f = self._path(key).open("rb")
         except (FileNotFoundError, IsADirectoryError):
-            raise KeyError(key) from None
+            raise NotFound(f"no stored object {key!r}") from None
         return _read_chunks(f, chunk_size)
 
     def exists(self, key: str) -> bool:
@@ -184,7 +184,7 @@ class S3Store(ObjectStore):
         try:
             with _s3_errors(key):
                 self.client.head_object(Bucket=self.bucket, Key=self._key(key))
-        except KeyError:
+        except NotFound:
             return False
         return True
 
@@ -209,7 +209,7 @@ def _iter_body(body, key: str, chunk_size: int) -> Iterator[bytes]:
 
 @contextmanager
 def _s3_errors(key: str) -> Iterator[None]:
-    """Translate botocore exceptions: missing -> KeyError, retryable -> TransientError."""
+    """Translate botocore exceptions: missing -> NotFound, retryable -> TransientError."""
     from botocore.exceptions import ClientError, ConnectionError, HTTPClientError
 
     try:
@@ -219,7 +219,7 @@ def _s3_errors(key: str) -> Iterator[None]:
         code = str(error.get("Code", ""))
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
         if code in ("NoSuchKey", "404", "NotFound"):
-            raise KeyError(key) from None
+            raise NotFound(f"no stored object {key!r}") from None
         if code == "NoSuchBucket":
             raise ConfigError(f"S3 bucket does not exist: {error.get('BucketName', '')}") from exc
         if code in _TRANSIENT_S3_CODES or status >= 500:

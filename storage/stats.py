@@ -11,11 +11,11 @@ from typing import Any
 import numpy as np
 
 from chexmask.status import ImageStatus
-from chexmask.storage.index import MaskIndex, QueryFilters
+from chexmask.quality import GOOD_DICE
+from chexmask.storage.index import MaskIndex
+from chexmask.storage.queries import QueryFilters
 from chexmask.storage.models import Segmentation, SourceImage
 
-# CheXmask's suggested cut-off for usable masks (Dice RCA >= 0.7).
-GOOD_DICE = 0.7
 QUANTILES = (0.05, 0.25, 0.50, 0.75, 0.95)
 
 

@@ -11,7 +11,8 @@ import pytest
 
 from chexmask.config import Settings
 from chexmask.worker.metrics import landmark_scores
-from chexmask.worker.model import file_sha256, segment_batch
+from chexmask.worker.model import segment_batch
+from chexmask.worker.weights import file_sha256
 from chexmask.worker.train import load_landmarks
 from chexmask.worker.weights import default_weights, load
 

@@ -11,7 +11,7 @@ import click
 import pytest
 import yaml
 
-from chexmask.cli import cli
+from chexmask.app.cli import cli
 
 DOCKER = Path(__file__).resolve().parents[1] / "docker"
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from chexmask.config import Settings
-from chexmask.ingest.arrival import Arrival
+from chexmask.messages import Arrival
 from chexmask.ingest.queue import CeleryQueue
 from chexmask.status import ImageStatus
 from chexmask.storage.index import MaskIndex
@@ -58,13 +58,13 @@ class Process:
     @classmethod
     def cli(cls, args: list[str], env: dict[str, str], log: Path) -> "Process":
         """``chexmask ARGS`` as installed."""
-        return cls("from chexmask.cli import main; main()", args, env, log)
+        return cls("from chexmask.app.cli import main; main()", args, env, log)
 
     @classmethod
     def ingest_command(cls, name: str, args: list[str], env: dict[str, str], log: Path) -> "Process":
         """One ingest command on its own: the CLI group also imports the model's subsystems,
         which watchers and listeners do not need (seconds of startup on this CPU)."""
-        return cls(f"from chexmask.ingest.commands import {name}_command as c; c()", args, env, log)
+        return cls(f"from chexmask.app.pipeline_cli import {name}_command as c; c()", args, env, log)
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from chexmask.status import ImageStatus
-from chexmask.storage.index import MaskIndex, QueryFilters
+from chexmask.storage.index import MaskIndex
+from chexmask.storage.queries import QueryFilters
 from test_e2e_celery import CORRUPT_PNG, Process, wait_for, weights  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.slow
@@ -29,7 +30,7 @@ def embedded_env(home: Path, weights: Path) -> dict[str, str]:
 
 
 def chexmask(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "chexmask.cli", *args], env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "chexmask.app.cli", *args], env=env, capture_output=True,
                           text=True, timeout=600)
 
 
@@ -41,7 +42,7 @@ def test_serve_once(tmp_path, weights, samples_dir):
     earlier = tmp_path / "earlier" / "covid-19-pneumonia-58-prior.jpg"
     earlier.parent.mkdir()
     earlier.write_bytes((samples_dir / earlier.name).read_bytes())
-    scan = subprocess.run([sys.executable, "-c", "from chexmask.ingest.commands import scan_command; scan_command()",
+    scan = subprocess.run([sys.executable, "-c", "from chexmask.app.pipeline_cli import scan_command; scan_command()",
                            str(earlier.parent)], env=env, capture_output=True, text=True, timeout=300)
     assert "1 new" in scan.stdout, scan.stderr
 

@@ -8,17 +8,10 @@ import pytest
 
 from chexmask.config import Settings
 from chexmask.errors import ConfigError
-from chexmask.ingest.arrival import Arrival
+from chexmask.messages import Arrival
 from chexmask.ingest.queue import CeleryQueue
-from chexmask.worker.celery_app import (
-    INGEST_TASK,
-    SCAN_TASK,
-    SEGMENT_TASK,
-    ScanPrefix,
-    create_app,
-    prune_sqlite_broker,
-    scan_prefixes,
-)
+from chexmask.queues import INGEST_TASK, SCAN_TASK, SEGMENT_TASK
+from chexmask.worker.celery_app import ScanPrefix, create_app, prune_sqlite_broker, scan_prefixes
 
 
 def app_for(tmp_path, broker_url: str, **settings):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from chexmask.ingest.datasets import GENERIC, identify
-from chexmask.storage.datasets import ID_COLUMNS
+from chexmask.datasets import GENERIC, identify
+from chexmask.datasets import ID_COLUMNS
 
 
 @pytest.mark.parametrize(("path", "dataset", "image_id"), [

@@ -17,7 +17,7 @@ from test_e2e_celery import empty_redis_databases, weights  # noqa: F401 (a fixt
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]  # two processes that import torch
 
-REPROCESS = "from chexmask.ingest.commands import reprocess_command; reprocess_command()"
+REPROCESS = "from chexmask.app.pipeline_cli import reprocess_command; reprocess_command()"
 
 
 def test_reprocess_queues_what_the_model_lacks(tmp_path, weights):

@@ -128,7 +128,7 @@ def test_scan_command_queues_ingest_tasks_once(tmp_path, bucket, pg_database):
            "CHEXMASK_DATABASE_URL": pg_database}
     try:
         # The command itself, without the CLI group (whose other subsystems import torch).
-        command = "from chexmask.ingest.commands import scan_command; scan_command()"
+        command = "from chexmask.app.pipeline_cli import scan_command; scan_command()"
         runs = [subprocess.run([sys.executable, "-c", command, f"s3://{name}/mimic/", "--release", "2.0.0"],
                                env=env, capture_output=True, text=True, timeout=120) for _ in range(2)]
         assert [r.returncode for r in runs] == [0, 0], runs[0].stderr + runs[1].stderr

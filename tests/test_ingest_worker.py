@@ -1,117 +1,59 @@
-"""The pipeline stages (worker/service.py): batching, retries, and one real image end to end."""
+"""The pipeline stages (worker/service.py, ingest/registry.py): retries, and one real image end to end."""
 
 from __future__ import annotations
 
 import json
-import threading
-import time
 from pathlib import Path
 
 import pytest
 
 from chexmask.config import Settings
-from chexmask.errors import RefusedInput, TransientError
-from chexmask.ingest.arrival import Arrival
+from chexmask.errors import NotFound, RefusedInput, TransientError
+from chexmask.ingest.registry import Registry
+from chexmask.messages import Arrival
 from chexmask.status import ImageStatus
-from chexmask.storage.models import QCStatus
-from chexmask.worker.service import RETRY, BatchRunner, Service
+from chexmask.status import QCStatus
+from chexmask.retry import RETRY, RetryPolicy
+from chexmask.worker.service import Service
 from test_e2e_celery import weights  # noqa: F401 (a fixture)
-
-
-class RecordingSegmenter:
-    """Stands in for the model to observe batching: returns each input's name."""
-
-    def __init__(self, batch_size: int, fail_on: str | None = None, workers: int = 1):
-        self.batch_size = batch_size
-        self.workers, self.torch_threads = workers, 1
-        self.thread_batch = batch_size // workers
-        self.batches: list[list[str]] = []
-        self.fail_on = fail_on
-        self.info = None
-        self.running = 0
-        self.most_running = 0
-        self._lock = threading.Lock()
-
-    def segment(self, items):
-        with self._lock:
-            self.batches.append([p.name for p in items])
-            self.running += 1
-            self.most_running = max(self.most_running, self.running)
-        try:
-            if any(p.name == self.fail_on for p in items):
-                raise ValueError(f"cannot segment {self.fail_on}")
-            time.sleep(0.3)
-            return [f"segmented {p.name}" for p in items]
-        finally:
-            with self._lock:
-                self.running -= 1
-
-
-class Item:
-    def __init__(self, name):
-        self.name = name
-
-
-def segment_concurrently(runner: BatchRunner, names: list[str]) -> dict[str, object]:
-    results: dict[str, object] = {}
-
-    def call(name):
-        try:
-            results[name] = runner.segment(Item(name))
-        except Exception as exc:
-            results[name] = exc
-
-    threads = [threading.Thread(target=call, args=(n,)) for n in names]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return results
-
-
-def test_concurrent_callers_share_batches():
-    segmenter = RecordingSegmenter(batch_size=4)
-    runner = BatchRunner(segmenter, wait_s=0.5)
-    results = segment_concurrently(runner, [f"img{i}" for i in range(6)])
-    runner.close()
-    assert results == {f"img{i}": f"segmented img{i}" for i in range(6)}
-    assert sorted(len(b) for b in segmenter.batches) == [2, 4]
-
-
-def test_model_threads_run_batches_side_by_side():
-    segmenter = RecordingSegmenter(batch_size=4, workers=2)
-    runner = BatchRunner(segmenter, wait_s=0.2)
-    results = segment_concurrently(runner, [f"img{i}" for i in range(4)])
-    runner.close()
-    assert results == {f"img{i}": f"segmented img{i}" for i in range(4)}
-    assert sorted(name for batch in segmenter.batches for name in batch) == [f"img{i}" for i in range(4)]
-    assert segmenter.most_running == 2
-
-
-def test_a_lone_image_waits_at_most_the_batch_wait():
-    segmenter = RecordingSegmenter(batch_size=4)
-    runner = BatchRunner(segmenter, wait_s=0.2)
-    started = time.monotonic()
-    assert runner.segment(Item("alone")) == "segmented alone"
-    assert time.monotonic() - started < 1.5
-    runner.close()
-
-
-def test_a_failing_image_does_not_fail_its_batch():
-    segmenter = RecordingSegmenter(batch_size=3, fail_on="bad")
-    runner = BatchRunner(segmenter, wait_s=0.5)
-    results = segment_concurrently(runner, ["a", "bad", "c"])
-    runner.close()
-    assert results["a"] == "segmented a" and results["c"] == "segmented c"
-    assert isinstance(results["bad"], ValueError)
 
 
 def test_retry_policy():
     assert RETRY.retries_for(RefusedInput("not_an_image", "no")) == 0
+    assert RETRY.retries_for(NotFound("no segmentation with id 7")) == 0
     assert RETRY.retries_for(TransientError("S3 SlowDown")) == 5
     assert RETRY.retries_for(KeyError("bug")) == 2
     delays = [RETRY.delay(n) for n in range(12)]
     assert delays[0] <= 5 and 20 <= delays[3] <= 40 and max(delays) <= 600
+    assert RETRY.next_delay(TransientError("x"), 4) is not None and RETRY.next_delay(TransientError("x"), 5) is None
+
+
+def test_retry_run_waits_between_tries_and_gives_up_with_the_last_error():
+    policy = RetryPolicy(transient_retries=2, backoff_s=1.0)
+    calls, waits = [], []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise TransientError(f"hiccup {len(calls)}")
+        return "done"
+
+    assert policy.run(flaky, sleep=waits.append) == "done"
+    assert len(calls) == 3 and len(waits) == 2 and 0.5 <= waits[0] <= 1 and 1 <= waits[1] <= 2
+
+    def broken():
+        calls.append(1)
+        raise TransientError("down")
+
+    calls.clear()
+    with pytest.raises(TransientError, match="down"):
+        policy.run(broken, sleep=waits.append)
+    assert len(calls) == 3  # the first try and two retries
+    calls.clear()
+    with pytest.raises(RefusedInput):
+        policy.run(lambda: (calls.append(1), (_ for _ in ()).throw(RefusedInput("truncated", "cut")))[1],
+                   sleep=waits.append)
+    assert len(calls) == 1  # never retried
 
 
 # --- one real image through the real model -----------------------------------------------------
@@ -132,12 +74,15 @@ def arrival_for(path: Path) -> Arrival:
     return Arrival.for_file(path)
 
 
-@pytest.mark.slow
+def admit(service: Service, path: Path):
+    return Registry(service.index).admit(arrival_for(path))
+
+
 def test_segment_writes_the_store_and_the_index_once(service, samples_dir, tmp_path):
     source = tmp_path / "images_001" / "00000001_000.png"
     source.parent.mkdir()
     source.write_bytes((samples_dir / "00000001_000.png").read_bytes())
-    ingested = service.ingest(arrival_for(source))
+    ingested = admit(service, source)
     assert ingested is not None
     result = service.segment(ingested.image_id, timings={"ingest": ingested.seconds})
     assert result.status is ImageStatus.DONE and result.qc_pending and not result.reused
@@ -164,13 +109,13 @@ def test_segment_writes_the_store_and_the_index_once(service, samples_dir, tmp_p
     assert again.reused and again.segmentation_id == row.id
     assert service.index.get_image(ingested.image_id).attempts == 1
     # A duplicate announcement of the same file is dropped at ingest.
-    assert service.ingest(arrival_for(source)) is None
+    assert admit(service, source) is None
     # The same bytes under another name reuse the segmentation.
     copy = tmp_path / "copy.png"
     copy.write_bytes(source.read_bytes())
-    other = service.ingest(arrival_for(copy))
+    other = admit(service, copy)
     assert service.segment(other.image_id).segmentation_id == row.id
-    assert service.index.has_segmentation(image.sha256, service.runner.info.version)
+    assert service.index.has_segmentation(image.sha256, service.model.version)
 
     assert service.qc(row.id, result.prepared.image) is QCStatus.SKIPPED  # no reference bank
     qc_row = service.index.get_segmentation(row.id)
@@ -181,7 +126,7 @@ def test_segment_writes_the_store_and_the_index_once(service, samples_dir, tmp_p
 def test_refused_and_missing_sources(service, tmp_path):
     corrupt = tmp_path / "corrupt.png"
     corrupt.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
-    ingested = service.ingest(arrival_for(corrupt))
+    ingested = admit(service, corrupt)
     result = service.segment(ingested.image_id)
     assert result.status is ImageStatus.REFUSED and result.code
     image = service.index.get_image(ingested.image_id)
@@ -191,9 +136,9 @@ def test_refused_and_missing_sources(service, tmp_path):
 
     gone = tmp_path / "gone.png"
     gone.write_bytes(b"x")
-    ingested = service.ingest(arrival_for(gone))
+    ingested = admit(service, gone)
     gone.unlink()
-    assert service.ingest(arrival_for(corrupt)) is None
+    assert admit(service, corrupt) is None
     result = service.segment(ingested.image_id)
     assert result.status is ImageStatus.FAILED and "not found" in result.reason
     assert service.index.get_image(ingested.image_id).status is ImageStatus.FAILED
@@ -205,7 +150,7 @@ def test_an_image_that_keeps_killing_workers_ends_failed(service, samples_dir, t
     source = tmp_path / "poison.png"
     # Content no other test segments (a stored result would be reused, not retried).
     source.write_bytes((samples_dir / "00000001_000.png").read_bytes() + b"poison")
-    ingested = service.ingest(arrival_for(source))
+    ingested = admit(service, source)
     for _ in range(RETRY.max_attempts):
         service.index.mark(ingested.image_id, ImageStatus.PROCESSING)  # a worker took it, then died
     result = service.segment(ingested.image_id)
@@ -218,7 +163,7 @@ def test_an_image_that_keeps_killing_workers_ends_failed(service, samples_dir, t
 def test_transient_errors_are_retried_then_the_image_fails(service, monkeypatch):
     """The segment task against an S3 endpoint that refuses connections: retried
     (eagerly here, without the backoff waits), then marked failed with the reason."""
-    from chexmask.ingest import fetch
+    from chexmask.storage import sources as fetch
     from chexmask.worker import tasks
     from services import FAKE_AWS_ENV, free_port
 
@@ -252,7 +197,7 @@ def test_qc_with_a_reference_bank_stores_dice_rca(service, samples_dir, shared_d
     ReferenceBank.build(jsrt / "images", jsrt / "landmarks", list_ids(jsrt / "images", jsrt / "landmarks")[:4]).save(bank_path)
     source = tmp_path / "utils_example1.jpg"
     source.write_bytes((samples_dir / source.name).read_bytes())
-    ingested = service.ingest(arrival_for(source))
+    ingested = admit(service, source)
     result = service.segment(ingested.image_id)
 
     banked = Service(replace(service.settings, qc_bank=str(bank_path)))

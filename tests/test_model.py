@@ -16,21 +16,18 @@ import pytest
 import torch
 
 from chexmask.errors import WeightsError
+from chexmask.worker.cpu_kernels import max_pool2
 from chexmask.worker.model import (
     HybridGNet,
     HybridGNetConfig,
-    compact_state_dict,
     edge_index,
-    fetch_weights,
-    load_model,
-    load_state_dict,
-    max_pool2,
     organ_graphs,
     roi_lookup,
     roi_sample_counts,
     segment_batch,
     to_input,
 )
+from chexmask.worker.weights import compact_state_dict, fetch_weights, load_model, load_state_dict
 
 
 @pytest.fixture(scope="module")

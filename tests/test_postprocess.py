@@ -8,9 +8,9 @@ import cv2
 import numpy as np
 import pytest
 
+from chexmask.anatomy import ORGAN_ROWS
 from chexmask.worker.preprocess import Padding
 from chexmask.worker.postprocess import (
-    ORGANS,
     combined_mask,
     csv_landmarks_1024,
     csv_landmarks_original,
@@ -60,7 +60,7 @@ def paddings(preprocessing_dir: Path, golden_csv) -> dict[str, Padding]:
 
 
 def test_organ_ranges() -> None:
-    assert {organ: (rows.start, rows.stop - 1) for organ, rows in ORGANS.items()} == {
+    assert {organ: (rows.start, rows.stop - 1) for organ, rows in ORGAN_ROWS.items()} == {
         "RL": (0, 43), "LL": (44, 93), "H": (94, 119)
     }
 

@@ -11,7 +11,8 @@ import pytest
 
 from chexmask.errors import RefusedInput
 from chexmask.worker.decode import DecodedImage
-from chexmask.worker.preprocess import INPUT_SIZE, Padding, pad_to_square_centered, preprocess, remove_padding
+from chexmask.anatomy import FRAME
+from chexmask.worker.preprocess import Padding, pad_to_square_centered, preprocess, remove_padding
 
 MIMIC_PAD_FIELDS = ("pad_left_rem", "pad_top_rem", "pad_right_rem", "pad_bottom_rem",
                     "pad_left", "pad_top", "pad_right", "pad_bottom")
@@ -25,7 +26,7 @@ def preprocessed(golden_source, decoded):
 def test_pre1024_matches_golden(golden_name: str, preprocessed, preprocessing_dir: Path) -> None:
     golden = cv2.imread(str(preprocessing_dir / f"{golden_name}_pre1024.png"), cv2.IMREAD_UNCHANGED)
     result = preprocessed(golden_name)
-    assert result.image.dtype == np.uint8 and result.image.shape == (INPUT_SIZE, INPUT_SIZE)
+    assert result.image.dtype == np.uint8 and result.image.shape == (FRAME, FRAME)
     np.testing.assert_array_equal(result.image, golden)
 
 

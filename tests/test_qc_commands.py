@@ -11,10 +11,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from chexmask.cli import cli
+from chexmask.app.cli import cli
 from chexmask.worker.bank import ReferenceBank
 from chexmask.worker.plausibility import polygon_area
-from chexmask.worker.postprocess import ORGANS
+from chexmask.anatomy import ORGAN_ROWS
 from chexmask.worker.qc_commands import degrade
 from chexmask.worker.train import list_ids, load_landmarks
 
@@ -50,9 +50,9 @@ def test_degradations_do_what_they_say(jsrt):
     np.testing.assert_allclose(offset, np.broadcast_to(offset[0], offset.shape))
     assert 0 < np.abs(offset[0]).max() <= 80
     swapped = degrade(truth, "swap", rng)
-    assert swapped[ORGANS["RL"], 0].mean() > swapped[ORGANS["LL"], 0].mean()  # sides exchanged
+    assert swapped[ORGAN_ROWS["RL"], 0].mean() > swapped[ORGAN_ROWS["LL"], 0].mean()  # sides exchanged
     turned = degrade(truth, "rotate", rng)
-    heart = ORGANS["H"]
+    heart = ORGAN_ROWS["H"]
     assert polygon_area(turned[heart]) == pytest.approx(polygon_area(truth[heart]), rel=1e-9)
     assert not np.allclose(turned, truth)
     noisy = degrade(truth, "noise", rng)
@@ -64,7 +64,8 @@ def test_degradations_do_what_they_say(jsrt):
 @pytest.mark.slow
 def test_validate_command_end_to_end(jsrt, split, tmp_path):
     """Random (seeded) weights: their masks are poor, so the cases span the whole range."""
-    from chexmask.worker.model import HybridGNet, compact_state_dict
+    from chexmask.worker.model import HybridGNet
+    from chexmask.worker.weights import compact_state_dict
 
     torch.manual_seed(0)
     weights = tmp_path / "random.pt"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from chexmask.worker.plausibility import ShapeModel, check, polygon_area, self_intersects
-from chexmask.worker.postprocess import ORGANS
+from chexmask.anatomy import ORGAN_ROWS
 from chexmask.worker.train import list_ids, load_landmarks
 
 
@@ -52,9 +52,9 @@ def test_ground_truth_passes(shape_model, unseen):
 
 def test_self_intersecting_contour_is_flagged(unseen):
     points = unseen[0].copy()
-    rl = points[ORGANS["RL"]]
+    rl = points[ORGAN_ROWS["RL"]]
     rl[[5, 25]] = rl[[25, 5]]  # two far-apart contour points swapped: the outline crosses itself
-    points[ORGANS["RL"]] = rl
+    points[ORGAN_ROWS["RL"]] = rl
     assert "self_intersection_rl" in check(points).flags
     assert not any(f.startswith("self_intersection") for f in check(unseen[0]).flags)
 
@@ -62,10 +62,10 @@ def test_self_intersecting_contour_is_flagged(unseen):
 def test_heart_outside_the_lungs_is_flagged(unseen):
     points = unseen[0].copy()
     left_of_lungs = points.copy()
-    left_of_lungs[ORGANS["H"], 0] -= points[ORGANS["H"], 0].mean() - points[ORGANS["RL"], 0].min() + 50
+    left_of_lungs[ORGAN_ROWS["H"], 0] -= points[ORGAN_ROWS["H"], 0].mean() - points[ORGAN_ROWS["RL"], 0].min() + 50
     assert "heart_not_between_lungs" in check(left_of_lungs).flags
     above = points.copy()
-    above[ORGANS["H"], 1] -= points[ORGANS["H"], 1].min() - points[ORGANS["RL"], 1].min() + 20
+    above[ORGAN_ROWS["H"], 1] -= points[ORGAN_ROWS["H"], 1].min() - points[ORGAN_ROWS["RL"], 1].min() + 20
     assert "heart_above_lungs" in check(above).flags
 
 
@@ -80,13 +80,13 @@ def test_swapped_lungs_are_flagged(shape_model, unseen):
 
 def test_implausible_areas_are_flagged(unseen):
     points = unseen[0].copy()
-    heart = points[ORGANS["H"]]
-    points[ORGANS["H"]] = heart.mean(0) + (heart - heart.mean(0)) * 2.5  # heart 6x its area
+    heart = points[ORGAN_ROWS["H"]]
+    points[ORGAN_ROWS["H"]] = heart.mean(0) + (heart - heart.mean(0)) * 2.5  # heart 6x its area
     assert "heart_lung_ratio" in check(points).flags
     tiny = unseen[0].copy()
     for organ in ("RL", "LL"):
-        lung = tiny[ORGANS[organ]]
-        tiny[ORGANS[organ]] = lung.mean(0) + (lung - lung.mean(0)) * 0.3
+        lung = tiny[ORGAN_ROWS[organ]]
+        tiny[ORGAN_ROWS[organ]] = lung.mean(0) + (lung - lung.mean(0)) * 0.3
     assert "lung_area" in check(tiny).flags
 
 

@@ -34,7 +34,7 @@ def golden_weights_file(tmp_path_factory, shared_dir: Path) -> Path:
 
 
 def chexmask(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "chexmask.cli", *args], capture_output=True, text=True, env=env)
+    return subprocess.run([sys.executable, "-m", "chexmask.app.cli", *args], capture_output=True, text=True, env=env)
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 
 import pytest
 
-from chexmask.storage.bench import main
+from benchmarks.bench_storage import main
 
 # Shared fixtures (pg_database) for the PostgreSQL run.
 pytest_plugins = ["services"]

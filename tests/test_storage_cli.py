@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from chexmask.cli import cli
+from chexmask.app.cli import cli
 from chexmask.errors import ConfigError
 
 # Shared fixtures (index, store, pg_database, moto_endpoint), one instance per session.
@@ -110,7 +110,7 @@ def test_api_serves_over_http(index, sample, unused_port, tmp_path):
     with log.open("wb") as stderr:  # the server keeps its own copy of the handle
         server = subprocess.Popen(
             # The storage command alone: the full CLI would also import every other subsystem.
-            [sys.executable, "-c", "from chexmask.storage.commands import api_command; api_command()",
+            [sys.executable, "-c", "from chexmask.app.index_cli import api_command; api_command()",
              "--port", str(port)],
             env=env, stdout=subprocess.DEVNULL, stderr=stderr,
         )

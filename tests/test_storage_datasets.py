@@ -2,7 +2,7 @@
 
 import pytest
 
-from chexmask.storage.datasets import canonical, id_column
+from chexmask.datasets import canonical, id_column
 
 
 @pytest.mark.parametrize("name, expected", [

@@ -8,10 +8,12 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
+from chexmask.errors import NotFound
+
 from chexmask.errors import ConfigError
 from chexmask.status import ImageStatus
-from chexmask.storage.index import QueryFilters
-from chexmask.storage.models import QCStatus
+from chexmask.storage.queries import QueryFilters
+from chexmask.status import QCStatus
 
 # Shared fixtures (index, store, pg_database, moto_endpoint), one instance per session.
 pytest_plugins = ["services"]
@@ -93,7 +95,7 @@ def test_status_lifecycle(index):
 
     with pytest.raises(ValueError, match="refusal code"):
         index.mark(image.id, ImageStatus.REFUSED)
-    with pytest.raises(KeyError):
+    with pytest.raises(NotFound):
         index.mark(9999, ImageStatus.DONE)
 
 
@@ -128,7 +130,7 @@ def test_same_sha_and_model_make_one_segmentation(index):
     # listed once, with the image it was made for
     assert [r.uri for r in index.query(QueryFilters(model="m1"))] == ["file:///a.png"]
     assert index.get_segmentation(12345) is None
-    with pytest.raises(KeyError):
+    with pytest.raises(NotFound):
         index.add_segmentation(**{**segmentation_args(a, digest), "image_id": 12345})
 
 
@@ -199,7 +201,7 @@ def test_set_qc_replaces_results(index, sample):
         QCStatus.DONE, 0.8, 0.95, ["low_heart"])
     seg = index.set_qc(seg.id, status=QCStatus.SKIPPED)
     assert (seg.qc_status, seg.dice_rca_mean, seg.qc_flags) == (QCStatus.SKIPPED, None, None)
-    with pytest.raises(KeyError):
+    with pytest.raises(NotFound):
         index.set_qc(999, dice_rca_mean=0.5)
 
 

@@ -7,6 +7,8 @@ import threading
 
 import pytest
 
+from chexmask.errors import NotFound
+
 from chexmask.errors import ConfigError, TransientError
 from chexmask.storage.objectstore import LocalStore, S3Store, open_store, segmentation_keys
 
@@ -32,10 +34,10 @@ def test_put_get_exists_list_url(store):
     assert store.url(keys.record).split(":")[0] in ("file", "s3")
 
 
-def test_missing_key_raises_key_error(store):
-    with pytest.raises(KeyError):
+def test_missing_key_raises_not_found(store):
+    with pytest.raises(NotFound):
         store.get("segmentations/none.json")
-    with pytest.raises(KeyError):
+    with pytest.raises(NotFound):
         store.stream("segmentations/none.json")
 
 

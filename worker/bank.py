@@ -21,6 +21,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from chexmask.anatomy import FRAME
 from chexmask.errors import ChexmaskError, ConfigError
 from chexmask.worker.model import HybridGNet, segment_batch
 from chexmask.worker.plausibility import ShapeModel
@@ -125,7 +126,7 @@ class ReferenceBank:
 
 def _read_1024(path: Path) -> np.ndarray:
     image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
-    if image is None or image.shape != (1024, 1024):
+    if image is None or image.shape != (FRAME, FRAME):
         raise ChexmaskError(f"{path}: expected a 1024x1024 grey image in the model frame")
     return image
 

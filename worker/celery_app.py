@@ -1,11 +1,10 @@
-"""The Celery application: broker, queues, routing and delivery guarantees.
+"""The Celery application: broker, routing and delivery guarantees.
 
-Built from the environment when imported, as ``celery --app
-chexmask.worker.celery_app`` (Flower, beat) expects. Three queues:
-
-- ``ingest``: cheap: read the source, hash it, register it, drop duplicates;
-- ``segment``: the model (GPU workers); images gather into batches there;
-- ``qc``: reverse-classification-accuracy scores.
+``app`` is built from the environment on first use, as ``celery --app
+chexmask.worker.celery_app`` (Flower, beat) expects; producers that only send
+tasks build their own with ``create_app``. The queues and task names live in
+``chexmask.queues``; this process's tasks in ``worker/tasks.py`` (segment, QC)
+and ``ingest/tasks.py`` (ingest, scan), which ``chexmask worker`` loads.
 
 Every task is acknowledged only when it has finished (``acks_late``), so a
 worker that dies mid-task has its message delivered again; each stage is
@@ -24,21 +23,11 @@ from sqlalchemy.engine import make_url
 
 from chexmask.config import Settings
 from chexmask.errors import ConfigError
+from chexmask.queues import INGEST_QUEUE, ROUTES, SCAN_TASK
 
 log = logging.getLogger(__name__)
 
-INGEST_QUEUE, SEGMENT_QUEUE, QC_QUEUE = "ingest", "segment", "qc"
-QUEUES = (INGEST_QUEUE, SEGMENT_QUEUE, QC_QUEUE)
-INGEST_TASK, SEGMENT_TASK, QC_TASK, SCAN_TASK = "chexmask.ingest", "chexmask.segment", "chexmask.qc", "chexmask.scan"
-ROUTES = {
-    INGEST_TASK: {"queue": INGEST_QUEUE},
-    SCAN_TASK: {"queue": INGEST_QUEUE},
-    SEGMENT_TASK: {"queue": SEGMENT_QUEUE},
-    QC_TASK: {"queue": QC_QUEUE},
-}
-
-# Longer than any task, retry countdowns included (Redis redelivers a message
-# that stays unacknowledged this long, even when its worker is still busy).
+app: Celery  # built on first use, see __getattr__ below
 
 
 @dataclass(frozen=True)
@@ -88,7 +77,7 @@ def beat_schedule(prefixes: list[ScanPrefix], interval_s: int) -> dict:
 def create_app(settings: Settings | None = None) -> Celery:
     settings = settings or Settings.from_env()
     _ensure_sqlite_folder(settings.broker_url)
-    app = Celery("chexmask", broker=settings.broker_url, include=["chexmask.worker.tasks"])
+    app = Celery("chexmask", broker=settings.broker_url)
     visibility = settings.visibility_timeout_s
     prefixes = scan_prefixes(settings.scan_prefixes)
     app.conf.update(
@@ -144,4 +133,11 @@ def prune_sqlite_broker(broker_url: str) -> int:
     return deleted
 
 
-app = create_app()
+def __getattr__(name: str) -> Celery:
+    # ``app`` on first use rather than on import: building it reads the environment
+    # and, for the embedded broker, creates its folder.
+    global app
+    if name != "app":
+        raise AttributeError(name)
+    app = create_app()
+    return app

@@ -11,6 +11,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from chexmask.anatomy import FRAME
 from chexmask.worker.metrics import landmark_scores
 from chexmask.worker.model import HybridGNet, segment_batch
 from chexmask.worker.train import list_ids, load_landmarks
@@ -26,7 +27,7 @@ def evaluate(model: HybridGNet, images: Path, landmarks: Path, ids: list[str] | 
         batch = np.stack([cv2.imread(str(images / f"{i}.png"), cv2.IMREAD_GRAYSCALE) for i in chunk])
         predicted, _ = segment_batch(model, batch)
         for image_id, pred in zip(chunk, predicted):
-            rows.append({"image_id": image_id, **landmark_scores(pred * 1024, load_landmarks(landmarks, image_id))})
+            rows.append({"image_id": image_id, **landmark_scores(pred * FRAME, load_landmarks(landmarks, image_id))})
     means = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k != "image_id"}
     return rows, {"images": len(rows), **means}
 

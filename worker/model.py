@@ -20,19 +20,15 @@ pass, with two deliberate differences:
 
 For speed on the CPU, pooling, the end of each residual block and the
 single-image BatchNorm run through kernels that compute the same operations in
-the same order (``max_pool2``, ``add_relu_pool``, ``cpu_norm``); the results
+the same order (``cpu_kernels``); the results
 are bit for bit those of torch's own operations, which
 ``HybridGNetConfig(fast_kernels=False)`` uses instead.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
-import urllib.parse
-import urllib.request
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -40,24 +36,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch_geometric.nn import ChebConv
 
-from chexmask.errors import WeightsError
-from chexmask.worker import cpu_norm
-
-# Landmarks per organ, in output order: right lung, left lung, heart.
-ORGAN_SIZES = {"RL": 44, "LL": 50, "H": 26}
-
-OFFICIAL_WEIGHTS_SHA256 = "b76bbb8c8ad9774cdf3ac81c9edf04bcc800b3c7f7eacf24ce7249038f3c640f"
+from chexmask.anatomy import FRAME, ORGAN_SIZES
+from chexmask.worker import cpu_kernels
+from chexmask.worker.cpu_kernels import add_relu_pool, max_pool2
 
 
 @dataclass(frozen=True)
 class HybridGNetConfig:
     latents: int = 64
-    input_size: int = 1024
+    input_size: int = FRAME
     encoder_channels: tuple[int, ...] = (8, 16, 32, 64, 128)
     filters: tuple[int, ...] = (2, 32, 32, 32, 16, 16, 16)  # decoder widths, fine to coarse
     K: int = 6  # Chebyshev order
     batch_invariant: bool = True
-    # Faster CPU kernels with torch's bits (cpu_norm, add_relu_pool, max_pool2). False runs
+    # Faster CPU kernels with torch's bits (cpu_kernels). False runs
     # the official operations only: the benchmark's naive loop and the tests' reference.
     fast_kernels: bool = True
 
@@ -121,7 +113,7 @@ class ImageNorm2d(nn.BatchNorm2d):
         if self.training or not self.batch_invariant or x.shape[0] == 1:
             fast = None
             if self.fast_kernels and not self.training:
-                fast = cpu_norm.batch_norm(x, self.weight, self.bias, self.eps)
+                fast = cpu_kernels.batch_norm(x, self.weight, self.bias, self.eps)
             return super().forward(x) if fast is None else fast
         return F.instance_norm(x, weight=self.weight, bias=self.bias, eps=self.eps)
 
@@ -154,34 +146,6 @@ class ResidualBlock(nn.Module):
             return max_pool2(self(x))
         shortcut = x if self.skip is None else self.skip(x)
         return add_relu_pool(self.block(x), shortcut)
-
-
-def max_pool2(x: torch.Tensor) -> torch.Tensor:
-    """``F.max_pool2d(x, 2)`` for even sizes, bit for bit, about 15x faster on the CPU:
-    the pooling kernel also computes argmax indices, which nothing here needs. Pairs
-    of rows first (long contiguous runs), then pairs of columns of half as much data."""
-    B, C, H, W = x.shape
-    rows = x.reshape(B, C, H // 2, 2, W)
-    rows = torch.maximum(rows[:, :, :, 0], rows[:, :, :, 1]).view(B, C, H // 2, W // 2, 2)
-    return torch.maximum(rows[..., 0], rows[..., 1])
-
-
-# Elements of one band of ``add_relu_pool`` (512 KiB of float32: stays in a core's L2 cache).
-BAND_ELEMENTS = 1 << 17
-
-
-def add_relu_pool(block: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
-    """``max_pool2(relu(block + shortcut))`` band by band of rows. Over whole maps the three
-    steps each stream the 32 MiB maps of the first level through memory, and memory
-    bandwidth is what two images segmented side by side compete for. Every output element
-    comes from the same element-wise operations, so the result is identical."""
-    B, C, H, W = block.shape
-    rows = max(2, BAND_ELEMENTS // (C * W) // 2 * 2)
-    out = block.new_empty(B, C, H // 2, W // 2)
-    for top in range(0, H, rows):
-        band = block[:, :, top:top + rows] + shortcut[:, :, top:top + rows]
-        out[:, :, top // 2:(top + rows) // 2] = max_pool2(band.relu_())
-    return out
 
 
 class Encoder(nn.Module):
@@ -371,77 +335,3 @@ def segment_batch(model: HybridGNet, images: np.ndarray) -> tuple[np.ndarray, np
         landmarks.append(lm[0].float().cpu().numpy())
         latents.append(mu[0].float().cpu().numpy())
     return np.stack(landmarks), np.stack(latents)
-
-
-# ---------------------------------------------------------------------------
-# Weights
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def fetch_weights(source: str, sha256: str | None, cache_dir: Path) -> Path:
-    """A local path for ``source`` (a path, file:// or http(s):// URL), checked
-    against the pinned ``sha256`` when one is given."""
-    parsed = urllib.parse.urlparse(source)
-    if parsed.scheme in ("http", "https"):
-        if not sha256:
-            raise WeightsError(f"weights URL {source} needs a pinned sha256 (CHEXMASK_WEIGHTS_SHA256)")
-        path = cache_dir / f"{sha256}.pt"
-        if not path.exists():
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".part")
-            try:
-                urllib.request.urlretrieve(source, tmp)
-            except OSError as exc:
-                raise WeightsError(f"could not download weights from {source}: {exc}") from exc
-            tmp.replace(path)
-    else:
-        path = Path(urllib.parse.unquote(parsed.path) if parsed.scheme == "file" else source).expanduser()
-    if not path.is_file():
-        raise WeightsError(
-            f"model weights not found at {path}. Pass --weights FILE or set CHEXMASK_WEIGHTS "
-            "(the official HybridGNet checkpoint or this project's default weights)."
-        )
-    if sha256 and (actual := file_sha256(path)) != sha256:
-        raise WeightsError(f"weights {path} have sha256 {actual}, expected {sha256}")
-    return path
-
-
-def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Read a checkpoint: the official ``torch.save(state_dict)`` file, or a compact one
-    (fp16 and/or without the eval-unused ``encoder.fc_logvar``), expanded to the
-    official layout in float32."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a bad file
-        raise WeightsError(f"{path} is not a readable PyTorch checkpoint: {exc}") from exc
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]  # a training checkpoint
-    state = {k: v.float() for k, v in state.items()}
-    ref = HybridGNet().state_dict()
-    for key in ("encoder.fc_logvar.weight", "encoder.fc_logvar.bias"):
-        state.setdefault(key, torch.zeros_like(ref[key]))
-    wrong = sorted(set(ref) ^ set(state)) + [k for k in ref if k in state and ref[k].shape != state[k].shape]
-    if wrong:
-        raise WeightsError(f"{path} is not a HybridGNet checkpoint (unexpected or missing keys: {wrong[:5]})")
-    return state
-
-
-def compact_state_dict(model: HybridGNet) -> dict[str, torch.Tensor]:
-    """The inference weights in half the space: fp16 and without ``encoder.fc_logvar``.
-    ``load_state_dict`` expands it back (fc_logvar as zeros, unused in eval)."""
-    return {k: v.detach().half() for k, v in model.state_dict().items() if not k.startswith("encoder.fc_logvar")}
-
-
-def load_model(path: Path, device: str = "cpu", cfg: HybridGNetConfig = HybridGNetConfig()) -> HybridGNet:
-    model = HybridGNet(cfg)
-    model.load_state_dict(load_state_dict(path))
-    if cfg.fast_kernels and torch.device(device).type == "cpu":
-        cpu_norm.exact_here()  # compile and check the kernel now, not on the first image
-    return model.to(device).eval()

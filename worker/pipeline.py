@@ -1,8 +1,11 @@
 """One image from bytes to a CheXmask segmentation, and many images overlapped.
 
 ``prepare`` (decode + preprocess), the model and ``finish`` (landmarks -> masks,
-RLE, overlay, files) of one image run one after the other; ``Segmenter.run``
-keeps every core busy by segmenting several images at once in threads.
+RLE, overlay, files) of one image run one after the other in one thread. The
+``Segmenter`` is the one engine for all callers: ``Segmenter.run`` keeps every
+core busy by segmenting several images at once in its own threads (``chexmask
+segment``), and ``Segmenter.segment`` serves callers that bring their own
+threads (the embedded server, Celery workers), each image in the caller's thread.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -23,6 +27,7 @@ import numpy as np
 import torch
 
 from chexmask import PIPELINE_VERSION
+from chexmask.anatomy import CSV_MASK_COLUMNS, FRAME, ORGAN_NAMES
 from chexmask.errors import RefusedInput
 from chexmask.worker.decode import decode_image
 from chexmask.worker.memory import keep_freed_memory
@@ -40,9 +45,6 @@ from chexmask.worker.weights import ModelInfo
 
 log = logging.getLogger(__name__)
 
-# CheXmask CSV names of the organs, in its column order.
-CSV_ORGANS = {"Left Lung": "LL", "Right Lung": "RL", "Heart": "H"}
-MASK_FILES = {"RL": "right_lung", "LL": "left_lung", "H": "heart"}
 
 
 @dataclass
@@ -73,10 +75,10 @@ class Segmentation:
 
     def __post_init__(self) -> None:
         p = self.prepared.padding
-        self.landmarks_1024 = landmarks_to_pixels(self.landmarks / 1024)
+        self.landmarks_1024 = landmarks_to_pixels(self.landmarks / FRAME)
         self.landmarks_original = to_original(self.landmarks, p)
         self.masks_original = organ_masks(self.landmarks_original, p.height, p.width)
-        self.masks_1024 = organ_masks(self.landmarks_1024, 1024, 1024)
+        self.masks_1024 = organ_masks(self.landmarks_1024, FRAME, FRAME)
         self.rle = {k: rle_encode(m) for k, m in self.masks_original.items()}
         self.rle_1024 = {k: rle_encode(m) for k, m in self.masks_1024.items()}
 
@@ -96,7 +98,7 @@ class Segmentation:
             "landmarks_1024": self.landmarks_1024.tolist(),
             "landmarks_original": self.landmarks_original.tolist(),
             "latent": self.latent.astype(float).tolist(),
-            "rle": {MASK_FILES[k]: v for k, v in self.rle.items()},
+            "rle": self.rle_by_name()[0],
             "preprocessing": p.padding.to_dict(),
             "source": p.source,
             "model": self.model.to_dict(),
@@ -104,9 +106,14 @@ class Segmentation:
             "seconds": {k: round(v, 4) for k, v in p.seconds.items()},
         }
 
+    def rle_by_name(self) -> tuple[dict[str, str], dict[str, str]]:
+        """RLE by organ name (``right_lung``, ...), at original resolution and at 1024."""
+        return ({ORGAN_NAMES[k]: v for k, v in self.rle.items()},
+                {ORGAN_NAMES[k]: v for k, v in self.rle_1024.items()})
+
     def pictures(self) -> dict[str, bytes]:
         """Pictures by file name: a PNG mask per organ at original resolution and a JPEG overlay at 1024."""
-        files = {f"{MASK_FILES[k]}.png": _png(m) for k, m in self.masks_original.items()}
+        files = {f"{ORGAN_NAMES[k]}.png": _png(m) for k, m in self.masks_original.items()}
         files["overlay.jpg"] = overlay_jpeg(self.prepared.image, self.masks_1024, self.landmarks_1024)
         return files
 
@@ -114,7 +121,7 @@ class Segmentation:
         """A row of the CheXmask layout at original resolution (Dice columns empty until QC)."""
         row: dict[str, object] = {"Dice RCA (Mean)": "", "Dice RCA (Max)": ""}
         row["Landmarks"] = csv_landmarks_original(self.landmarks_original)
-        row.update({col: self.rle[organ] for col, organ in CSV_ORGANS.items()})
+        row.update({col: self.rle[organ] for col, organ in CSV_MASK_COLUMNS.items()})
         row.update({"Height": self.prepared.padding.height, "Width": self.prepared.padding.width})
         return row
 
@@ -177,6 +184,7 @@ class Segmenter:
         self.model, self.info = model, info
         self.batch_size = max(1, batch_size)
         self.workers = max(1, workers or os.cpu_count() or 1)
+        self._thread = threading.local()
         keep_freed_memory()
 
     @property
@@ -190,13 +198,17 @@ class Segmenter:
         return max(1, (os.cpu_count() or 1) // self.workers)
 
     def segment(self, items: list[Prepared]) -> list[Segmentation]:
-        """Infer one batch and post-process it."""
+        """Infer one batch and post-process it, in the calling thread (which gets
+        ``torch_threads`` intra-op threads on its first call)."""
+        if getattr(self._thread, "torch_threads", None) != self.torch_threads:
+            torch.set_num_threads(self.torch_threads)  # a per-thread setting
+            self._thread.torch_threads = self.torch_threads
         started = time.perf_counter()
         landmarks, latents = segment_batch(self.model, np.stack([p.image for p in items]))
         per_image = (time.perf_counter() - started) / len(items)
         for p in items:
             p.seconds["inference"] = per_image
-        return [Segmentation(p, lm * 1024, z, self.info) for p, lm, z in zip(items, landmarks, latents)]
+        return [Segmentation(p, lm * FRAME, z, self.info) for p, lm, z in zip(items, landmarks, latents)]
 
     def run(self, sources: Iterable[tuple[str, Callable[[], bytes]]],
             finish: Callable[[Outcome], None] | None = None) -> Iterator[Outcome]:
@@ -209,8 +221,7 @@ class Segmenter:
         sources = list(sources)
         size = self.thread_batch
         chunks = [sources[i:i + size] for i in range(0, len(sources), size)]
-        with ThreadPoolExecutor(self.workers, thread_name_prefix="chexmask-segment",
-                                initializer=torch.set_num_threads, initargs=(self.torch_threads,)) as pool:
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="chexmask-segment") as pool:
             running: deque[Future[list[Outcome]]] = deque()
             for chunk in chunks:
                 running.append(pool.submit(self._run_chunk, chunk, finish))

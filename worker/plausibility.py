@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from chexmask.worker.postprocess import ORGANS
+from chexmask.anatomy import FRAME, ORGAN_ROWS
 
-FRAME_AREA = 1024 * 1024
+FRAME_AREA = FRAME * FRAME
 LUNG_AREA_RANGE = (0.08, 0.65)      # both lungs, fraction of the 1024 frame
 HEART_LUNG_RANGE = (0.08, 0.90)     # heart area / lung area
 LEFT_RIGHT_RANGE = (0.35, 1.60)     # left lung area / right lung area
@@ -159,7 +159,7 @@ class ShapeModel:
 def check(landmarks: np.ndarray, shape_model: ShapeModel | None = None) -> Plausibility:
     """Flags and scores of one landmark set [120,2] in the 1024 frame (model order)."""
     points = np.asarray(landmarks, dtype=np.float64)
-    organ = {name.lower(): points[rows] for name, rows in ORGANS.items()}
+    organ = {name.lower(): points[rows] for name, rows in ORGAN_ROWS.items()}
     result = Plausibility()
     flags, scores = result.flags, result.scores
 

@@ -12,15 +12,9 @@ import sys
 import cv2
 import numpy as np
 
-from chexmask.worker.preprocess import INPUT_SIZE, Padding
+from chexmask.anatomy import FRAME, ORGAN_ROWS
+from chexmask.worker.preprocess import Padding
 
-# Landmark rows of each organ in the model's 120-point output.
-ORGANS: dict[str, slice] = {
-    "RL": slice(0, 44),  # right lung
-    "LL": slice(44, 94),  # left lung
-    "H": slice(94, 120),  # heart
-}
-N_LANDMARKS = 120
 
 OVERLAY_JPEG_QUALITY = 90
 # BGR fill colours of the overlay, and how much of the X-ray shows through.
@@ -32,7 +26,7 @@ _OVERLAY_COLOURS: dict[str, tuple[int, int, int]] = {
 _OVERLAY_ALPHA = 0.35
 
 
-def landmarks_to_pixels(landmarks01: np.ndarray, size: int = INPUT_SIZE) -> np.ndarray:
+def landmarks_to_pixels(landmarks01: np.ndarray, size: int = FRAME) -> np.ndarray:
     """Model output in [0, 1] units to integer pixels of the ``size`` frame."""
     return np.round(np.asarray(landmarks01) * size).astype(np.int64)
 
@@ -50,7 +44,7 @@ def organ_masks(points: np.ndarray, height: int, width: int) -> dict[str, np.nda
     """
     points = np.asarray(points)
     masks = {}
-    for organ, rows in ORGANS.items():
+    for organ, rows in ORGAN_ROWS.items():
         mask = np.zeros((height, width), np.uint8)
         cv2.drawContours(mask, [_polygon(points[rows])], -1, 255, thickness=cv2.FILLED)
         masks[organ] = mask
@@ -62,7 +56,7 @@ def combined_mask(points: np.ndarray, height: int, width: int) -> np.ndarray:
     points = np.asarray(points)
     mask = np.zeros((height, width), np.uint8)
     for organ, value in (("RL", 1), ("LL", 1), ("H", 2)):
-        cv2.drawContours(mask, [_polygon(points[ORGANS[organ]])], -1, value, thickness=cv2.FILLED)
+        cv2.drawContours(mask, [_polygon(points[ORGAN_ROWS[organ]])], -1, value, thickness=cv2.FILLED)
     return mask
 
 
@@ -87,7 +81,7 @@ def rle_decode(rle: str, height: int, width: int) -> np.ndarray:
     return flat.reshape(height, width)
 
 
-def to_original(landmarks1024: np.ndarray, padding: Padding, size: int = INPUT_SIZE) -> np.ndarray:
+def to_original(landmarks1024: np.ndarray, padding: Padding, size: int = FRAME) -> np.ndarray:
     """Back-project 1024-frame landmarks onto the original image (integer pixels).
 
     This is back_mimic/back_vin with the true height and width (SPEC 9.4
@@ -132,7 +126,7 @@ def overlay_jpeg(image: np.ndarray, masks: dict[str, np.ndarray], landmarks: np.
     # Lines and dots scale with the image so they stay visible on large originals.
     thickness = max(1, round(max(image.shape) / 512))
     landmarks = np.asarray(landmarks)
-    for organ, rows in ORGANS.items():
+    for organ, rows in ORGAN_ROWS.items():
         colour = _OVERLAY_COLOURS[organ]
         cv2.polylines(picture, [_polygon(landmarks[rows])], True, colour, thickness, cv2.LINE_AA)
         for x, y in landmarks[rows]:

@@ -13,10 +13,10 @@ from dataclasses import asdict, dataclass
 import cv2
 import numpy as np
 
+from chexmask.anatomy import FRAME
 from chexmask.errors import RefusedInput
 from chexmask.worker.decode import DecodedImage
 
-INPUT_SIZE = 1024
 # remove_padding keeps pixels strictly above this value: 1 still counts as padding.
 _PADDING_MAX_VALUE = 1
 
@@ -56,11 +56,11 @@ class Padding:
 
 @dataclass
 class Preprocessed:
-    image: np.ndarray  # uint8, INPUT_SIZE x INPUT_SIZE
+    image: np.ndarray  # uint8, FRAME x FRAME
     padding: Padding
 
 
-def preprocess(decoded: DecodedImage, size: int = INPUT_SIZE) -> Preprocessed:
+def preprocess(decoded: DecodedImage, size: int = FRAME) -> Preprocessed:
     """SPEC 9.1 for raster files, 9.2 for DICOM (which skips remove_padding)."""
     image = decoded.pixels
     height, width = image.shape
@@ -99,7 +99,7 @@ def pad_to_square_centered(image: np.ndarray) -> tuple[np.ndarray, tuple[int, in
     return square, (left, top, right, bottom)
 
 
-def resize(square: np.ndarray, size: int = INPUT_SIZE) -> np.ndarray:
+def resize(square: np.ndarray, size: int = FRAME) -> np.ndarray:
     # OpenCV's default INTER_LINEAR on uint8 is fixed-point (and an exact 2x
     # downscale becomes INTER_AREA); a float bilinear differs by +-1 on ~10 % of
     # pixels (SPEC 9.1 step 4), so the library call is the specification.

@@ -33,12 +33,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from chexmask.worker.postprocess import ORGANS
+from chexmask.anatomy import FRAME, ORGAN_ROWS
 
 if TYPE_CHECKING:
     from chexmask.worker.bank import ReferenceBank
 
-FRAME = 1024
 ORGAN_KEYS = ("rl", "ll", "lungs", "heart")  # right and left lung, both lungs, heart
 
 
@@ -241,7 +240,7 @@ def _masks(points: np.ndarray, size: int) -> dict[str, np.ndarray]:
     masks = {}
     for organ, name in (("RL", "rl"), ("LL", "ll"), ("H", "heart")):
         mask = np.zeros((size, size), np.uint8)
-        cv2.drawContours(mask, [scaled[ORGANS[organ]].reshape(-1, 1, 2)], -1, 1, thickness=cv2.FILLED)
+        cv2.drawContours(mask, [scaled[ORGAN_ROWS[organ]].reshape(-1, 1, 2)], -1, 1, thickness=cv2.FILLED)
         masks[name] = mask.astype(bool)
     masks["lungs"] = masks["rl"] | masks["ll"]
     return masks

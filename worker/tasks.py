@@ -1,9 +1,8 @@
-"""Celery tasks: thin wrappers over ``Service`` that add retries and hand-offs.
+"""Celery tasks of the worker: segment and QC, thin wrappers over ``Service``.
 
-ingest -> segment -> qc. A task raises ``TransientError`` -> retried with
-exponential backoff; any other error -> retried a couple of times, then the
-image is marked failed with the reason; ``RefusedInput`` is recorded as
-refused inside ``Service.segment`` and never retried.
+segment -> qc. A task that raises is retried as ``chexmask.retry`` says (a
+refusal is recorded inside ``Service.segment`` and never retried); once the
+retries are spent the image is marked failed with the reason.
 """
 
 from __future__ import annotations
@@ -12,16 +11,16 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict
 from typing import TypeVar
 
 from celery import Task
 from celery.signals import worker_process_init
 
 from chexmask.config import Settings
-from chexmask.ingest.arrival import Arrival
-from chexmask.worker.celery_app import INGEST_TASK, QC_TASK, SCAN_TASK, SEGMENT_TASK, app
-from chexmask.worker.service import RETRY, Service
+from chexmask.queues import QC_TASK, SEGMENT_TASK
+from chexmask.retry import RETRY
+from chexmask.worker.celery_app import app
+from chexmask.worker.service import Service
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -41,44 +40,35 @@ def service() -> Service:
 
 @worker_process_init.connect
 def _fresh_service_after_fork(**_: object) -> None:
-    # Database connections and model threads do not survive a fork; each child builds its own.
+    # Database connections do not survive a fork; each child builds its own.
     global _service
     _service = None
 
 
-def _attempt(task: Task, image_id: int | None, work: Callable[[], T]) -> T:
-    # The tasks have max_retries=None: RETRY decides, per kind of error.
+def attempt(task: Task, work: Callable[[], T], on_give_up: Callable[[Exception], None] = lambda exc: None) -> T:
+    """``work()``, retried through Celery as ``RETRY`` says (the tasks have
+    max_retries=None: the policy decides, per kind of error)."""
     try:
         return work()
     except Exception as exc:
-        retries = task.request.retries
-        if retries < RETRY.retries_for(exc):
-            countdown = RETRY.delay(retries)
-            log.warning("%s[%s] retry %d in %.0f s: %s", task.name, task.request.id, retries + 1, countdown, exc)
-            raise task.retry(exc=exc, countdown=countdown)
-        if image_id is not None:
-            service().fail(image_id, exc)
+        delay = RETRY.next_delay(exc, task.request.retries)
+        if delay is not None:
+            log.warning("%s[%s] retry %d in %.0f s: %s", task.name, task.request.id,
+                        task.request.retries + 1, delay, exc)
+            raise task.retry(exc=exc, countdown=delay) from exc
+        on_give_up(exc)
         raise
-
-
-@app.task(name=INGEST_TASK, bind=True, max_retries=None)
-def ingest(self: Task, arrival: dict) -> int | None:
-    """Read, hash and register one arrival, then queue its segmentation."""
-    ingested = _attempt(self, None, lambda: service().ingest(Arrival.from_dict(arrival)))
-    if ingested is None:
-        return None
-    segment.delay(ingested.image_id, {"ingest": ingested.seconds}, time.time())
-    return ingested.image_id
 
 
 @app.task(name=SEGMENT_TASK, bind=True, max_retries=None)
 def segment(self: Task, image_id: int, timings: dict[str, float] | None = None,
             queued_at: float | None = None) -> str:
-    """Segment one registered image (batched with the others this worker holds)."""
+    """Segment one registered image, then queue its QC."""
     timings = dict(timings or {})
     if queued_at is not None:
         timings["queue_wait"] = max(0.0, time.time() - queued_at)
-    result = _attempt(self, image_id, lambda: service().segment(image_id, timings=timings))
+    result = attempt(self, lambda: service().segment(image_id, timings=timings),
+                     lambda exc: service().fail(image_id, exc))
     if result.qc_pending:
         qc.delay(result.segmentation_id)
     return result.status.value
@@ -86,18 +76,4 @@ def segment(self: Task, image_id: int, timings: dict[str, float] | None = None,
 
 @app.task(name=QC_TASK, bind=True, max_retries=None)
 def qc(self: Task, segmentation_id: int) -> str:
-    return _attempt(self, None, lambda: service().qc(segmentation_id)).value
-
-
-@app.task(name=SCAN_TASK, bind=True, max_retries=None)
-def scan(self: Task, uri: str, dataset: str | None = None, release: str | None = None) -> dict:
-    """A periodic scan of a configured prefix (``CHEXMASK_SCAN_PREFIXES``)."""
-    from chexmask.ingest.queue import CeleryQueue, Intake
-    from chexmask.ingest.registry import Registry
-    from chexmask.ingest.scanner import ReleaseScanner
-
-    s = service()
-    intake = Intake(Registry(s.index), CeleryQueue(app))
-    scanner = ReleaseScanner(intake, dataset=dataset, release=release,
-                             state_dir=s.settings.home / "scans", progress=False)
-    return asdict(_attempt(self, None, lambda: scanner.scan(uri)))
+    return attempt(self, lambda: service().qc(segmentation_id)).value

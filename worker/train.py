@@ -24,11 +24,13 @@ from tqdm import tqdm
 
 from chexmask.worker.memory import keep_freed_memory
 from chexmask.worker.metrics import landmark_scores
-from chexmask.worker.model import ORGAN_SIZES, HybridGNet, compact_state_dict, to_input
+from chexmask.anatomy import FRAME, ORGAN_ROWS, ORGAN_SIZES
+from chexmask.worker.model import HybridGNet, to_input
+from chexmask.worker.weights import compact_state_dict
 
 log = logging.getLogger(__name__)
 
-ORGANS = tuple(ORGAN_SIZES)  # RL, LL, H: the order of the 120 landmarks
+ORGANS = tuple(ORGAN_ROWS)  # RL, LL, H: the annotation folders, in landmark order
 
 
 @dataclass
@@ -79,7 +81,7 @@ def augment(image: np.ndarray, points: np.ndarray, rng: np.random.Generator):
     shift = rng.uniform(-40, 40, size=2)
     M = cv2.getRotationMatrix2D((512, 512), angle, scale)
     M[:, 2] += shift
-    image = cv2.warpAffine(image, M, (1024, 1024), flags=cv2.INTER_LINEAR, borderValue=0)
+    image = cv2.warpAffine(image, M, (FRAME, FRAME), flags=cv2.INTER_LINEAR, borderValue=0)
     points = points @ M[:, :2].T + M[:, 2]
     x = image.astype(np.float32) / 255
     x = np.clip((x ** rng.uniform(0.7, 1.4)) * rng.uniform(0.85, 1.15) + rng.uniform(-0.08, 0.08), 0, 1)
@@ -99,7 +101,7 @@ class LandmarkDataset(torch.utils.data.Dataset):
         points = load_landmarks(self.landmarks, self.ids[i])
         if self.train:
             image, points = augment(image, points, self.rng)
-        return to_input(image[None])[0], torch.from_numpy(points / 1024)
+        return to_input(image[None])[0], torch.from_numpy(points / FRAME)
 
 
 # ---------------------------------------------------------------------------
@@ -150,8 +152,8 @@ def validate(model: HybridGNet, loader, device: str) -> dict:
     model.eval()
     scores = []
     for x, target in loader:
-        landmarks = model(x.to(device))[0].float().cpu().numpy() * 1024
-        for pred, true in zip(landmarks, target.numpy() * 1024):
+        landmarks = model(x.to(device))[0].float().cpu().numpy() * FRAME
+        for pred, true in zip(landmarks, target.numpy() * FRAME):
             scores.append(landmark_scores(pred, true))
     model.train()
     return {k: float(np.mean([s[k] for s in scores])) for k in scores[0]}
@@ -176,7 +178,7 @@ def train(images: Path, landmarks: Path, out: Path, cfg: TrainConfig, device: st
     model = HybridGNet().to(device, memory_format=torch.channels_last)
     init_official(model)
     if init_weights is not None:
-        from chexmask.worker.model import load_state_dict
+        from chexmask.worker.weights import load_state_dict
 
         model.load_state_dict(load_state_dict(init_weights))
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

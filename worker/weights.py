@@ -1,4 +1,4 @@
-"""Which weights a run uses, and their identity.
+"""HybridGNet weights: which a run uses, their identity, and reading and writing them.
 
 Weights come from ``--weights``, else ``CHEXMASK_WEIGHTS``, else the default
 model shipped in ``chexmask/weights`` (listed in its ``manifest.json`` with a
@@ -7,14 +7,22 @@ pinned sha256). A model version names results in the store and the index.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import urllib.parse
+import urllib.request
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 
+import torch
+
 from chexmask.config import Settings
 from chexmask.errors import WeightsError
-from chexmask.worker.model import OFFICIAL_WEIGHTS_SHA256, HybridGNet, fetch_weights, file_sha256, load_model
+from chexmask.worker import cpu_kernels
+from chexmask.worker.model import HybridGNet, HybridGNetConfig
+
+OFFICIAL_WEIGHTS_SHA256 = "b76bbb8c8ad9774cdf3ac81c9edf04bcc800b3c7f7eacf24ce7249038f3c640f"
 
 
 @dataclass(frozen=True)
@@ -60,3 +68,77 @@ def resolve_weights(source: str | None, settings: Settings) -> tuple[Path, Model
 def load(source: str | None, settings: Settings, device: str) -> tuple[HybridGNet, ModelInfo]:
     path, info = resolve_weights(source, settings)
     return load_model(path, device), info
+
+
+# ---------------------------------------------------------------------------
+# Reading and writing checkpoints
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fetch_weights(source: str, sha256: str | None, cache_dir: Path) -> Path:
+    """A local path for ``source`` (a path, file:// or http(s):// URL), checked
+    against the pinned ``sha256`` when one is given."""
+    parsed = urllib.parse.urlparse(source)
+    if parsed.scheme in ("http", "https"):
+        if not sha256:
+            raise WeightsError(f"weights URL {source} needs a pinned sha256 (CHEXMASK_WEIGHTS_SHA256)")
+        path = cache_dir / f"{sha256}.pt"
+        if not path.exists():
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".part")
+            try:
+                urllib.request.urlretrieve(source, tmp)
+            except OSError as exc:
+                raise WeightsError(f"could not download weights from {source}: {exc}") from exc
+            tmp.replace(path)
+    else:
+        path = Path(urllib.parse.unquote(parsed.path) if parsed.scheme == "file" else source).expanduser()
+    if not path.is_file():
+        raise WeightsError(
+            f"model weights not found at {path}. Pass --weights FILE or set CHEXMASK_WEIGHTS "
+            "(the official HybridGNet checkpoint or this project's default weights)."
+        )
+    if sha256 and (actual := file_sha256(path)) != sha256:
+        raise WeightsError(f"weights {path} have sha256 {actual}, expected {sha256}")
+    return path
+
+
+def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Read a checkpoint: the official ``torch.save(state_dict)`` file, or a compact one
+    (fp16 and/or without the eval-unused ``encoder.fc_logvar``), expanded to the
+    official layout in float32."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a bad file
+        raise WeightsError(f"{path} is not a readable PyTorch checkpoint: {exc}") from exc
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]  # a training checkpoint
+    state = {k: v.float() for k, v in state.items()}
+    ref = HybridGNet().state_dict()
+    for key in ("encoder.fc_logvar.weight", "encoder.fc_logvar.bias"):
+        state.setdefault(key, torch.zeros_like(ref[key]))
+    wrong = sorted(set(ref) ^ set(state)) + [k for k in ref if k in state and ref[k].shape != state[k].shape]
+    if wrong:
+        raise WeightsError(f"{path} is not a HybridGNet checkpoint (unexpected or missing keys: {wrong[:5]})")
+    return state
+
+
+def compact_state_dict(model: HybridGNet) -> dict[str, torch.Tensor]:
+    """The inference weights in half the space: fp16 and without ``encoder.fc_logvar``.
+    ``load_state_dict`` expands it back (fc_logvar as zeros, unused in eval)."""
+    return {k: v.detach().half() for k, v in model.state_dict().items() if not k.startswith("encoder.fc_logvar")}
+
+
+def load_model(path: Path, device: str = "cpu", cfg: HybridGNetConfig = HybridGNetConfig()) -> HybridGNet:
+    model = HybridGNet(cfg)
+    model.load_state_dict(load_state_dict(path))
+    if cfg.fast_kernels and torch.device(device).type == "cpu":
+        cpu_kernels.exact_here()  # compile and check the kernel now, not on the first image
+    return model.to(device).eval()

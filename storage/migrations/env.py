@@ -31,7 +31,7 @@ def _configure(connection: Connection) -> None:
 
 def _database_url() -> str:
     from chexmask.config import Settings
-    from chexmask.storage.index import engine_url
+    from chexmask.storage.engine import engine_url
 
     return engine_url(Settings.from_env().database_url)
 

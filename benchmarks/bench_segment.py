@@ -8,7 +8,7 @@ splits the gain: the allocator, then the fast kernels and parallel images. All
 modes run on the same mixed set of real images in the same invocation,
 interleaved, each run in its own process (so peak memory is its own), and their
 landmarks and latents must be identical.
-Usage: ``python -m chexmask.worker.bench [--images N] [--weights FILE] [--repeat N]``.
+Usage: ``python -m benchmarks.bench_segment [--images N] [--weights FILE] [--repeat N]``.
 """
 
 from __future__ import annotations
@@ -27,12 +27,12 @@ import torch
 
 from chexmask.config import Settings
 from chexmask.errors import RefusedInput
-from chexmask.worker import cpu_norm
-from chexmask.worker.commands import collect_paths
+from chexmask.worker import cpu_kernels
+from chexmask.files import image_files
 from chexmask.worker.memory import keep_freed_memory
-from chexmask.worker.model import HybridGNet, HybridGNetConfig, load_model, segment_batch
+from chexmask.worker.model import HybridGNet, HybridGNetConfig, segment_batch
 from chexmask.worker.pipeline import Outcome, Segmentation, Segmenter, prepare, write_outputs
-from chexmask.worker.weights import ModelInfo, resolve_weights
+from chexmask.worker.weights import ModelInfo, load_model, resolve_weights
 
 # The naive loop as the official script runs it, and the same loop with the memory
 # allocator tuned as the pipeline tunes it (to show what each part of the gain is).
@@ -45,7 +45,7 @@ def bench_images(count: int) -> list[Path]:
     and pydicom-data's RG1 chest in uncompressed and JPEG 2000 form, cycled to ``count``."""
     from pydicom.data import get_testdata_file
 
-    found = collect_paths((SHARED_SAMPLES,)) if SHARED_SAMPLES.is_dir() else []
+    found = image_files((SHARED_SAMPLES,)) if SHARED_SAMPLES.is_dir() else []
     found += [Path(p) for n in ("RG1_UNCR.dcm", "RG1_J2KR.dcm") if (p := get_testdata_file(n, download=False))]
     if not found:
         sys.exit("no benchmark images: install pydicom-data or place ../shared beside the checkout")
@@ -56,7 +56,7 @@ def _model(weights: str | None, cfg: HybridGNetConfig = HybridGNetConfig()) -> t
     if weights == "random":
         torch.manual_seed(0)
         if cfg.fast_kernels:
-            cpu_norm.exact_here()  # as load_model does: compile before the clock starts
+            cpu_kernels.exact_here()  # as load_model does: compile before the clock starts
         return HybridGNet(cfg).eval(), ModelInfo("random", "random", "", "")
     path, info = resolve_weights(weights, Settings.from_env())
     return load_model(path, "cpu", cfg), info
@@ -124,7 +124,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(args.repeat):  # interleaved, so both modes see the same machine noise
             for mode in runs:
-                cmd = [sys.executable, "-m", "chexmask.worker.bench", "--mode", mode, "--images", str(args.images),
+                cmd = [sys.executable, "-m", "benchmarks.bench_segment", "--mode", mode, "--images", str(args.images),
                        "--batch-size", str(args.batch_size), "--out", f"{tmp}/{mode}"]
                 if args.weights:
                     cmd += ["--weights", args.weights]

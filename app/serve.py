@@ -1,7 +1,7 @@
 """``chexmask serve``: the whole pipeline in one process, with no server to run.
 
-A folder watcher feeds a pool of threads; each thread ingests, segments and
-QCs one image at a time, and their model calls meet in one ``BatchRunner``.
+A folder watcher feeds a pool of threads; each thread admits, segments and
+QCs one image at a time, the model running in the thread itself (``Service``).
 Results go to the index (SQLite by default) and the store (a folder).
 
 There is no broker: the index is the queue. An image registered but not
@@ -21,13 +21,14 @@ from pathlib import Path
 from typing import TypeVar
 
 from chexmask.config import Settings
-from chexmask.ingest.arrival import Arrival
 from chexmask.ingest.queue import Intake
 from chexmask.ingest.registry import Registry
 from chexmask.ingest.watcher import DEFAULT_RECONCILE_S, DEFAULT_SETTLE_S, FolderWatcher
+from chexmask.messages import Arrival
+from chexmask.retry import RETRY
 from chexmask.status import ImageStatus
-from chexmask.storage.index import QueryFilters
-from chexmask.worker.service import RETRY, Result, Service
+from chexmask.storage.queries import QueryFilters
+from chexmask.worker.service import Result, Service
 from chexmask.worker.weights import ModelInfo
 
 log = logging.getLogger(__name__)
@@ -77,14 +78,15 @@ class Server:
         self._pool = ThreadPoolExecutor(threads or 2 * settings.batch_size, thread_name_prefix="chexmask-serve")
         self._futures: set[Future] = set()
         self._lock = threading.Lock()
-        self.intake = Intake(Registry(self.service.index), self)
+        self.registry = Registry(self.service.index)
+        self.intake = Intake(self.registry, self)
         self.watcher = FolderWatcher(inbox, self.offer, polling=polling, settle=settle,
                                      reconcile_every=reconcile_every)
 
     def start(self) -> ModelInfo:
         """Migrate the index, load the model, and take up unfinished images."""
         self.service.index.upgrade()
-        info = self.service.runner.info
+        info = self.service.model
         self._recover(info.version)
         return info
 
@@ -155,11 +157,11 @@ class Server:
 
     def _process_arrival(self, arrival: Arrival) -> None:
         started = time.monotonic()
-        ingested = self._retrying(None, arrival.name, lambda: self.service.ingest(arrival, keep_bytes=True))
-        if ingested is None:
+        admitted = self._retrying(None, arrival.name, lambda: self.registry.admit(arrival, keep_bytes=True))
+        if admitted is None:
             self._done(Done(arrival.name, "gone", "already handled or no longer there"))
             return
-        self._process_image(ingested.image_id, arrival.name, ingested.data, {"ingest": ingested.seconds}, started)
+        self._process_image(admitted.image_id, arrival.name, admitted.data, {"ingest": admitted.seconds}, started)
 
     def _process_image(self, image_id: int, label: str, data: bytes | None, timings: dict[str, float],
                        started: float | None = None) -> None:
@@ -173,21 +175,17 @@ class Server:
         self._done(_done(label, result, time.monotonic() - started))
 
     def _retrying(self, image_id: int | None, label: str, work: Callable[[], T]) -> T | None:
-        retry = 0
-        while True:
-            try:
-                return work()
-            except Exception as exc:
-                if retry >= RETRY.retries_for(exc):
-                    if image_id is not None:
-                        self.service.fail(image_id, exc)
-                    log.exception("%s failed", label)
-                    self._done(Done(label, "failed", f"{type(exc).__name__}: {exc}"))
-                    return None
-                delay = RETRY.delay(retry)
-                log.warning("%s: %s; retrying in %.0f s", label, exc, delay)
-                time.sleep(delay)
-                retry += 1
+        """``work()`` retried in this thread as ``RETRY`` says; a failure for good is
+        recorded (and the image failed) and answers None."""
+        try:
+            return RETRY.run(work, on_retry=lambda exc, delay: log.warning(
+                "%s: %s; retrying in %.0f s", label, exc, delay))
+        except Exception as exc:
+            if image_id is not None:
+                self.service.fail(image_id, exc)
+            log.exception("%s failed", label)
+            self._done(Done(label, "failed", f"{type(exc).__name__}: {exc}"))
+            return None
 
     def _done(self, done: Done) -> None:
         with self._lock:

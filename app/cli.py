@@ -1,7 +1,7 @@
 """The ``chexmask`` command: a thin layer over the library.
 
-Each subsystem defines its commands next to its code; this file only wires them
-into one group. Command modules are imported when their command runs, so that
+The commands live beside this file, grouped by what they work on (the model,
+the pipeline, the index); this file only wires them into one group. Command modules are imported when their command runs, so that
 ``chexmask --help`` or ``chexmask query`` does not pay for importing torch.
 """
 
@@ -18,21 +18,21 @@ from chexmask.errors import ChexmaskError
 
 # command name -> (module defining ``<name>_command``, one-line help for the listing)
 COMMANDS = {
-    "segment": ("chexmask.worker.commands", "Segment chest X-rays (files or folders of DICOM, PNG or JPEG)."),
-    "serve": ("chexmask.ingest.commands", "All in one, no servers: watch an inbox, segment, store and index."),
-    "worker": ("chexmask.worker.worker_commands", "Run a Celery worker (ingest, segment and QC queues)."),
-    "watch": ("chexmask.ingest.commands", "Watch a folder and queue the images that arrive."),
-    "listen": ("chexmask.ingest.commands", "Queue images announced by S3 (SQS) or MinIO (Redis list, webhook) events."),
-    "scan": ("chexmask.ingest.commands", "Queue the new or changed images of a folder or S3 prefix (a dataset release)."),
-    "reprocess": ("chexmask.ingest.commands", "Queue the images that lack a segmentation from a model."),
-    "query": ("chexmask.storage.commands", "List segmentations matching the filters."),
-    "export": ("chexmask.storage.commands", "Write a dataset's masks in the CheXmask CSV layout (or Parquet)."),
-    "stats": ("chexmask.storage.commands", "Counts by status and Dice RCA summaries per dataset and release."),
-    "api": ("chexmask.storage.commands", "Serve the read-only HTTP API (OpenAPI docs at /docs)."),
-    "db": ("chexmask.storage.commands", "Manage the index database schema."),
+    "segment": ("chexmask.app.model_cli", "Segment chest X-rays (files or folders of DICOM, PNG or JPEG)."),
+    "serve": ("chexmask.app.pipeline_cli", "All in one, no servers: watch an inbox, segment, store and index."),
+    "worker": ("chexmask.app.pipeline_cli", "Run a Celery worker (ingest, segment and QC queues)."),
+    "watch": ("chexmask.app.pipeline_cli", "Watch a folder and queue the images that arrive."),
+    "listen": ("chexmask.app.pipeline_cli", "Queue images announced by S3 (SQS) or MinIO (Redis list, webhook) events."),
+    "scan": ("chexmask.app.pipeline_cli", "Queue the new or changed images of a folder or S3 prefix (a dataset release)."),
+    "reprocess": ("chexmask.app.pipeline_cli", "Queue the images that lack a segmentation from a model."),
+    "query": ("chexmask.app.index_cli", "List segmentations matching the filters."),
+    "export": ("chexmask.app.index_cli", "Write a dataset's masks in the CheXmask CSV layout (or Parquet)."),
+    "stats": ("chexmask.app.index_cli", "Counts by status and Dice RCA summaries per dataset and release."),
+    "api": ("chexmask.app.index_cli", "Serve the read-only HTTP API (OpenAPI docs at /docs)."),
+    "db": ("chexmask.app.index_cli", "Manage the index database schema."),
     "qc": ("chexmask.worker.qc_commands", "Quality control: build an RCA reference bank, validate RCA."),
-    "train": ("chexmask.worker.commands", "Train HybridGNet on landmark-annotated chest X-rays (resumable)."),
-    "evaluate": ("chexmask.worker.commands", "Dice, Hausdorff distance and landmark error against annotations."),
+    "train": ("chexmask.app.model_cli", "Train HybridGNet on landmark-annotated chest X-rays (resumable)."),
+    "evaluate": ("chexmask.app.model_cli", "Dice, Hausdorff distance and landmark error against annotations."),
 }
 
 

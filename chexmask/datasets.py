@@ -1,8 +1,10 @@
-"""Which dataset an image belongs to, and its id there, from path conventions.
+"""Datasets: canonical names, the id column of each CheXmask CSV, and how an
+image's dataset and id follow from its path.
 
-The id is the value of the dataset's id column in its CheXmask CSV
-(``chexmask.storage.datasets.ID_COLUMNS``), so results join back to the
-official tables:
+The index stores one canonical name per dataset so that ``nih``, ``ChestX-Ray8``
+and ``chestx-ray8`` all select the same rows. The id is the value of the
+dataset's id column in its CheXmask CSV, so results join back to the official
+tables:
 
 - ChestX-ray8: ``images_001/00000001_000.png`` -> ``00000001_000.png`` (Image Index)
 - CheXpert: ``.../CheXpert-v1.0/train/patient00001/study1/view1_frontal.jpg`` ->
@@ -20,7 +22,46 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
-from chexmask.storage.datasets import canonical
+# canonical name -> the id column of that dataset's official CheXmask CSV
+ID_COLUMNS: dict[str, str] = {
+    "chestx-ray8": "Image Index",
+    "chexpert": "Path",
+    "mimic-cxr-jpg": "dicom_id",
+    "padchest": "ImageID",
+    "vindr-cxr": "image_id",
+}
+DEFAULT_ID_COLUMN = "image_id"
+
+_ALIASES: dict[str, str] = {
+    "nih": "chestx-ray8",
+    "chestxray8": "chestx-ray8",
+    "chestx-ray14": "chestx-ray8",
+    "chestxray14": "chestx-ray8",
+    "nih-cxr14": "chestx-ray8",
+    "mimic": "mimic-cxr-jpg",
+    "mimic-cxr": "mimic-cxr-jpg",
+    "mimiccxrjpg": "mimic-cxr-jpg",
+    "vindr": "vindr-cxr",
+    "vindrcxr": "vindr-cxr",
+}
+
+
+def canonical(dataset: str) -> str:
+    """The canonical name of a dataset: lower case, ``_``/space as ``-``, aliases resolved.
+
+    Names that are not known CheXmask datasets are kept (normalised) so that
+    new sources can be indexed without a code change.
+    """
+    name = re.sub(r"[\s_]+", "-", dataset.strip().lower())
+    if not name:
+        raise ValueError("dataset name is empty")
+    return _ALIASES.get(name, _ALIASES.get(name.replace("-", ""), name))
+
+
+def id_column(dataset: str) -> str:
+    """The name of the id column in the CheXmask CSV of ``dataset``."""
+    return ID_COLUMNS.get(canonical(dataset), DEFAULT_ID_COLUMN)
+
 
 GENERIC = "generic"
 

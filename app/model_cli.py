@@ -1,4 +1,4 @@
-"""``chexmask segment``, ``train`` and ``evaluate``."""
+"""``chexmask segment``, ``train`` and ``evaluate``: the model's commands."""
 
 from __future__ import annotations
 
@@ -11,22 +11,7 @@ import click
 from tqdm import tqdm
 
 from chexmask.config import Settings, resolve_device
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".dic", ".j2k", ".jp2", ".tif", ".tiff", ""}
-
-
-def collect_paths(paths: tuple[Path, ...]) -> list[Path]:
-    """Files named directly, plus every likely image file under named folders."""
-    found: list[Path] = []
-    for path in paths:
-        if path.is_dir():
-            found += sorted(
-                p for p in path.rglob("*")
-                if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
-            )
-        else:
-            found.append(path)
-    return found
+from chexmask.files import image_files
 
 
 @click.command("segment")
@@ -48,13 +33,13 @@ def segment_command(paths: tuple[Path, ...], weights: str | None, out: Path, bat
     original resolution. Refused inputs get <name>.error.json; the exit status
     is 1 when any input was refused.
     """
-    from chexmask.storage.datasets import DEFAULT_ID_COLUMN, id_column
+    from chexmask.datasets import DEFAULT_ID_COLUMN, id_column
     from chexmask.worker.pipeline import Segmenter, write_outputs
     from chexmask.worker.weights import load
 
     settings = Settings.from_env()
     model, info = load(weights, settings, resolve_device(device or settings.device))
-    files = collect_paths(paths)
+    files = image_files(paths)
     if not files:
         raise click.UsageError("no image files found in the given paths")
     out.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """Benchmark the index: bulk-load synthetic segmentations, time the common queries
 and the export, on SQLite and PostgreSQL.
 
-    python -m chexmask.storage.bench --rows 1000000
+    python -m benchmarks.bench_storage --rows 1000000
 
 Targets: p95 <= 50 ms per query page, export >= 20,000 rows/s. Queries go
 through the public ``MaskIndex``/``export`` API, so the numbers include the ORM
@@ -30,7 +30,9 @@ import sqlalchemy as sa
 
 from chexmask.status import ImageStatus
 from chexmask.storage.export import export
-from chexmask.storage.index import MaskIndex, QueryFilters, engine_url, json_dumps
+from chexmask.storage.engine import engine_url, json_dumps
+from chexmask.storage.index import MaskIndex
+from chexmask.storage.queries import QueryFilters
 from chexmask.storage.layout import numpy_text
 from chexmask.storage.models import Segmentation, SourceImage
 

@@ -1,4 +1,5 @@
-"""``chexmask query|export|stats|api|db``: thin click wrappers over the storage library."""
+"""``chexmask query|export|stats|api|db``: the index's commands, thin click wrappers
+over the storage library."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ import click
 from chexmask.config import Settings
 from chexmask.errors import ConfigError
 from chexmask.status import ImageStatus
-from chexmask.storage.index import SORT_KEYS, MaskIndex, QueryFilters, SegmentationSummary
+from chexmask.storage.index import MaskIndex
+from chexmask.storage.queries import SORT_KEYS, QueryFilters, SegmentationSummary
 
 if TYPE_CHECKING:
     from chexmask.storage.stats import GroupStats

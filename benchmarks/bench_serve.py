@@ -11,7 +11,7 @@ load, and run one after the other in this invocation on the same distinct images
 of each and serve's overhead against the like-for-like (threaded) run; target:
 at most 15%.
 
-Usage: ``python -m chexmask.ingest.bench [--images N] [--weights FILE|random]``.
+Usage: ``python -m benchmarks.bench_serve [--images N] [--weights FILE|random]``.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from chexmask.config import Settings
 
 def distinct_images(count: int | None) -> list[Path]:
     """The benchmark's mixed real images, without repeated content."""
-    from chexmask.worker.bench import bench_images
+    from benchmarks.bench_segment import bench_images
 
     seen, images = set(), []
     for path in bench_images(64):
@@ -64,7 +64,7 @@ def time_serve(images: list[Path], env: dict[str, str], home: Path) -> float:
     inbox = home / "inbox"
     home.mkdir(parents=True, exist_ok=True)
     log = (home / "serve.log").open("w")
-    server = subprocess.Popen([sys.executable, "-m", "chexmask.cli", "serve", "--inbox", str(inbox)],
+    server = subprocess.Popen([sys.executable, "-m", "chexmask.app.cli", "serve", "--inbox", str(inbox)],
                               env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
     try:
         _wait(lambda: "watching" in (home / "serve.log").read_text() or server.poll() is not None, 600)

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from chexmask.worker import cpu_norm
+from chexmask.worker import cpu_kernels
 from chexmask.worker.decode import decode_path
-from chexmask.worker.model import HybridGNet, HybridGNetConfig, add_relu_pool, segment_batch
+from chexmask.worker.cpu_kernels import add_relu_pool
+from chexmask.worker.model import HybridGNet, HybridGNetConfig, segment_batch
 from chexmask.worker.preprocess import preprocess
 
 # The encoder's map shapes (channels, side) where the kernel applies.
@@ -38,18 +39,18 @@ def test_kernel_gives_torch_bits_or_is_not_used(channels, side, one_thread):
     x = torch.randn(1, channels, side, side, generator=g) * 3 + 0.5
     weight, bias = _affine(channels, side)
     expected = torch.batch_norm(x, weight, bias, None, None, True, 0.0, 1e-5, False)
-    ours = cpu_norm._batch_norm(x, weight, bias, 1e-5)
+    ours = cpu_kernels._batch_norm(x, weight, bias, 1e-5)
     with torch.inference_mode():
-        used = cpu_norm.batch_norm(x, weight, bias, 1e-5)
+        used = cpu_kernels.batch_norm(x, weight, bias, 1e-5)
     if torch.equal(ours, expected):
         assert used is not None and torch.equal(used, expected)
     else:
-        assert used is None and not cpu_norm.exact_here()
+        assert used is None and not cpu_kernels.exact_here()
 
 
 def test_kernel_is_exact_on_this_kind_of_machine():
     """CI runs on x86-64 with torch's AVX2 kernels, where the kernel must be in use."""
-    assert cpu_norm.exact_here(), "cpu_norm no longer reproduces torch's batch_norm here"
+    assert cpu_kernels.exact_here(), "cpu_norm no longer reproduces torch's batch_norm here"
 
 
 def test_probes_tell_a_pairwise_sum_and_an_unfused_multiply_add_apart(monkeypatch):
@@ -67,20 +68,20 @@ def test_probes_tell_a_pairwise_sum_and_an_unfused_multiply_add_apart(monkeypatc
         return x * alpha[:, None, None] + (bias - mean * alpha)[:, None, None]
 
     for wrong in (pairwise, unfused):
-        monkeypatch.setattr(cpu_norm, "_batch_norm", wrong)
-        assert not cpu_norm._matches_torch(), wrong.__name__
+        monkeypatch.setattr(cpu_kernels, "_batch_norm", wrong)
+        assert not cpu_kernels._matches_torch(), wrong.__name__
 
 
 def test_no_kernel_where_it_does_not_apply():
     x = torch.randn(1, 8, 16, 16)
     weight, bias = _affine(8, 0)
-    assert cpu_norm.batch_norm(x, weight, bias, 1e-5) is None  # autograd on
+    assert cpu_kernels.batch_norm(x, weight, bias, 1e-5) is None  # autograd on
     with torch.inference_mode():
-        assert cpu_norm.batch_norm(torch.randn(2, 8, 16, 16), weight, bias, 1e-5) is None  # a batch
-        assert cpu_norm.batch_norm(torch.randn(1, 4, 16, 16), weight[:4], bias[:4], 1e-5) is None
-        assert cpu_norm.batch_norm(x.double(), weight.double(), bias.double(), 1e-5) is None
+        assert cpu_kernels.batch_norm(torch.randn(2, 8, 16, 16), weight, bias, 1e-5) is None  # a batch
+        assert cpu_kernels.batch_norm(torch.randn(1, 4, 16, 16), weight[:4], bias[:4], 1e-5) is None
+        assert cpu_kernels.batch_norm(x.double(), weight.double(), bias.double(), 1e-5) is None
         channels_last = x.contiguous(memory_format=torch.channels_last)
-        assert cpu_norm.batch_norm(channels_last, weight, bias, 1e-5) is None
+        assert cpu_kernels.batch_norm(channels_last, weight, bias, 1e-5) is None
 
 
 def test_add_relu_pool_is_the_three_operations():
@@ -114,9 +115,9 @@ def test_a_kernel_that_does_not_compile_leaves_torch_in_charge(monkeypatch, capl
     def broken() -> bool:
         raise RuntimeError("no LLVM here")
 
-    monkeypatch.setattr(cpu_norm, "_exact", None)  # a fresh process
-    monkeypatch.setattr(cpu_norm, "_matches_torch", broken)
+    monkeypatch.setattr(cpu_kernels, "_exact", None)  # a fresh process
+    monkeypatch.setattr(cpu_kernels, "_matches_torch", broken)
     weight, bias = _affine(8, 0)
     with torch.inference_mode():
-        assert cpu_norm.batch_norm(torch.randn(1, 8, 16, 16), weight, bias, 1e-5) is None
+        assert cpu_kernels.batch_norm(torch.randn(1, 8, 16, 16), weight, bias, 1e-5) is None
     assert "does not compile here (no LLVM here)" in caplog.text

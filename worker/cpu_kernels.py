@@ -1,4 +1,11 @@
-"""One image's BatchNorm on the CPU, bit for bit torch's kernel, about 1.5x faster.
+"""Exact CPU kernels for HybridGNet's encoder: the same operations in the same order
+as torch's, so the same bits, only faster.
+
+- ``batch_norm``: one image's BatchNorm, about 1.5x faster than torch's kernel;
+- ``max_pool2``: a 2x2 max-pool without the argmax indices, about 15x faster;
+- ``add_relu_pool``: the end of a residual block a band of rows at a time.
+
+BatchNorm:
 
 torch's batch_norm (training statistics, which HybridGNet uses even in eval) sums
 each channel in float64 one element after the other: a chain of dependent
@@ -165,3 +172,35 @@ def batch_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
             or not exact_here()):
         return None
     return _batch_norm(x, weight, bias, eps)
+
+
+# ---------------------------------------------------------------------------
+# Pooling
+
+
+def max_pool2(x: torch.Tensor) -> torch.Tensor:
+    """``F.max_pool2d(x, 2)`` for even sizes, bit for bit, about 15x faster on the CPU:
+    the pooling kernel also computes argmax indices, which nothing here needs. Pairs
+    of rows first (long contiguous runs), then pairs of columns of half as much data."""
+    B, C, H, W = x.shape
+    rows = x.reshape(B, C, H // 2, 2, W)
+    rows = torch.maximum(rows[:, :, :, 0], rows[:, :, :, 1]).view(B, C, H // 2, W // 2, 2)
+    return torch.maximum(rows[..., 0], rows[..., 1])
+
+
+# Elements of one band of ``add_relu_pool`` (512 KiB of float32: stays in a core's L2 cache).
+BAND_ELEMENTS = 1 << 17
+
+
+def add_relu_pool(block: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
+    """``max_pool2(relu(block + shortcut))`` band by band of rows. Over whole maps the three
+    steps each stream the 32 MiB maps of the first level through memory, and memory
+    bandwidth is what two images segmented side by side compete for. Every output element
+    comes from the same element-wise operations, so the result is identical."""
+    B, C, H, W = block.shape
+    rows = max(2, BAND_ELEMENTS // (C * W) // 2 * 2)
+    out = block.new_empty(B, C, H // 2, W // 2)
+    for top in range(0, H, rows):
+        band = block[:, :, top:top + rows] + shortcut[:, :, top:top + rows]
+        out[:, :, top // 2:(top + rows) // 2] = max_pool2(band.relu_())
+    return out

@@ -1,4 +1,6 @@
-"""An image noticed by a watcher, a listener or a scanner: where it is and what it is.
+"""The messages that travel between the layers.
+
+An ``Arrival`` is an image noticed by a watcher, a listener or a scanner: where it is and what it is.
 
 An arrival travels as a plain dict in task messages, so it holds only strings
 and numbers. ``etag`` is the object's S3 ETag, or for a file a weak tag of its
@@ -11,7 +13,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from chexmask.ingest.datasets import identify
+from chexmask.datasets import identify
 
 
 @dataclass(frozen=True)

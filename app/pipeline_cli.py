@@ -1,4 +1,5 @@
-"""``chexmask serve|watch|listen|scan|reprocess``: thin click wrappers over the ingest library."""
+"""``chexmask serve|worker|watch|listen|scan|reprocess``: the pipeline's programs,
+thin click wrappers over the library."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import click
 
 from chexmask.config import Settings
 from chexmask.ingest.watcher import DEFAULT_RECONCILE_S, DEFAULT_SETTLE_S
+from chexmask.queues import QUEUES, SEGMENT_QUEUE
 
 
 def _dataset_options(command):
@@ -46,11 +48,11 @@ def _intake(settings: Settings):
     from chexmask.ingest.queue import CeleryQueue, Intake
     from chexmask.ingest.registry import Registry
     from chexmask.storage.index import MaskIndex
-    from chexmask.worker.celery_app import app
+    from chexmask.worker.celery_app import create_app
 
     index = MaskIndex(settings.database_url)
     index.upgrade()
-    return Intake(Registry(index), CeleryQueue(app))
+    return Intake(Registry(index), CeleryQueue(create_app(settings)))
 
 
 @click.command("serve")
@@ -69,7 +71,7 @@ def serve_command(inbox: Path, once: bool, dataset: str | None, release: str | N
     (./.chexmask). Prints one line per image; images left unfinished by a
     previous run are taken up again. Exit status 1 when an image failed.
     """
-    from chexmask.ingest.serve import Done, Server
+    from chexmask.app.serve import Done, Server
 
     settings = Settings.from_env()
     lock = threading.Lock()
@@ -110,7 +112,7 @@ def watch_command(folder: Path, dataset: str | None, release: str | None, pollin
     Workers read the files by path, so FOLDER must be mounted at the same path
     for them. Files already in the index unchanged are not queued again.
     """
-    from chexmask.ingest.arrival import Arrival
+    from chexmask.messages import Arrival
     from chexmask.ingest.watcher import FolderWatcher
 
     intake = _intake(Settings.from_env())
@@ -198,11 +200,8 @@ def reprocess_command(model: str | None, dataset: str | None, release: str | Non
     Workers segment with their configured weights, so --model must be theirs.
     Also takes up images left queued, processing or failed by earlier runs.
     """
-    from tqdm import tqdm
-
+    from chexmask.app.reprocess import reprocess
     from chexmask.errors import WeightsError
-    from chexmask.storage.index import MaskIndex, QueryFilters
-    from chexmask.worker.celery_app import SEGMENT_QUEUE, SEGMENT_TASK, app
     from chexmask.worker.weights import resolve_weights
 
     settings = Settings.from_env()
@@ -215,12 +214,49 @@ def reprocess_command(model: str | None, dataset: str | None, release: str | Non
     model = model or configured
     if not model:
         raise click.UsageError("no weights configured: give --model")
-    index = MaskIndex(settings.database_url)
-    index.upgrade()
-    queued = 0
-    with app.producer_or_acquire() as producer:
-        images = index.images_missing_model(model, QueryFilters(dataset=dataset, release=release))
-        for image in tqdm(images, desc=f"reprocess {model}", unit=" image"):
-            app.send_task(SEGMENT_TASK, args=[image.id], queue=SEGMENT_QUEUE, producer=producer)
-            queued += 1
+    queued = reprocess(settings, model, dataset=dataset, release=release)
     click.echo(f"{queued} image(s) queued for {model}")
+
+
+@click.command("worker")
+@click.option("--queues", "-Q", default=",".join(QUEUES), show_default=True,
+              help="Comma-separated queues to consume: ingest, segment, qc.")
+@click.option("--concurrency", "-c", type=click.IntRange(min=1),
+              help="Tasks at once (default: twice CHEXMASK_BATCH_SIZE, so a batch fills while one is inferred).")
+@click.option("--pool", type=click.Choice(["threads", "prefork", "solo"]), default="threads", show_default=True,
+              help="threads: one model per worker, shared by all tasks, which batch together; "
+                   "prefork: one model per child process (no batching across children).")
+@click.option("--beat", is_flag=True, help="Also run the scheduler for CHEXMASK_SCAN_PREFIXES (one per deployment).")
+@click.option("--loglevel", "-l", default="info", show_default=True)
+@click.option("--hostname", "-n", help="Worker name (default: celery@<host>).")
+def worker_command(queues: str, concurrency: int | None, pool: str, beat: bool, loglevel: str,
+                   hostname: str | None) -> int:
+    """Consume the ingest, segment and QC queues of CHEXMASK_BROKER_URL.
+
+    Tasks are acknowledged only when done, so the work of a worker that dies is
+    delivered again; results go to CHEXMASK_DATABASE_URL and CHEXMASK_STORE_URL.
+    Segmentation uses CHEXMASK_WEIGHTS on CHEXMASK_DEVICE (GPU when present),
+    in CHEXMASK_MODEL_THREADS threads (default one per core) that share up to
+    CHEXMASK_BATCH_SIZE images, each waiting at most CHEXMASK_BATCH_WAIT_MS
+    (default 0) for its batch to fill.
+    """
+    import chexmask.ingest.tasks  # noqa: F401  (registers the ingest and scan tasks)
+    from chexmask.storage.index import MaskIndex
+    from chexmask.worker.celery_app import app, prune_sqlite_broker
+
+    settings = Settings.from_env()
+    names = [q.strip() for q in queues.split(",") if q.strip()]
+    if unknown := set(names) - set(QUEUES):
+        raise click.UsageError(f"unknown queue(s): {', '.join(sorted(unknown))}")
+    prune_sqlite_broker(settings.broker_url)
+    index = MaskIndex(settings.database_url)
+    index.upgrade()  # a no-op when current; a fresh embedded home gets its schema
+    index.close()
+    if SEGMENT_QUEUE in names and pool != "prefork":
+        from chexmask.worker.tasks import service
+
+        service().segmenter  # load the model now: bad weights stop the worker, not every image
+    worker = app.Worker(queues=names, concurrency=concurrency or 2 * settings.batch_size, pool=pool,
+                        beat=beat, loglevel=loglevel, hostname=hostname)
+    worker.start()
+    return worker.exitcode or 0

@@ -1,7 +1,9 @@
 """Reading source images by URI: ``file:///path`` or ``s3://bucket/key``.
 
-A source that is gone raises ``FileNotFoundError`` whatever the backend; a
-storage or network hiccup raises ``TransientError`` (retried with backoff).
+Sources are the images to segment, wherever they arrived; the object store
+(``objectstore``) holds what we make of them. A source that is gone raises
+``FileNotFoundError`` whatever the backend; a storage or network hiccup raises
+``TransientError`` (retried with backoff).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from chexmask.errors import TransientError
+from chexmask.errors import NotFound, TransientError
 from chexmask.storage.objectstore import S3Store
 
 # Errors of a network filesystem or a flaky disk that may pass on a retry.
@@ -25,7 +27,7 @@ def read(uri: str) -> bytes:
     if parsed.scheme == "s3":
         try:
             return bucket(parsed.netloc).get(parsed.path.lstrip("/"))
-        except KeyError:
+        except NotFound:
             raise FileNotFoundError(f"no such object: {uri}") from None
     raise ValueError(f"cannot read {uri!r}: only file:// and s3:// sources are supported")
 

@@ -1,0 +1,63 @@
+"""When a failed step is tried again, and after how long: one policy for the
+Celery tasks and the embedded server alike.
+
+A refusal (bad input) and a missing record are never retried; a storage or
+network hiccup (``TransientError``) is retried often; any other error a couple
+of times, in case it was a passing fault, then the image is failed with the
+reason. Delays grow exponentially with jitter, so the retries of a burst spread out.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from chexmask.errors import NotFound, RefusedInput, TransientError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    transient_retries: int = 5   # TransientError: a storage or network hiccup
+    unexpected_retries: int = 2  # any other error but a refusal or a missing record
+    backoff_s: float = 5.0
+    backoff_max_s: float = 600.0  # stays under the broker's visibility timeout
+    # Attempts that may end with no outcome at all (the worker process died, e.g. an
+    # image that crashes a decoder) before the image is failed instead of redelivered.
+    max_attempts: int = 10
+
+    def retries_for(self, exc: BaseException) -> int:
+        if isinstance(exc, (RefusedInput, NotFound)):
+            return 0
+        return self.transient_retries if isinstance(exc, TransientError) else self.unexpected_retries
+
+    def delay(self, retry: int) -> float:
+        """Seconds before retry number ``retry`` (0-based)."""
+        return min(self.backoff_max_s, self.backoff_s * 2 ** retry) * random.uniform(0.5, 1.0)
+
+    def next_delay(self, exc: BaseException, retries_done: int) -> float | None:
+        """Seconds to wait before trying again after ``exc``, or None to give up."""
+        return self.delay(retries_done) if retries_done < self.retries_for(exc) else None
+
+    def run(self, work: Callable[[], T], on_retry: Callable[[BaseException, float], None] = lambda e, d: None,
+            sleep: Callable[[float], object] = time.sleep) -> T:
+        """``work()`` in this thread, waiting and trying again as the policy says;
+        the last error is raised once the retries are spent."""
+        retries = 0
+        while True:
+            try:
+                return work()
+            except Exception as exc:
+                delay = self.next_delay(exc, retries)
+                if delay is None:
+                    raise
+                on_retry(exc, delay)
+                sleep(delay)
+                retries += 1
+
+
+RETRY = RetryPolicy()

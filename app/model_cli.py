@@ -43,7 +43,8 @@ def segment_command(paths: tuple[Path, ...], weights: str | None, out: Path, bat
     if not files:
         raise click.UsageError("no image files found in the given paths")
     out.mkdir(parents=True, exist_ok=True)
-    segmenter = Segmenter(model, info, batch_size or settings.batch_size, settings.model_threads)
+    segmenter = Segmenter(model, info, batch_size or settings.batch_size, settings.model_threads,
+                          settings.max_pixels)
     sources = [(str(p.name), p.read_bytes) for p in files]
     refused = 0
     with open(out / "segmentations.csv", "w", newline="") as fh:

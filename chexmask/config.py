@@ -47,6 +47,7 @@ class Settings:
     visibility_timeout_s: int = 3600    # CHEXMASK_VISIBILITY_TIMEOUT: longer than the longest task
     scan_prefixes: str = ""             # CHEXMASK_SCAN_PREFIXES: "URI [DATASET [RELEASE]]; ..." for beat
     scan_interval_s: int = 3600         # CHEXMASK_SCAN_INTERVAL: seconds between beat scans
+    max_pixels: int = 100_000_000       # CHEXMASK_MAX_PIXELS: larger images are refused from their header
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -67,6 +68,7 @@ class Settings:
             visibility_timeout_s=_env_int("CHEXMASK_VISIBILITY_TIMEOUT", 3600),
             scan_prefixes=_env("CHEXMASK_SCAN_PREFIXES", ""),
             scan_interval_s=_env_int("CHEXMASK_SCAN_INTERVAL", 3600),
+            max_pixels=_env_int("CHEXMASK_MAX_PIXELS", 100_000_000),
         )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -103,3 +104,13 @@ def test_missing_weights_is_one_clear_sentence(tmp_path: Path, samples_dir: Path
                       "--out", str(tmp_path))
     assert result.returncode == 2
     assert "model weights not found" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_max_pixels_from_environment_refuses_too_large(tmp_path: Path, samples_dir: Path, golden_weights_file: Path):
+    """CHEXMASK_MAX_PIXELS reaches the decoder: a 512x512 image is over a 200000-pixel budget."""
+    env = {**os.environ, "CHEXMASK_MAX_PIXELS": "200000"}
+    result = chexmask("segment", str(samples_dir / "00000001_000.png"), "--weights", str(golden_weights_file),
+                      "--out", str(tmp_path), env=env)
+    assert result.returncode == 1, result.stderr
+    error = json.loads((tmp_path / "00000001_000.error.json").read_text())
+    assert error["code"] == "too_large" and "512x512" in error["reason"]

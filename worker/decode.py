@@ -4,11 +4,18 @@ The result is what the official CheXmask scripts would hand to preprocessing
 (SPEC 9.1 step 1 and 9.2 steps 1-3): ``cv2.imread(path, 0)`` for raster files and
 ``read_xray`` for DICOM. The format is sniffed from the content, never from the
 file name. Every problem with the input is reported as ``RefusedInput``.
+
+Before any pixel is allocated, the size the file's header declares is checked
+(``refuse_by_header``): PNG IHDR, JPEG SOFn, the DICOM attributes read with
+``stop_before_pixels``, and the header Pillow reads for every other format. A
+715-byte JPEG can claim 30000x30000 pixels, and decoding, blank-checking or
+padding it to a square would take gigabytes.
 """
 
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -65,6 +72,31 @@ _COLOUR_SHARE = 0.01
 # remove_padding at all).
 _MIN_GREY_RANGE = 16
 
+# Size limits, checked on the header before any pixel is allocated (README,
+# "Lifecycle and guarantees"). The pixel budget is configurable
+# (CHEXMASK_MAX_PIXELS, passed in by the caller); 100 megapixels is 5x the
+# largest detector sold (about 4300x4300) and still bounds a decode to a few GB.
+DEFAULT_MAX_PIXELS = 100_000_000
+# Decoded bytes allowed per budgeted pixel: room for 8-bit RGBA or 16-bit grey
+# at the full budget, not for 16-bit RGB or 32-bit samples of the same size.
+_MAX_BYTES_PER_PIXEL = 4
+# Preprocessing pads to a square of the long side, so a 60000x4 strip becomes
+# 3.6 gigapixels. No radiograph is longer than 4:1 (a chest is about 1.2:1).
+_MAX_ASPECT_RATIO = 4
+# Smaller than this is a thumbnail or an icon, not a radiograph: the smallest
+# real input we know is 440x440 (ACR-NEMA CR), NIH files are 512x512.
+_MIN_SIDE = 64
+
+_PNG_IHDR_END = 26  # signature (8), chunk length (4), b"IHDR", width, height, depth, colour type
+# Channels libpng hands OpenCV per PNG colour type; palette and grey+alpha expand to 4.
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 4, 4: 4, 6: 4}
+# Frame headers (SOF0-SOF15) that carry the image size; C4 (DHT), C8 (JPG) and
+# CC (DAC) share the range but are other segments.
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+# Markers that stand alone, without a length: TEM, RST0-RST7, SOI.
+_JPEG_STANDALONE = frozenset({0x01, *range(0xD0, 0xD9)})
+_JPEG_SOS_MARKER, _JPEG_EOI_MARKER = 0xDA, 0xD9
+
 
 @dataclass
 class DecodedImage:
@@ -76,21 +108,49 @@ class DecodedImage:
     flags: list[str] = field(default_factory=list)  # worth noting, not worth refusing
 
 
-def decode_path(path: str | Path) -> DecodedImage:
+@dataclass(frozen=True)
+class HeaderSize:
+    """The image size a file's header declares, before anything is decoded."""
+
+    width: int
+    height: int
+    frames: int = 1  # only DICOM decodes every frame at once
+    samples: int = 1  # channels the decoder produces
+    bytes_per_sample: int = 1
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height * self.frames
+
+    @property
+    def decoded_bytes(self) -> int:
+        return self.pixels * self.samples * self.bytes_per_sample
+
+    def describe(self) -> str:
+        frames = f" x {self.frames} frames" if self.frames > 1 else ""
+        return f"{self.width}x{self.height} pixels{frames}"
+
+
+def decode_path(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
     """Decode a file on disk; see ``decode_image``."""
     path = Path(path)
-    return decode_image(path.read_bytes(), name=path.name)
+    return decode_image(path.read_bytes(), name=path.name, max_pixels=max_pixels)
 
 
-def decode_image(data: bytes, name: str = "") -> DecodedImage:
+def decode_image(data: bytes, name: str = "", max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
     """Decode ``data`` (any supported format) into a ``DecodedImage``.
 
     ``name`` is only recorded in the provenance. Raises ``RefusedInput`` for
-    anything that is not a single grey radiograph we can read.
+    anything that is not a single grey radiograph we can read, and, from the
+    header alone, for images above ``max_pixels`` (``too_large``), longer than
+    4:1 (``bad_aspect_ratio``) or with a side under 64 pixels (``too_small``).
     """
     if not data:
         raise RefusedInput("not_an_image", "The file is empty.")
     fmt = sniff_format(data)
+    # First, so that no later step (decoding, the blank check, padding) ever
+    # allocates an image the header says is too large.
+    refuse_by_header(header_size(data, fmt), max_pixels)
     if fmt == "dicom":
         decoded = _decode_dicom(data)
     else:
@@ -136,6 +196,150 @@ def _refuse_blank(decoded: DecodedImage) -> None:
             "blank_image",
             f"The image is blank or nearly uniform (grey levels {low}-{high}){hint}.",
         )
+
+
+# ----------------------------------------------------------------------------
+# Sizes from headers, read without decoding a pixel.
+
+
+def refuse_by_header(size: HeaderSize | None, max_pixels: int) -> None:
+    """Refuse sizes no radiograph has; ``None`` (no size found) is left to the decoder.
+
+    The budget is checked first: it is what protects memory. The aspect ratio
+    comes before the minimum side, because a 60000x4 strip is dangerous for
+    its length (padding), not for its width.
+    """
+    if size is None:
+        return
+    if size.pixels > max_pixels:
+        raise RefusedInput(
+            "too_large",
+            f"The header declares {size.describe()} ({_megapixels(size.pixels)} megapixels), "
+            f"above the limit of {_megapixels(max_pixels)} megapixels (CHEXMASK_MAX_PIXELS).",
+        )
+    max_bytes = max_pixels * _MAX_BYTES_PER_PIXEL
+    if size.decoded_bytes > max_bytes:
+        raise RefusedInput(
+            "too_large",
+            f"The header declares {size.describe()} of {size.samples} samples x {size.bytes_per_sample} bytes, "
+            f"{_megabytes(size.decoded_bytes)} MB decoded, above the limit of {_megabytes(max_bytes)} MB "
+            f"({_MAX_BYTES_PER_PIXEL} bytes per pixel of CHEXMASK_MAX_PIXELS).",
+        )
+    long_side, short_side = max(size.width, size.height), min(size.width, size.height)
+    if long_side > _MAX_ASPECT_RATIO * short_side:
+        raise RefusedInput(
+            "bad_aspect_ratio",
+            f"The image is {size.describe()}, longer than {_MAX_ASPECT_RATIO}:1; no radiograph has that shape.",
+        )
+    if short_side < _MIN_SIDE:
+        raise RefusedInput(
+            "too_small", f"The image is {size.describe()}, under {_MIN_SIDE} pixels on a side for a radiograph."
+        )
+
+
+def _megapixels(pixels: int) -> str:
+    return f"{pixels / 1e6:.4g}"
+
+
+def _megabytes(count: int) -> str:
+    return f"{count / 1e6:.4g}"
+
+
+def header_size(data: bytes, fmt: str | None) -> HeaderSize | None:
+    """The declared size, or ``None`` when no header could be read.
+
+    ``None`` is safe to pass on: libpng and libjpeg need the very header we
+    failed to read, pydicom cannot build pixels without Rows and Columns, and
+    any other format Pillow cannot open is refused here.
+    """
+    if fmt == "png":
+        return _png_size(data)
+    if fmt == "jpeg":
+        return _jpeg_size(data)
+    if fmt == "dicom":
+        return _dicom_header_size(data)
+    return _pillow_size(data, fmt)
+
+
+def _png_size(data: bytes) -> HeaderSize | None:
+    """IHDR, which libpng requires as the first chunk."""
+    if len(data) < _PNG_IHDR_END or data[12:16] != b"IHDR":
+        return None
+    width, height, depth, colour = struct.unpack(">IIBB", data[16:_PNG_IHDR_END])
+    return HeaderSize(width, height, samples=_PNG_CHANNELS.get(colour, 4), bytes_per_sample=2 if depth == 16 else 1)
+
+
+def _jpeg_size(data: bytes) -> HeaderSize | None:
+    """The first SOFn frame header, found by walking markers the way libjpeg does.
+
+    Like libjpeg's ``next_marker``, bytes that are not a marker are skipped, so a
+    file padded with garbage cannot hide its frame header from this walk.
+    """
+    position = 2  # after SOI
+    while True:
+        position = data.find(b"\xff", position)
+        if position < 0:
+            return None
+        while position < len(data) and data[position] == 0xFF:  # fill bytes
+            position += 1
+        if position + 3 > len(data):
+            return None
+        marker = data[position]
+        position += 1
+        if marker == 0x00 or marker in _JPEG_STANDALONE:  # stuffed byte or no length
+            continue
+        if marker in (_JPEG_SOS_MARKER, _JPEG_EOI_MARKER):
+            return None  # libjpeg refuses a scan or an end without a frame header
+        (length,) = struct.unpack(">H", data[position : position + 2])
+        if marker in _JPEG_SOF:
+            if position + 8 > len(data):
+                return None
+            precision, height, width, components = struct.unpack(">BHHB", data[position + 2 : position + 8])
+            return HeaderSize(width, height, samples=components, bytes_per_sample=2 if precision > 8 else 1)
+        position += length
+
+
+def _dicom_header_size(data: bytes) -> HeaderSize | None:
+    """Rows, Columns, frames, samples and bits, read with ``stop_before_pixels``."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = _read_dataset(data, stop_before_pixels=True)
+        with _refuse_on_error("corrupt_image", "The DICOM header could not be interpreted"):
+            return _dicom_size(ds)
+
+
+def _dicom_size(ds: Dataset) -> HeaderSize | None:
+    if ds.get("Rows") is None or ds.get("Columns") is None:
+        return None  # pydicom cannot build pixels without them
+    bits = int(ds.get("BitsAllocated") or 8)
+    return HeaderSize(
+        width=int(ds.Columns),
+        height=int(ds.Rows),
+        frames=max(1, int(ds.get("NumberOfFrames") or 1)),
+        samples=max(1, int(ds.get("SamplesPerPixel") or 1)),
+        bytes_per_sample=max(1, (bits + 7) // 8),
+    )
+
+
+def _pillow_size(data: bytes, fmt: str | None) -> HeaderSize:
+    """TIFF, JPEG 2000, BMP, GIF, WebP, PNM...: ``Image.open`` reads only the header.
+
+    A format Pillow cannot open is refused here even if OpenCV could decode it
+    (Radiance HDR, PFM): its size could not be checked first.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            bands = len(image.getbands())
+            mode = image.mode
+    except Image.DecompressionBombError as exc:  # Pillow's own limit, above ours by default
+        raise RefusedInput("too_large", f"The header declares an image too large to open: {exc}"[:300]) from exc
+    except Exception as exc:
+        if fmt is None:
+            raise RefusedInput("not_an_image", "The file is not an image format we can read.") from exc
+        raise RefusedInput("corrupt_image", f"The {fmt} header could not be read: {exc}"[:300]) from exc
+    bytes_per_sample = 4 if mode in ("I", "F") else 2 if mode.startswith("I;16") else 1
+    return HeaderSize(width, height, samples=bands, bytes_per_sample=bytes_per_sample)
 
 
 # ----------------------------------------------------------------------------
@@ -254,10 +458,10 @@ def _decode_dicom(data: bytes) -> DecodedImage:
     return DecodedImage(pixels, "dicom", provenance, flags)
 
 
-def _read_dataset(data: bytes) -> Dataset:
+def _read_dataset(data: bytes, stop_before_pixels: bool = False) -> Dataset:
     # force=True reads ACR-NEMA files, which have neither preamble nor file meta.
     try:
-        ds = pydicom.dcmread(io.BytesIO(data), force=True)
+        ds = pydicom.dcmread(io.BytesIO(data), force=True, stop_before_pixels=stop_before_pixels)
     except Exception as exc:
         code = "corrupt_image" if data[128:132] == b"DICM" else "not_an_image"
         raise RefusedInput(code, f"The file could not be read as DICOM: {exc}"[:300]) from exc

@@ -29,7 +29,7 @@ import torch
 from chexmask import PIPELINE_VERSION
 from chexmask.anatomy import CSV_MASK_COLUMNS, FRAME, ORGAN_NAMES
 from chexmask.errors import RefusedInput
-from chexmask.worker.decode import decode_image
+from chexmask.worker.decode import DEFAULT_MAX_PIXELS, decode_image
 from chexmask.worker.memory import keep_freed_memory
 from chexmask.worker.model import HybridGNet, segment_batch
 from chexmask.worker.postprocess import (
@@ -133,10 +133,11 @@ def _png(mask: np.ndarray) -> bytes:
     return data.tobytes()
 
 
-def prepare(data: bytes, name: str = "") -> Prepared:
-    """Decode and preprocess one upload. Raises ``RefusedInput`` for bad input."""
+def prepare(data: bytes, name: str = "", max_pixels: int = DEFAULT_MAX_PIXELS) -> Prepared:
+    """Decode and preprocess one upload. Raises ``RefusedInput`` for bad input
+    (``too_large`` above ``max_pixels``, Settings.max_pixels)."""
     started = time.perf_counter()
-    decoded = decode_image(data, name=name)
+    decoded = decode_image(data, name=name, max_pixels=max_pixels)
     decoded_at = time.perf_counter()
     pre = preprocess(decoded)
     source = dict(decoded.provenance, format=decoded.format, flags=list(decoded.flags))
@@ -180,10 +181,12 @@ class Segmenter:
     threads (see ``Encoder._mu_exact``).
     """
 
-    def __init__(self, model: HybridGNet, info: ModelInfo, batch_size: int = 2, workers: int | None = None):
+    def __init__(self, model: HybridGNet, info: ModelInfo, batch_size: int = 2, workers: int | None = None,
+                 max_pixels: int = DEFAULT_MAX_PIXELS):
         self.model, self.info = model, info
         self.batch_size = max(1, batch_size)
         self.workers = max(1, workers or os.cpu_count() or 1)
+        self.max_pixels = max_pixels
         self._thread = threading.local()
         keep_freed_memory()
 
@@ -236,7 +239,7 @@ class Segmenter:
         prepared: list[Prepared] = []
         for name, read in chunk:
             try:
-                prepared.append(prepare(read(), name))
+                prepared.append(prepare(read(), name, self.max_pixels))
                 outcomes.append(Outcome(name))
             except RefusedInput as exc:
                 outcomes.append(Outcome(name, refusal=exc))

@@ -81,7 +81,8 @@ class Service:
                 from chexmask.worker.weights import load
 
                 model, info = load(None, self.settings, resolve_device(self.settings.device))
-                self._segmenter = Segmenter(model, info, self.settings.batch_size, self.settings.model_threads)
+                self._segmenter = Segmenter(model, info, self.settings.batch_size, self.settings.model_threads,
+                                            self.settings.max_pixels)
                 log.info("model %s loaded", info.version)
             return self._segmenter
 
@@ -120,7 +121,7 @@ class Service:
         fetched = time.perf_counter() - started
         with self._cpu:  # decoding, the model and encoding; writing (fsync) waits on the disk
             try:
-                prepared = prepare(data, image.uri.rsplit("/", 1)[-1])
+                prepared = prepare(data, image.uri.rsplit("/", 1)[-1], self.settings.max_pixels)
             except RefusedInput as exc:
                 self.index.mark(image_id, ImageStatus.REFUSED, exc.code, exc.message)
                 return Result(image_id, ImageStatus.REFUSED, code=exc.code, reason=exc.message)
@@ -217,7 +218,7 @@ class Service:
             image = self.index.get_image(row.image_id)
             if image is None:
                 raise NotFound(f"no image with id {row.image_id}")
-            image1024 = prepare(sources.read(image.uri), image.uri.rsplit("/", 1)[-1]).image
+            image1024 = prepare(sources.read(image.uri), image.uri.rsplit("/", 1)[-1], self.settings.max_pixels).image
         latent = None if row.latent is None else np.asarray(row.latent, dtype=np.float32)
         result = assess(image1024, np.asarray(row.landmarks_1024, dtype=np.float64), latent, self.bank)
         status = QCStatus.DONE if result.status == "done" else QCStatus.SKIPPED

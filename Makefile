@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 INBOX ?= inbox
 
-.PHONY: setup run test test-all bench bench-storage bench-serve clean
+.PHONY: setup run test lint test-all bench bench-storage bench-serve clean
 
 setup:
 	@bash scripts/setup.sh
@@ -16,6 +16,13 @@ run: setup
 ## Set up and run the default test suite (real Redis, PostgreSQL and moto servers; no slow tests).
 test: setup
 	$(VENV)/bin/pytest -m "not slow" -q
+
+## Lint: ruff (rules and formatting), the one-way layering of imports, mypy.
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(PY) scripts/check_layers.py
+	$(PY) scripts/typecheck.py
 
 ## Everything, the slow tests included.
 test-all: setup

@@ -119,10 +119,10 @@ def _table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 def export_command(dataset: str, release: str | None, model: str | None, resolution: str,
                    min_dice_mean: float | None, out: str, fmt: str | None) -> None:
     """Write a dataset's masks in the CheXmask CSV layout (or Parquet)."""
-    from chexmask.storage.export import export
+    from chexmask.storage.export import Resolution, export
 
     count = export(_open_index(), out, dataset=dataset, release=release, model=model,
-                   resolution=resolution, min_dice_mean=min_dice_mean, fmt=fmt)
+                   resolution=Resolution(resolution), min_dice_mean=min_dice_mean, fmt=fmt)
     click.echo(f"wrote {count} rows to {out}", err=True)
 
 

@@ -156,12 +156,14 @@ def listen_command(sqs_queue_url: str | None, redis_list: str | None, redis_url:
 
         uvicorn.run(s3events.webhook_app(listener, webhook_token), host=webhook_host, port=webhook_port)
         return
+    source: s3events.SqsListener | s3events.RedisListListener
     if sqs_queue_url:
         source = s3events.SqsListener(listener, sqs_queue_url)
         click.echo(f"listening to {sqs_queue_url}")
     else:
         import redis
 
+        assert redis_list is not None  # exactly one source was given
         source = s3events.RedisListListener(listener, redis.Redis.from_url(redis_url), redis_list)
         click.echo(f"listening to {redis_list} on {redis_url}")
     stop = threading.Event()

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,7 +121,7 @@ class Server:
         with self._lock:
             self.tally.unchanged += offered.skipped
 
-    def put(self, arrivals: list[Arrival]) -> None:
+    def put(self, arrivals: Sequence[Arrival]) -> None:
         """``IngestQueue``: the server's threads are its queue."""
         for arrival in arrivals:
             self._submit(self._process_arrival, arrival)
@@ -169,9 +169,9 @@ class Server:
         result = self._retrying(image_id, label, lambda: self.service.segment(image_id, data, timings))
         if result is None:
             return
-        if result.qc_pending:
+        if result.qc_pending and (segmentation_id := result.segmentation_id) is not None:
             image = result.prepared.image if result.prepared else None
-            self._retrying(None, label, lambda: self.service.qc(result.segmentation_id, image))
+            self._retrying(None, label, lambda: self.service.qc(segmentation_id, image))
         self._done(_done(label, result, time.monotonic() - started))
 
     def _retrying(self, image_id: int | None, label: str, work: Callable[[], T]) -> T | None:

@@ -85,7 +85,9 @@ class Registry:
         if not (registration.needs_processing or registration.image.status is ImageStatus.QUEUED):
             log.info("already %s: %s", registration.image.status.value, arrival.uri)
             return None
-        return Admitted(registration.image.id, time.perf_counter() - started, data if keep_bytes else None)
+        image_id = registration.image.id
+        assert image_id is not None  # a stored row always has its id
+        return Admitted(image_id, time.perf_counter() - started, data if keep_bytes else None)
 
 
 def _differs(given: object, stored: object) -> bool:

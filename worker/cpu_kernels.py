@@ -96,7 +96,7 @@ def _scale_shift(x: np.ndarray, alpha: np.ndarray, mean: np.ndarray, bias: np.nd
     C, n = x.shape
     for c in range(C):
         a = alpha[c]
-        b = _fma(-mean[c], a, bias[c])
+        b = _fma(-mean[c], a, bias[c])  # type: ignore[call-arg, var-annotated]  # numba's intrinsic adds typingctx
         for i in range(n):
             out[c, i] = _fma(x[c, i], a, b)
 

@@ -416,7 +416,7 @@ def _decode_with_pillow(data: bytes, fmt: str | None) -> DecodedImage:
         raise RefusedInput("multi_frame", f"The file holds {frames} frames; send one image.")
     _refuse_colour(rgb)
     provenance.update(height=int(grey.shape[0]), width=int(grey.shape[1]))
-    return DecodedImage(grey, provenance["format"], provenance)
+    return DecodedImage(grey, str(provenance["format"]), provenance)
 
 
 def _refuse_colour(stored: np.ndarray) -> None:

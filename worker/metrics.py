@@ -12,7 +12,7 @@ from chexmask.anatomy import FRAME, ORGAN_ROWS
 
 def fill(points: np.ndarray, size: int = FRAME) -> np.ndarray:
     mask = np.zeros((size, size), np.uint8)
-    cv2.drawContours(mask, [np.round(points).astype(np.int32).reshape(-1, 1, 2)], -1, 1, -1)
+    cv2.drawContours(mask, [np.round(points).astype(np.int32).reshape(-1, 1, 2)], -1, (1,), -1)
     return mask.astype(bool)
 
 

@@ -149,6 +149,9 @@ class ResidualBlock(nn.Module):
 
 
 class Encoder(nn.Module):
+    dconv_down5: ResidualBlock  # registered by name in __init__, as the official keys are
+    dconv_down6: ResidualBlock
+
     def __init__(self, cfg: HybridGNetConfig):
         super().__init__()
         self.fast_kernels = cfg.fast_kernels
@@ -264,6 +267,8 @@ def _node_norm(x: torch.Tensor) -> torch.Tensor:
 
 
 class HybridGNet(nn.Module):
+    unpool: torch.Tensor  # a buffer
+
     def __init__(self, cfg: HybridGNetConfig = HybridGNetConfig()):
         super().__init__()
         self.cfg = cfg

@@ -46,7 +46,7 @@ def organ_masks(points: np.ndarray, height: int, width: int) -> dict[str, np.nda
     masks = {}
     for organ, rows in ORGAN_ROWS.items():
         mask = np.zeros((height, width), np.uint8)
-        cv2.drawContours(mask, [_polygon(points[rows])], -1, 255, thickness=cv2.FILLED)
+        cv2.drawContours(mask, [_polygon(points[rows])], -1, (255,), thickness=cv2.FILLED)
         masks[organ] = mask
     return masks
 
@@ -56,7 +56,7 @@ def combined_mask(points: np.ndarray, height: int, width: int) -> np.ndarray:
     points = np.asarray(points)
     mask = np.zeros((height, width), np.uint8)
     for organ, value in (("RL", 1), ("LL", 1), ("H", 2)):
-        cv2.drawContours(mask, [_polygon(points[ORGAN_ROWS[organ]])], -1, value, thickness=cv2.FILLED)
+        cv2.drawContours(mask, [_polygon(points[ORGAN_ROWS[organ]])], -1, (value,), thickness=cv2.FILLED)
     return mask
 
 

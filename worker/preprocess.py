@@ -95,7 +95,7 @@ def pad_to_square_centered(image: np.ndarray) -> tuple[np.ndarray, tuple[int, in
     side = max(height, width)
     top, left = (side - height) // 2, (side - width) // 2
     bottom, right = side - height - top, side - width - left
-    square = cv2.copyMakeBorder(image, top, bottom, left, right, cv2.BORDER_CONSTANT, value=0)
+    square = cv2.copyMakeBorder(image, top, bottom, left, right, cv2.BORDER_CONSTANT, value=(0,))
     return square, (left, top, right, bottom)
 
 

@@ -13,6 +13,7 @@ import json
 import logging
 import random
 import time
+from typing import Any
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -79,9 +80,9 @@ def augment(image: np.ndarray, points: np.ndarray, rng: np.random.Generator):
     angle = rng.uniform(-8, 8)
     scale = rng.uniform(0.9, 1.1)
     shift = rng.uniform(-40, 40, size=2)
-    M = cv2.getRotationMatrix2D((512, 512), angle, scale)
+    M = np.asarray(cv2.getRotationMatrix2D((FRAME / 2, FRAME / 2), angle, scale), dtype=np.float64)
     M[:, 2] += shift
-    image = cv2.warpAffine(image, M, (FRAME, FRAME), flags=cv2.INTER_LINEAR, borderValue=0)
+    image = cv2.warpAffine(image, M, (FRAME, FRAME), flags=cv2.INTER_LINEAR, borderValue=(0,))
     points = points @ M[:, :2].T + M[:, 2]
     x = image.astype(np.float32) / 255
     x = np.clip((x ** rng.uniform(0.7, 1.4)) * rng.uniform(0.85, 1.15) + rng.uniform(-0.08, 0.08), 0, 1)
@@ -122,7 +123,8 @@ def pool_to_coarse(points: torch.Tensor) -> torch.Tensor:
 
 
 def hybrid_loss(out, target: torch.Tensor, kl_weight: float) -> tuple[torch.Tensor, dict]:
-    landmarks, pos1, pos2, mu, logvar = (t.float() if t is not None else t for t in out)
+    # In training the model returns logvar too; every output is a tensor.
+    landmarks, pos1, pos2, mu, logvar = (t.float() for t in out)
     mse = F.mse_loss(landmarks, target)
     mse_pos = F.mse_loss(pos2, target) + F.mse_loss(pos1, pool_to_coarse(target))
     kl = -0.5 * torch.mean(torch.mean(1 + logvar - mu**2 - logvar.exp(), dim=1))
@@ -175,7 +177,7 @@ def train(images: Path, landmarks: Path, out: Path, cfg: TrainConfig, device: st
     val_loader = torch.utils.data.DataLoader(val_set, cfg.batch_size)
 
     # channels_last makes the CPU convolutions about 2x faster; results are unaffected.
-    model = HybridGNet().to(device, memory_format=torch.channels_last)
+    model = HybridGNet().to(device, memory_format=torch.channels_last)  # type: ignore[call-overload]  # missing in torch's stubs
     init_official(model)
     if init_weights is not None:
         from chexmask.worker.weights import load_state_dict
@@ -183,7 +185,7 @@ def train(images: Path, landmarks: Path, out: Path, cfg: TrainConfig, device: st
         model.load_state_dict(load_state_dict(init_weights))
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, cfg.lr_step, cfg.lr_gamma)
-    state = {"epoch": 0, "best": None, "history": [], "seconds": 0.0}
+    state: dict[str, Any] = {"epoch": 0, "best": None, "history": [], "seconds": 0.0}
     if resume is not None and resume.exists():
         ckpt = torch.load(resume, map_location=device, weights_only=False)
         model.load_state_dict(ckpt["model"])

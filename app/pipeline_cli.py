@@ -44,6 +44,20 @@ def _wait_for_stop() -> None:
         pass
 
 
+def _keep_our_logging(fmt: str) -> None:
+    """Celery configures logging itself unless someone answers its ``setup_logging``
+    signal: answer it with ours (CHEXMASK_LOG_FORMAT, the image context on every line)
+    at the worker's --loglevel."""
+    from celery.signals import setup_logging
+
+    from chexmask import logs
+
+    def configure(loglevel: int | str | None = None, **_: object) -> None:
+        logs.configure(fmt=fmt, level=loglevel if loglevel is not None else "INFO")
+
+    setup_logging.connect(configure, weak=False)
+
+
 def _intake(settings: Settings):
     from chexmask.ingest.queue import CeleryQueue, Intake
     from chexmask.ingest.registry import Registry
@@ -259,6 +273,7 @@ def worker_command(queues: str, concurrency: int | None, pool: str, beat: bool, 
         from chexmask.worker.tasks import service
 
         service().segmenter  # load the model now: bad weights stop the worker, not every image
+    _keep_our_logging(settings.log_format)
     worker = app.Worker(queues=names, concurrency=concurrency or 2 * settings.batch_size, pool=pool,
                         beat=beat, loglevel=loglevel, hostname=hostname)
     worker.start()

@@ -8,7 +8,6 @@ the pipeline, the index); this file only wires them into one group. Command modu
 from __future__ import annotations
 
 import importlib
-import logging
 import sys
 
 import click
@@ -57,8 +56,10 @@ class LazyGroup(click.Group):
 def cli(verbose: int) -> None:
     """Segment chest X-rays with HybridGNet in the CheXmask conventions,
     store the masks and query them."""
-    level = logging.WARNING - 10 * min(verbose, 2)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from chexmask import logs
+    from chexmask.config import Settings
+
+    logs.configure(verbose, Settings.from_env().log_format)
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from chexmask.config import Settings
+from chexmask.config import Settings, mask_url
 from chexmask.errors import ConfigError
 from chexmask.status import ImageStatus
 from chexmask.storage.index import MaskIndex
@@ -191,6 +191,7 @@ def db_upgrade(revision: str) -> None:
     index = _open_index(upgraded=False)
     before = index.current_revision()
     index.upgrade(revision)
+    click.echo(f"index {mask_url(Settings.from_env().database_url)}")
     click.echo(f"index schema: {before or 'empty'} -> {index.current_revision()}")
 
 
@@ -198,4 +199,5 @@ def db_upgrade(revision: str) -> None:
 def db_current() -> None:
     """Show the schema revision of the index and the newest one known."""
     index = _open_index(upgraded=False)
+    click.echo(f"index {mask_url(Settings.from_env().database_url)}")
     click.echo(f"current: {index.current_revision() or 'empty'}  head: {index.head_revision()}")

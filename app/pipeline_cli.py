@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from chexmask.config import Settings
+from chexmask.config import Settings, mask_url
 from chexmask.ingest.watcher import DEFAULT_RECONCILE_S, DEFAULT_SETTLE_S
 from chexmask.queues import QUEUES, SEGMENT_QUEUE
 
@@ -42,6 +42,20 @@ def _wait_for_stop() -> None:
             pass
     except KeyboardInterrupt:
         pass
+
+
+def _keep_our_logging(fmt: str) -> None:
+    """Celery configures logging itself unless someone answers its ``setup_logging``
+    signal: answer it with ours (CHEXMASK_LOG_FORMAT, the image context on every line)
+    at the worker's --loglevel."""
+    from celery.signals import setup_logging
+
+    from chexmask import logs
+
+    def configure(loglevel: int | str | None = None, **_: object) -> None:
+        logs.configure(fmt=fmt, level=loglevel if loglevel is not None else "INFO")
+
+    setup_logging.connect(configure, weak=False)
 
 
 def _intake(settings: Settings):
@@ -86,7 +100,7 @@ def serve_command(inbox: Path, once: bool, dataset: str | None, release: str | N
                     settle=settle, reconcile_every=reconcile_every, on_done=report)
     try:
         info = server.start()
-        click.echo(f"model {info.version}; index {settings.database_url}; store {settings.store_url}")
+        click.echo(f"model {info.version}; index {mask_url(settings.database_url)}; store {mask_url(settings.store_url)}")
         if once:
             server.run_once()
         else:
@@ -130,14 +144,13 @@ def watch_command(folder: Path, dataset: str | None, release: str | None, pollin
 @click.command("listen")
 @click.option("--sqs-queue-url", help="SQS queue receiving the bucket's S3 event notifications.")
 @click.option("--redis-list", metavar="KEY", help="Redis list of MinIO's Redis notification target (format=access).")
-@click.option("--redis-url", envvar="CHEXMASK_EVENTS_REDIS_URL", default="redis://localhost:6379/0",
-              show_default=True, help="Redis holding --redis-list (env CHEXMASK_EVENTS_REDIS_URL).")
+@click.option("--redis-url", help="Redis holding --redis-list (default: CHEXMASK_EVENTS_REDIS_URL, "
+                                 "else redis://localhost:6379/0).")
 @click.option("--webhook-port", type=int, help="Serve POST /events for MinIO's webhook target on this port.")
 @click.option("--webhook-host", default="0.0.0.0", show_default=True)
-@click.option("--webhook-token", envvar="CHEXMASK_WEBHOOK_TOKEN",
-              help="Token MinIO sends (its webhook auth_token; env CHEXMASK_WEBHOOK_TOKEN).")
+@click.option("--webhook-token", help="Token MinIO sends (its webhook auth_token; default: CHEXMASK_WEBHOOK_TOKEN).")
 @_dataset_options
-def listen_command(sqs_queue_url: str | None, redis_list: str | None, redis_url: str, webhook_port: int | None,
+def listen_command(sqs_queue_url: str | None, redis_list: str | None, redis_url: str | None, webhook_port: int | None,
                    webhook_host: str, webhook_token: str | None, dataset: str | None, release: str | None) -> None:
     """Queue objects announced by bucket notifications (S3 via SQS, or MinIO).
 
@@ -150,10 +163,13 @@ def listen_command(sqs_queue_url: str | None, redis_list: str | None, redis_url:
 
     if sum(x is not None for x in (sqs_queue_url, redis_list, webhook_port)) != 1:
         raise click.UsageError("give exactly one of --sqs-queue-url, --redis-list, --webhook-port")
-    listener = s3events.Listener(_intake(Settings.from_env()), dataset=dataset, release=release)
+    settings = Settings.from_env()
+    listener = s3events.Listener(_intake(settings), dataset=dataset, release=release)
     if webhook_port is not None:
         import uvicorn
 
+        if webhook_token is None and settings.webhook_token is not None:
+            webhook_token = settings.webhook_token.get_secret_value()
         uvicorn.run(s3events.webhook_app(listener, webhook_token), host=webhook_host, port=webhook_port)
         return
     source: s3events.SqsListener | s3events.RedisListListener
@@ -163,9 +179,13 @@ def listen_command(sqs_queue_url: str | None, redis_list: str | None, redis_url:
     else:
         import redis
 
+<<<<<<< HEAD
         assert redis_list is not None  # exactly one source was given
+=======
+        redis_url = redis_url or settings.events_redis_url
+>>>>>>> settings-logging
         source = s3events.RedisListListener(listener, redis.Redis.from_url(redis_url), redis_list)
-        click.echo(f"listening to {redis_list} on {redis_url}")
+        click.echo(f"listening to {redis_list} on {mask_url(redis_url)}")
     stop = threading.Event()
     thread = threading.Thread(target=source.run, args=(stop,), name="chexmask-listen", daemon=True)
     thread.start()
@@ -258,6 +278,7 @@ def worker_command(queues: str, concurrency: int | None, pool: str, beat: bool, 
         from chexmask.worker.tasks import service
 
         service().segmenter  # load the model now: bad weights stop the worker, not every image
+    _keep_our_logging(settings.log_format)
     worker = app.Worker(queues=names, concurrency=concurrency or 2 * settings.batch_size, pool=pool,
                         beat=beat, loglevel=loglevel, hostname=hostname)
     worker.start()

@@ -24,6 +24,7 @@ from chexmask.config import Settings
 from chexmask.ingest.queue import Intake
 from chexmask.ingest.registry import Registry
 from chexmask.ingest.watcher import DEFAULT_RECONCILE_S, DEFAULT_SETTLE_S, FolderWatcher
+from chexmask.logs import image_context
 from chexmask.messages import Arrival
 from chexmask.retry import RETRY
 from chexmask.status import ImageStatus
@@ -156,15 +157,17 @@ class Server:
     # --- one image ------------------------------------------------------------------------
 
     def _process_arrival(self, arrival: Arrival) -> None:
-        started = time.monotonic()
-        admitted = self._retrying(None, arrival.name, lambda: self.registry.admit(arrival, keep_bytes=True))
-        if admitted is None:
-            self._done(Done(arrival.name, "gone", "already handled or no longer there"))
-            return
-        self._process_image(admitted.image_id, arrival.name, admitted.data, {"ingest": admitted.seconds}, started)
+        with image_context(dataset=arrival.dataset):
+            started = time.monotonic()
+            admitted = self._retrying(None, arrival.name, lambda: self.registry.admit(arrival, keep_bytes=True))
+            if admitted is None:
+                self._done(Done(arrival.name, "gone", "already handled or no longer there"))
+                return
+            self._process_image(admitted.image_id, arrival.name, admitted.data, {"ingest": admitted.seconds}, started)
 
     def _process_image(self, image_id: int, label: str, data: bytes | None, timings: dict[str, float],
                        started: float | None = None) -> None:
+<<<<<<< HEAD
         started = started or time.monotonic()
         result = self._retrying(image_id, label, lambda: self.service.segment(image_id, data, timings))
         if result is None:
@@ -173,6 +176,18 @@ class Server:
             image = result.prepared.image if result.prepared else None
             self._retrying(None, label, lambda: self.service.qc(segmentation_id, image))
         self._done(_done(label, result, time.monotonic() - started))
+=======
+        # Service.segment logs the image's outcome line (Service.fail when it fails for good).
+        with image_context(image_id=image_id):
+            started = started or time.monotonic()
+            result = self._retrying(image_id, label, lambda: self.service.segment(image_id, data, timings))
+            if result is None:
+                return
+            if result.qc_pending:
+                image = result.prepared.image if result.prepared else None
+                self._retrying(None, label, lambda: self.service.qc(result.segmentation_id, image))
+            self._done(_done(label, result, time.monotonic() - started))
+>>>>>>> settings-logging
 
     def _retrying(self, image_id: int | None, label: str, work: Callable[[], T]) -> T | None:
         """``work()`` retried in this thread as ``RETRY`` says; a failure for good is
@@ -182,8 +197,9 @@ class Server:
                 "%s: %s; retrying in %.0f s", label, exc, delay))
         except Exception as exc:
             if image_id is not None:
-                self.service.fail(image_id, exc)
-            log.exception("%s failed", label)
+                self.service.fail(image_id, exc)  # logs the image's outcome line, traceback included
+            else:
+                log.exception("%s failed", label)
             self._done(Done(label, "failed", f"{type(exc).__name__}: {exc}"))
             return None
 

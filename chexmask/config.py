@@ -1,75 +1,146 @@
-"""Settings, all read from environment variables, with embedded defaults.
+"""Settings: every ``CHEXMASK_*`` variable is read here, and nowhere else.
+
+One typed ``Settings`` (pydantic-settings): each field ``name`` comes from
+``CHEXMASK_NAME`` in the environment, else from a ``.env`` file in the working
+directory, else its default. Keyword arguments win over both, so tests and
+library callers build one directly: ``Settings(home=tmp, database_url=...)``.
 
 The defaults need no server: an SQLite index, a folder as object store and a
 broker kept in an SQLite file, all under ``CHEXMASK_HOME`` (``./.chexmask``).
+A malformed value raises ``ConfigError`` naming the variable. Secrets are
+``SecretStr`` (never printed); a URL is echoed only through ``mask_url``.
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from chexmask.errors import ConfigError
 
-
-def _home() -> Path:
-    return Path(os.environ.get("CHEXMASK_HOME", ".chexmask")).expanduser().resolve()
+ENV_PREFIX = "CHEXMASK_"
 
 
-def _env(name: str, default: str | None = None) -> str | None:
-    value = os.environ.get(name)
-    return value if value not in (None, "") else default
+def _env(name: str, default: Any) -> Any:
+    """A field read from ``CHEXMASK_<name>`` rather than from its field name."""
+    return Field(default, validation_alias=AliasChoices(ENV_PREFIX + name))
 
 
-def _env_int(name: str, default: int) -> int:
-    value = _env(name, str(default))
-    try:
-        return int(value)
-    except ValueError:
-        raise ConfigError(f"{name} must be a whole number, got {value!r}") from None
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_file=".env",
+        env_file_encoding="utf-8",
+        env_ignore_empty=True,    # CHEXMASK_X= (empty) means "not set", as it always did
+        extra="ignore",           # other variables in .env are none of our business
+        frozen=True,
+    )
 
-
-@dataclass(frozen=True)
-class Settings:
-    home: Path = field(default_factory=_home)
+    home: Path = Path(".chexmask")      # CHEXMASK_HOME: the embedded index, store, broker and caches
     weights: str | None = None          # CHEXMASK_WEIGHTS: path or URL; None = bundled default
     weights_sha256: str | None = None   # CHEXMASK_WEIGHTS_SHA256: pin for weights given by URL/path
-    database_url: str = ""              # CHEXMASK_DATABASE_URL
-    store_url: str = ""                 # CHEXMASK_STORE_URL: file:///path or s3://bucket/prefix
-    broker_url: str = ""                # CHEXMASK_BROKER_URL
+    database_url: str = ""              # CHEXMASK_DATABASE_URL (default: SQLite under home)
+    store_url: str = ""                 # CHEXMASK_STORE_URL: file:///path or s3://bucket/prefix (default: home/store)
+    broker_url: str = ""                # CHEXMASK_BROKER_URL (default: an SQLite file under home)
+    s3_endpoint_url: str | None = None  # CHEXMASK_S3_ENDPOINT_URL: S3-compatible server (else boto3's AWS_ENDPOINT_URL)
     qc_bank: str | None = None          # CHEXMASK_QC_BANK: reference bank file for RCA
     device: str = "auto"                # CHEXMASK_DEVICE: auto, cpu, cuda
     batch_size: int = 2                 # CHEXMASK_BATCH_SIZE: images in the model at once, over its threads
     batch_wait_ms: int = 0              # CHEXMASK_BATCH_WAIT_MS: how long a model thread gathers a batch
     model_threads: int = 0              # CHEXMASK_MODEL_THREADS: images inferred at once; 0 = one per core
-    api_token: str | None = None        # CHEXMASK_API_TOKEN: bearer token for the HTTP API
-    visibility_timeout_s: int = 3600    # CHEXMASK_VISIBILITY_TIMEOUT: longer than the longest task
+    api_token: SecretStr | None = None  # CHEXMASK_API_TOKEN: bearer token for the HTTP API
+    visibility_timeout_s: int = _env("VISIBILITY_TIMEOUT", 3600)  # CHEXMASK_VISIBILITY_TIMEOUT: longer than the longest task
     scan_prefixes: str = ""             # CHEXMASK_SCAN_PREFIXES: "URI [DATASET [RELEASE]]; ..." for beat
-    scan_interval_s: int = 3600         # CHEXMASK_SCAN_INTERVAL: seconds between beat scans
+    scan_interval_s: int = _env("SCAN_INTERVAL", 3600)  # CHEXMASK_SCAN_INTERVAL: seconds between beat scans
+    events_redis_url: str = "redis://localhost:6379/0"  # CHEXMASK_EVENTS_REDIS_URL: `chexmask listen --redis-list`
+    webhook_token: SecretStr | None = None  # CHEXMASK_WEBHOOK_TOKEN: token MinIO's webhook sends
+    log_format: Literal["text", "json"] = "text"  # CHEXMASK_LOG_FORMAT: json = one JSON object per line
     max_pixels: int = 100_000_000       # CHEXMASK_MAX_PIXELS: larger images are refused from their header
+
+    def __init__(self, **values: Any):
+        # Keyword arguments go by field name, also for the fields read under another
+        # variable name (CHEXMASK_SCAN_INTERVAL is scan_interval_s=...).
+        for name in list(values):
+            if name in _RENAMED:
+                values[_RENAMED[name]] = values.pop(name)
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise ConfigError(_describe(exc)) from None
 
     @classmethod
     def from_env(cls) -> "Settings":
-        home = _home()
-        return cls(
-            home=home,
-            weights=_env("CHEXMASK_WEIGHTS"),
-            weights_sha256=_env("CHEXMASK_WEIGHTS_SHA256"),
-            database_url=_env("CHEXMASK_DATABASE_URL", f"sqlite:///{home / 'index.db'}"),
-            store_url=_env("CHEXMASK_STORE_URL", (home / "store").as_uri()),
-            broker_url=_env("CHEXMASK_BROKER_URL", f"sqla+sqlite:///{home / 'broker.db'}"),
-            qc_bank=_env("CHEXMASK_QC_BANK"),
-            device=_env("CHEXMASK_DEVICE", "auto"),
-            batch_size=_env_int("CHEXMASK_BATCH_SIZE", 2),
-            batch_wait_ms=_env_int("CHEXMASK_BATCH_WAIT_MS", 0),
-            model_threads=_env_int("CHEXMASK_MODEL_THREADS", 0),
-            api_token=_env("CHEXMASK_API_TOKEN"),
-            visibility_timeout_s=_env_int("CHEXMASK_VISIBILITY_TIMEOUT", 3600),
-            scan_prefixes=_env("CHEXMASK_SCAN_PREFIXES", ""),
-            scan_interval_s=_env_int("CHEXMASK_SCAN_INTERVAL", 3600),
-            max_pixels=_env_int("CHEXMASK_MAX_PIXELS", 100_000_000),
-        )
+        """The settings of this process: environment, then ``.env``, then defaults."""
+        return cls()
+
+    @field_validator("home")
+    @classmethod
+    def _absolute_home(cls, home: Path) -> Path:
+        return home.expanduser().resolve()
+
+    @model_validator(mode="after")
+    def _derived_defaults(self) -> "Settings":
+        # The one place the embedded defaults are spelled out; an explicit value
+        # (even "", as tests give broker_url="") is kept.
+        derived = {
+            "database_url": f"sqlite:///{self.home / 'index.db'}",
+            "store_url": (self.home / "store").as_uri(),
+            "broker_url": f"sqla+sqlite:///{self.home / 'broker.db'}",
+        }
+        for name, default in derived.items():
+            if name not in self.model_fields_set:
+                object.__setattr__(self, name, default)
+        return self
+
+
+# field name -> the variable it is read from, where that is not CHEXMASK_<FIELD>
+_RENAMED = {name: str(info.validation_alias.choices[0]) for name, info in Settings.model_fields.items()
+            if isinstance(info.validation_alias, AliasChoices)}
+
+
+def _variable(field: str) -> str:
+    info = Settings.model_fields.get(field)
+    alias = info.validation_alias if info else None
+    if isinstance(alias, AliasChoices):
+        return str(alias.choices[0])
+    if alias:
+        return str(alias)
+    return ENV_PREFIX + field.upper()
+
+
+def _describe(exc: ValidationError) -> str:
+    """``CHEXMASK_SCAN_INTERVAL: must be a whole number, got 'soon'``, one line per error."""
+    lines = []
+    for error in exc.errors():
+        field = str(error["loc"][0]) if error["loc"] else "?"
+        name = _variable(field) if field in Settings.model_fields else field.upper()
+        got = error.get("input")
+        secret = field in ("api_token", "webhook_token")
+        shown = "" if secret or isinstance(got, dict) else f", got {got!r}"
+        message = "must be a whole number" if error["type"].startswith("int_") else error["msg"]
+        lines.append(f"{name}: {message}{shown}")
+    return "; ".join(lines)
+
+
+def mask_url(url: str | None) -> str:
+    """``url`` with its password replaced by ``***`` (``postgresql://u:***@host/db``),
+    for every place a URL is printed or logged. Other URLs come back unchanged."""
+    if not url:
+        return url or ""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return url
+    if not password:
+        return url
+    userinfo, _, hostinfo = parts.netloc.rpartition("@")
+    user = userinfo.split(":", 1)[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{hostinfo}"))
 
 
 def resolve_device(name: str = "auto") -> str:

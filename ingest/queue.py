@@ -16,6 +16,7 @@ from typing import Protocol
 from celery import Celery
 
 from chexmask.ingest.registry import Registry
+from chexmask.logs import image_context
 from chexmask.messages import Arrival
 from chexmask.queues import INGEST_QUEUE, INGEST_TASK
 
@@ -58,7 +59,8 @@ class Intake:
             self.queue.put(triage.to_queue)
             self.registry.record(triage.to_queue)
             for arrival in triage.to_queue:
-                log.info("queued %s", arrival.uri)
+                with image_context(dataset=arrival.dataset):  # no image id before it is admitted
+                    log.info("queued %s", arrival.uri)
         return Offered(len(triage.new), len(triage.changed), len(triage.unchanged))
 
 

@@ -9,6 +9,7 @@ whatever else shares the store, such as source images, is never exposed.
 from __future__ import annotations
 
 import hmac
+import logging
 import mimetypes
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -22,7 +23,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 
 from chexmask import __version__
-from chexmask.config import Settings
+from chexmask.config import Settings, mask_url
 from chexmask.errors import NotFound, TransientError
 from chexmask.status import ImageStatus
 from chexmask.storage.index import MaskIndex
@@ -33,6 +34,7 @@ from chexmask.storage.stats import compute_stats
 MAX_PAGE = 1000
 SERVED_PREFIX = "segmentations/"
 _SORT_PATTERN = "^-?(" + "|".join(SORT_KEYS) + ")$"
+log = logging.getLogger(__name__)
 
 
 class Page(BaseModel):
@@ -47,7 +49,7 @@ class Page(BaseModel):
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings.from_env()
     index = MaskIndex(settings.database_url)
-    store = open_store(settings.store_url)
+    store = open_store(settings.store_url, settings.s3_endpoint_url)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -55,14 +57,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         index.close()
 
     app = FastAPI(title="chexmask-stream", version=__version__, lifespan=lifespan)
-    guarded = [Depends(_bearer_guard(settings.api_token))]
+    token = settings.api_token.get_secret_value() if settings.api_token else None
+    guarded = [Depends(_bearer_guard(token))]
 
     @app.get("/health")
     def health() -> dict[str, Any]:
         try:
             revision = index.current_revision()
         except Exception as exc:  # any database failure makes us unhealthy, never a 500
-            raise HTTPException(HTTPStatus.SERVICE_UNAVAILABLE, f"index unreachable: {exc}") from exc
+            # The driver's message names the host, port and user: for the log, not the client.
+            log.warning("health: index %s unreachable: %s", mask_url(settings.database_url),
+                        _without_secrets(str(exc), settings.database_url))
+            raise HTTPException(HTTPStatus.SERVICE_UNAVAILABLE, "index unreachable") from exc
         return {"status": "ok", "schema_revision": revision}
 
     @app.get("/segmentations", dependencies=guarded, response_model=Page)
@@ -134,6 +140,17 @@ def _filters(
 
 
 _BEARER = HTTPBearer(auto_error=False)
+
+
+def _without_secrets(text: str, url: str) -> str:
+    """``text`` with the password of ``url`` (should a driver repeat it) masked."""
+    from urllib.parse import urlsplit
+
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        return text
+    return text.replace(password, "***") if password else text
 
 
 def _bearer_guard(token: str | None):

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+from chexmask.config import Settings
 from chexmask.errors import ConfigError, NotFound, TransientError
 
 CHUNK_SIZE = 1 << 16
@@ -151,9 +152,9 @@ class S3Store(ObjectStore):
 
         self.bucket = bucket
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
-        endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or os.environ.get(
-            "CHEXMASK_S3_ENDPOINT_URL"
-        )
+        if endpoint_url is None:
+            # CHEXMASK_S3_ENDPOINT_URL, else boto3's own AWS_ENDPOINT_URL (read by boto3).
+            endpoint_url = Settings.from_env().s3_endpoint_url
         config = Config(
             retries={"mode": "standard", "max_attempts": max_attempts},
             connect_timeout=5,
@@ -229,8 +230,9 @@ def _s3_errors(key: str) -> Iterator[None]:
         raise TransientError(f"S3 unreachable for {key!r}: {exc}") from exc
 
 
-def open_store(url: str) -> ObjectStore:
-    """The store named by ``url``: ``file:///path`` or ``s3://bucket[/prefix]``."""
+def open_store(url: str, endpoint_url: str | None = None) -> ObjectStore:
+    """The store named by ``url``: ``file:///path`` or ``s3://bucket[/prefix]``
+    (on the S3-compatible server at ``endpoint_url``, default: the settings')."""
     parsed = urlparse(url)
     if parsed.scheme == "file":
         if parsed.netloc not in ("", "localhost"):
@@ -239,7 +241,7 @@ def open_store(url: str) -> ObjectStore:
     if parsed.scheme == "s3":
         if not parsed.netloc:
             raise ConfigError(f"S3 store URL needs a bucket: {url!r}")
-        return S3Store(parsed.netloc, parsed.path)
+        return S3Store(parsed.netloc, parsed.path, endpoint_url=endpoint_url)
     raise ConfigError(f"unsupported object store URL {url!r} (use file:///path or s3://bucket/prefix)")
 
 

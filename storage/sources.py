@@ -46,5 +46,5 @@ def _read_file(path: Path) -> bytes:
 @lru_cache(maxsize=64)
 def bucket(name: str) -> S3Store:
     """One client per bucket and process (boto3 clients are thread-safe); the endpoint
-    comes from ``AWS_ENDPOINT_URL`` as for the object store."""
+    comes from ``CHEXMASK_S3_ENDPOINT_URL`` or ``AWS_ENDPOINT_URL`` as for the object store."""
     return S3Store(name)

@@ -46,14 +46,16 @@ def run(index, sample, tmp_path, monkeypatch):
 
 
 def test_db_upgrade_and_current(tmp_path, monkeypatch):
-    monkeypatch.setenv("CHEXMASK_DATABASE_URL", f"sqlite:///{tmp_path / 'new' / 'index.db'}")
+    url = f"sqlite:///{tmp_path / 'new' / 'index.db'}"
+    monkeypatch.setenv("CHEXMASK_DATABASE_URL", url)
     runner = CliRunner()
     with pytest.raises(ConfigError, match="db upgrade"):
         runner.invoke(cli, ["query"], catch_exceptions=False)
     assert "current: empty" in runner.invoke(cli, ["db", "current"]).output
-    assert runner.invoke(cli, ["db", "upgrade"]).output.strip() == "index schema: empty -> 0001"
-    assert runner.invoke(cli, ["db", "upgrade"]).output.strip() == "index schema: 0001 -> 0001"
-    assert runner.invoke(cli, ["db", "current"]).output.strip() == "current: 0001  head: 0001"
+    upgrade = runner.invoke(cli, ["db", "upgrade"]).output.strip().splitlines()
+    assert upgrade == [f"index {url}", "index schema: empty -> 0001"]
+    assert runner.invoke(cli, ["db", "upgrade"]).output.strip().splitlines()[-1] == "index schema: 0001 -> 0001"
+    assert runner.invoke(cli, ["db", "current"]).output.strip().splitlines()[-1] == "current: 0001  head: 0001"
 
 
 def test_query_formats(run):

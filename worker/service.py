@@ -24,12 +24,14 @@ import numpy as np
 
 from chexmask.config import Settings, resolve_device
 from chexmask.errors import NotFound, RefusedInput, WeightsError
+from chexmask.logs import bind, image_context
 from chexmask.quality import QC_FIELDS
 from chexmask.retry import RETRY
 from chexmask.status import ImageStatus, QCStatus
 from chexmask.storage import sources
 from chexmask.storage.index import MaskIndex
 from chexmask.storage.models import Segmentation as SegmentationRow
+from chexmask.storage.models import SourceImage
 from chexmask.storage.objectstore import open_store, segmentation_keys
 from chexmask.worker.bank import ReferenceBank
 from chexmask.worker.pipeline import Prepared, Segmentation, Segmenter, prepare
@@ -59,7 +61,7 @@ class Service:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.index = MaskIndex(settings.database_url)
-        self.store = open_store(settings.store_url)
+        self.store = open_store(settings.store_url, settings.s3_endpoint_url)
         # An image holds one of these slots from decoding through the model to encoding, so
         # at most one image per core is in CPU work, as in ``chexmask segment``: more would
         # only make decoding and the model compete for the cores and their caches.
@@ -96,11 +98,22 @@ class Service:
         """Segment one image and write its results; refusals are recorded, not raised.
 
         Raises ``TransientError`` (retry) or any unexpected error (retry, then ``fail``).
+        Logs the image's one outcome line (``fail`` logs it for an image that raised
+        for good); every line logged meanwhile carries the image id and dataset.
         """
-        image = self.index.get_image(image_id)
-        if image is None:
-            log.warning("image %d is not in the index", image_id)
-            return Result(image_id, ImageStatus.FAILED, reason="not in the index")
+        with image_context(image_id=image_id):
+            started = time.perf_counter()
+            image = self.index.get_image(image_id)
+            if image is None:
+                log.warning("image %d is not in the index", image_id)
+                return Result(image_id, ImageStatus.FAILED, reason="not in the index")
+            bind(dataset=image.dataset)
+            result = self._segment(image_id, image, data, timings)
+            _log_outcome(_label(image_id, image), result, time.perf_counter() - started)
+            return result
+
+    def _segment(self, image_id: int, image: SourceImage, data: bytes | None,
+                 timings: dict[str, float] | None) -> Result:
         if image.status is ImageStatus.REFUSED:
             return Result(image_id, ImageStatus.REFUSED, code=image.refusal_code, reason=image.reason)
         version = self.model.version
@@ -144,8 +157,17 @@ class Service:
         return Result(image_id, ImageStatus.DONE, row.id, row.qc_status is QCStatus.PENDING, prepared=prepared)
 
     def fail(self, image_id: int, exc: BaseException) -> None:
-        """Record that an image failed for good (retries spent)."""
-        self.index.mark(image_id, ImageStatus.FAILED, reason=f"{type(exc).__name__}: {exc}"[:2000])
+        """Record that an image failed for good (retries spent), and log its outcome line."""
+        reason = f"{type(exc).__name__}: {exc}"[:2000]
+        with image_context(image_id=image_id):
+            try:
+                image = self.index.get_image(image_id)
+            except Exception:  # the index may be what failed; the line goes out all the same
+                image = None
+            if image is not None:
+                bind(dataset=image.dataset)
+            log.error("image %s failed: %s", _label(image_id, image), reason, exc_info=exc)
+            self.index.mark(image_id, ImageStatus.FAILED, reason=reason)
 
     def _reuse(self, image_id: int, sha256: str, version: str) -> Result | None:
         """The existing segmentation of this content by this model, if any (marks the image done)."""
@@ -211,9 +233,16 @@ class Service:
 
     def qc(self, segmentation_id: int, image1024: np.ndarray | None = None) -> QCStatus:
         """Plausibility checks and, with a bank, Dice RCA scores of one segmentation."""
-        row = self.index.get_segmentation(segmentation_id)
-        if row is None:
-            raise NotFound(f"no segmentation with id {segmentation_id}")
+        with image_context(segmentation_id=segmentation_id):
+            row = self.index.get_segmentation(segmentation_id)
+            if row is None:
+                raise NotFound(f"no segmentation with id {segmentation_id}")
+            bind(image_id=row.image_id, dataset=row.dataset)
+            status = self._qc(segmentation_id, row, image1024)
+            log.debug("segmentation %d: QC %s", segmentation_id, status.value)
+            return status
+
+    def _qc(self, segmentation_id: int, row: SegmentationRow, image1024: np.ndarray | None) -> QCStatus:
         if image1024 is None:
             image = self.index.get_image(row.image_id)
             if image is None:
@@ -224,6 +253,27 @@ class Service:
         status = QCStatus.DONE if result.status == "done" else QCStatus.SKIPPED
         self.index.set_qc(segmentation_id, status=status, **{name: getattr(result, name) for name in QC_FIELDS})
         return status
+
+
+def _label(image_id: int, image: SourceImage | None) -> str:
+    """``12 (chestx-ray8/00000001_000.png)``: how an outcome line names an image."""
+    if image is None:
+        return str(image_id)
+    return f"{image_id} ({image.dataset}/{image.uri.rsplit('/', 1)[-1]})"
+
+
+def _log_outcome(label: str, result: Result, seconds: float) -> None:
+    """The one INFO line that says what became of an image."""
+    if result.status is ImageStatus.DONE:
+        if result.reused:
+            log.info("image %s reused segmentation %s in %.1f s", label, result.segmentation_id, seconds)
+        else:
+            qc = "; QC pending" if result.qc_pending else ""
+            log.info("image %s segmented in %.1f s (segmentation %s)%s", label, seconds, result.segmentation_id, qc)
+    elif result.status is ImageStatus.REFUSED:
+        log.info("image %s refused: %s: %s", label, result.code, result.reason)
+    else:
+        log.warning("image %s failed: %s", label, result.reason)
 
 
 def _short(value: Any, limit: int = 16) -> str | None:

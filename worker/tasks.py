@@ -17,6 +17,7 @@ from celery import Task
 from celery.signals import worker_process_init
 
 from chexmask.config import Settings
+from chexmask.logs import image_context
 from chexmask.queues import QC_TASK, SEGMENT_TASK
 from chexmask.retry import RETRY
 from chexmask.worker.celery_app import app
@@ -64,16 +65,18 @@ def attempt(task: Task, work: Callable[[], T], on_give_up: Callable[[Exception],
 def segment(self: Task, image_id: int, timings: dict[str, float] | None = None,
             queued_at: float | None = None) -> str:
     """Segment one registered image, then queue its QC."""
-    timings = dict(timings or {})
-    if queued_at is not None:
-        timings["queue_wait"] = max(0.0, time.time() - queued_at)
-    result = attempt(self, lambda: service().segment(image_id, timings=timings),
-                     lambda exc: service().fail(image_id, exc))
-    if result.qc_pending:
-        qc.delay(result.segmentation_id)
-    return result.status.value
+    with image_context(image_id=image_id, task_id=self.request.id):
+        timings = dict(timings or {})
+        if queued_at is not None:
+            timings["queue_wait"] = max(0.0, time.time() - queued_at)
+        result = attempt(self, lambda: service().segment(image_id, timings=timings),
+                         lambda exc: service().fail(image_id, exc))
+        if result.qc_pending:
+            qc.delay(result.segmentation_id)
+        return result.status.value
 
 
 @app.task(name=QC_TASK, bind=True, max_retries=None)
 def qc(self: Task, segmentation_id: int) -> str:
-    return attempt(self, lambda: service().qc(segmentation_id)).value
+    with image_context(segmentation_id=segmentation_id, task_id=self.request.id):
+        return attempt(self, lambda: service().qc(segmentation_id)).value

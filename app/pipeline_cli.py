@@ -179,11 +179,8 @@ def listen_command(sqs_queue_url: str | None, redis_list: str | None, redis_url:
     else:
         import redis
 
-<<<<<<< HEAD
         assert redis_list is not None  # exactly one source was given
-=======
         redis_url = redis_url or settings.events_redis_url
->>>>>>> settings-logging
         source = s3events.RedisListListener(listener, redis.Redis.from_url(redis_url), redis_list)
         click.echo(f"listening to {redis_list} on {mask_url(redis_url)}")
     stop = threading.Event()
@@ -244,9 +241,9 @@ def reprocess_command(model: str | None, dataset: str | None, release: str | Non
 @click.option("--queues", "-Q", default=",".join(QUEUES), show_default=True,
               help="Comma-separated queues to consume: ingest, segment, qc.")
 @click.option("--concurrency", "-c", type=click.IntRange(min=1),
-              help="Tasks at once (default: twice CHEXMASK_BATCH_SIZE, so a batch fills while one is inferred).")
+              help="Tasks at once (default: twice CHEXMASK_BATCH_SIZE, so images wait ready while others are segmented).")
 @click.option("--pool", type=click.Choice(["threads", "prefork", "solo"]), default="threads", show_default=True,
-              help="threads: one model per worker, shared by all tasks, which batch together; "
+              help="threads: one model per worker, shared by all tasks; "
                    "prefork: one model per child process (no batching across children).")
 @click.option("--beat", is_flag=True, help="Also run the scheduler for CHEXMASK_SCAN_PREFIXES (one per deployment).")
 @click.option("--loglevel", "-l", default="info", show_default=True)
@@ -258,9 +255,8 @@ def worker_command(queues: str, concurrency: int | None, pool: str, beat: bool, 
     Tasks are acknowledged only when done, so the work of a worker that dies is
     delivered again; results go to CHEXMASK_DATABASE_URL and CHEXMASK_STORE_URL.
     Segmentation uses CHEXMASK_WEIGHTS on CHEXMASK_DEVICE (GPU when present),
-    in CHEXMASK_MODEL_THREADS threads (default one per core) that share up to
-    CHEXMASK_BATCH_SIZE images, each waiting at most CHEXMASK_BATCH_WAIT_MS
-    (default 0) for its batch to fill.
+    CHEXMASK_MODEL_THREADS images at a time (default one per core), each in the
+    thread of its task.
     """
     import chexmask.ingest.tasks  # noqa: F401  (registers the ingest and scan tasks)
     from chexmask.storage.index import MaskIndex

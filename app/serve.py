@@ -167,27 +167,16 @@ class Server:
 
     def _process_image(self, image_id: int, label: str, data: bytes | None, timings: dict[str, float],
                        started: float | None = None) -> None:
-<<<<<<< HEAD
-        started = started or time.monotonic()
-        result = self._retrying(image_id, label, lambda: self.service.segment(image_id, data, timings))
-        if result is None:
-            return
-        if result.qc_pending and (segmentation_id := result.segmentation_id) is not None:
-            image = result.prepared.image if result.prepared else None
-            self._retrying(None, label, lambda: self.service.qc(segmentation_id, image))
-        self._done(_done(label, result, time.monotonic() - started))
-=======
         # Service.segment logs the image's outcome line (Service.fail when it fails for good).
         with image_context(image_id=image_id):
             started = started or time.monotonic()
             result = self._retrying(image_id, label, lambda: self.service.segment(image_id, data, timings))
             if result is None:
                 return
-            if result.qc_pending:
+            if result.qc_pending and (segmentation_id := result.segmentation_id) is not None:
                 image = result.prepared.image if result.prepared else None
-                self._retrying(None, label, lambda: self.service.qc(result.segmentation_id, image))
+                self._retrying(None, label, lambda: self.service.qc(segmentation_id, image))
             self._done(_done(label, result, time.monotonic() - started))
->>>>>>> settings-logging
 
     def _retrying(self, image_id: int | None, label: str, work: Callable[[], T]) -> T | None:
         """``work()`` retried in this thread as ``RETRY`` says; a failure for good is

@@ -50,7 +50,6 @@ class Settings(BaseSettings):
     qc_bank: str | None = None          # CHEXMASK_QC_BANK: reference bank file for RCA
     device: str = "auto"                # CHEXMASK_DEVICE: auto, cpu, cuda
     batch_size: int = 2                 # CHEXMASK_BATCH_SIZE: images in the model at once, over its threads
-    batch_wait_ms: int = 0              # CHEXMASK_BATCH_WAIT_MS: how long a model thread gathers a batch
     model_threads: int = 0              # CHEXMASK_MODEL_THREADS: images inferred at once; 0 = one per core
     api_token: SecretStr | None = None  # CHEXMASK_API_TOKEN: bearer token for the HTTP API
     visibility_timeout_s: int = _env("VISIBILITY_TIMEOUT", 3600)  # CHEXMASK_VISIBILITY_TIMEOUT: longer than the longest task

@@ -102,8 +102,8 @@ def test_malformed_values_name_the_variable(monkeypatch, name, value):
 
 
 def test_malformed_dotenv_value_names_the_variable(tmp_path):
-    (tmp_path / ".env").write_text("CHEXMASK_BATCH_WAIT_MS=soon\n")
-    with pytest.raises(ConfigError, match="CHEXMASK_BATCH_WAIT_MS: must be a whole number"):
+    (tmp_path / ".env").write_text("CHEXMASK_BATCH_SIZE=soon\n")
+    with pytest.raises(ConfigError, match="CHEXMASK_BATCH_SIZE: must be a whole number"):
         Settings.from_env()
 
 

@@ -160,7 +160,7 @@ def stack(tmp_path_factory, weights) -> Iterator[Stack]:
         s3_client(endpoint).create_bucket(Bucket="masks")
         env = {**os.environ, **aws, "CHEXMASK_HOME": str(tmp / "home"), "CHEXMASK_DATABASE_URL": database_url,
                "CHEXMASK_STORE_URL": "s3://masks/v1", "CHEXMASK_WEIGHTS": str(weights),
-               "CHEXMASK_BATCH_WAIT_MS": "100", "PYTHONUNBUFFERED": "1"}
+               "PYTHONUNBUFFERED": "1"}
         index = MaskIndex(database_url)
         index.upgrade()
         yield Stack(env, index, endpoint, tmp)

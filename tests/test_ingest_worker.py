@@ -63,7 +63,7 @@ def test_retry_run_waits_between_tries_and_gives_up_with_the_last_error():
 def service(tmp_path_factory, weights):
     home = tmp_path_factory.mktemp("home")
     settings = Settings(home=home, weights=str(weights), database_url=f"sqlite:///{home / 'index.db'}",
-                        store_url=(home / "store").as_uri(), broker_url="", batch_wait_ms=0)
+                        store_url=(home / "store").as_uri(), broker_url="")
     service = Service(settings)
     service.index.upgrade()
     yield service

@@ -97,7 +97,7 @@ def test_one_outcome_line_per_image(tmp_path, samples_dir, weights, caplog):  # 
     for path in (good, bad):
         os.utime(path, (1_000_000_000, 1_000_000_000))
     home = tmp_path / "home"
-    settings = Settings(home=home, weights=str(weights), broker_url="", batch_wait_ms=0)
+    settings = Settings(home=home, weights=str(weights), broker_url="")
 
     caplog.handler.addFilter(logs.ContextFilter())
     caplog.set_level(logging.INFO)

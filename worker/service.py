@@ -63,9 +63,9 @@ class Service:
         self.index = MaskIndex(settings.database_url)
         self.store = open_store(settings.store_url, settings.s3_endpoint_url)
         # An image holds one of these slots from decoding through the model to encoding, so
-        # at most one image per core is in CPU work, as in ``chexmask segment``: more would
-        # only make decoding and the model compete for the cores and their caches.
-        self._cpu = threading.BoundedSemaphore(os.cpu_count() or 1)
+        # at most CHEXMASK_MODEL_THREADS images (one per core by default) are in CPU work, as
+        # in ``chexmask segment``: more would only make them compete for the cores and caches.
+        self._cpu = threading.BoundedSemaphore(settings.model_threads or os.cpu_count() or 1)
         self._model_lock = threading.Lock()
         self._bank_lock = threading.Lock()
         self._segmenter: Segmenter | None = None

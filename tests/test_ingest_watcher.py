@@ -79,7 +79,9 @@ def test_hidden_temporary_and_other_files_are_ignored(tmp_path):
 
 def test_polling_waits_for_a_quiet_period(tmp_path):
     reports = Reports()
-    with FolderWatcher(tmp_path, reports, polling=True, poll_interval=0.1, settle=0.6, reconcile_every=60):
+    # The quiet period is 8x the pause between writes, so a loaded machine (a slow fsync)
+    # cannot make a pause look like the end of the copy.
+    with FolderWatcher(tmp_path, reports, polling=True, poll_interval=0.1, settle=2.0, reconcile_every=60):
         path = tmp_path / "slow.png"
         with path.open("wb") as f:  # a slow copy: the file grows for a while
             for _ in range(5):
@@ -87,7 +89,7 @@ def test_polling_waits_for_a_quiet_period(tmp_path):
                 f.flush()
                 os.fsync(f.fileno())
                 time.sleep(0.25)
-        wait_for(lambda: reports.names, timeout=5)
+        wait_for(lambda: reports.names, timeout=10)
         time.sleep(0.8)
     assert reports.items == [(path, 5 * len(PNG))]
 

@@ -48,6 +48,8 @@ class Settings:
     scan_prefixes: str = ""             # CHEXMASK_SCAN_PREFIXES: "URI [DATASET [RELEASE]]; ..." for beat
     scan_interval_s: int = 3600         # CHEXMASK_SCAN_INTERVAL: seconds between beat scans
     max_pixels: int = 100_000_000       # CHEXMASK_MAX_PIXELS: larger images are refused from their header
+    lease_s: int = 60                   # CHEXMASK_LEASE: seconds a dead worker's image or QC stays held
+    retry_failed_for_s: int = 86_400    # CHEXMASK_RETRY_FAILED_FOR: seconds a transient failure is retried
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -69,6 +71,8 @@ class Settings:
             scan_prefixes=_env("CHEXMASK_SCAN_PREFIXES", ""),
             scan_interval_s=_env_int("CHEXMASK_SCAN_INTERVAL", 3600),
             max_pixels=_env_int("CHEXMASK_MAX_PIXELS", 100_000_000),
+            lease_s=max(1, _env_int("CHEXMASK_LEASE", 60)),
+            retry_failed_for_s=_env_int("CHEXMASK_RETRY_FAILED_FOR", 86_400),
         )
 
 

@@ -56,8 +56,8 @@ def _filter_options(command: Callable[..., Any]) -> Callable[..., Any]:
 @_filter_options
 @click.option("--sort", type=click.Choice(_SORT_CHOICES), default="id", show_default=True,
               help="Sort key; a leading - sorts descending.")
-@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
-@click.option("--offset", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--limit", type=click.IntRange(min=1, max=2**62), default=100, show_default=True)
+@click.option("--offset", type=click.IntRange(min=0, max=2**62), default=0, show_default=True)
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table",
               show_default=True)
 def query_command(sort: str, limit: int, offset: int, fmt: str, **filters: Any) -> None:
@@ -176,7 +176,22 @@ def api_command(host: str, port: int) -> None:
 
     from chexmask.storage.api import create_app
 
-    uvicorn.run(create_app(Settings.from_env()), host=host, port=port)
+    settings = Settings.from_env()
+    if not settings.api_token and not _loopback(host):
+        click.echo(f"warning: serving on {host} without CHEXMASK_API_TOKEN: anyone who can reach "
+                   f"port {port} can read every segmentation", err=True)
+    uvicorn.run(create_app(settings), host=host, port=port)
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @click.group("db")

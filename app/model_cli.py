@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import csv
+import functools
 import json
+import os
 import sys
+from collections import Counter
 from pathlib import Path
 
 import click
@@ -30,39 +33,69 @@ def segment_command(paths: tuple[Path, ...], weights: str | None, out: Path, bat
     Writes <name>.json (landmarks at 1024 and original resolution, latent,
     preprocessing, source, model), <name>_{right_lung,left_lung,heart}.png,
     <name>_overlay.jpg and one segmentations.csv in the CheXmask layout at
-    original resolution. Refused inputs get <name>.error.json; the exit status
-    is 1 when any input was refused.
+    original resolution, one row per segmented image. <name> is the file's
+    stem; inputs sharing a stem keep their extension (rand.png, rand.jpg), and
+    inputs sharing a file name are named by their path below the inputs' common
+    folder with / as __ (a__x.png, b__x.png). An input that is refused gets
+    <name>.error.json with its code; one that fails for any other reason (a
+    decoder crash, an unreadable file) gets one with code internal_error, and
+    the run goes on. The exit status is 1 when any input was refused or failed.
     """
     from chexmask.datasets import DEFAULT_ID_COLUMN, id_column
+    from chexmask.storage.sources import read_regular_file
     from chexmask.worker.pipeline import Segmenter, write_outputs
     from chexmask.worker.weights import load
 
     settings = Settings.from_env()
     model, info = load(weights, settings, resolve_device(device or settings.device))
-    files = image_files(paths)
+    files = list(dict.fromkeys(p.absolute() for p in image_files(paths)))
     if not files:
         raise click.UsageError("no image files found in the given paths")
     out.mkdir(parents=True, exist_ok=True)
     segmenter = Segmenter(model, info, batch_size or settings.batch_size, settings.model_threads,
                           settings.max_pixels)
-    sources = [(str(p.name), p.read_bytes) for p in files]
-    refused = 0
+    # Regular files only: a FIFO would block the run, a device never end.
+    sources = [(str(p.name), functools.partial(read_regular_file, p)) for p in files]
+    refused = failed = 0
     with open(out / "segmentations.csv", "w", newline="") as fh:
         writer = None
-        outcomes = segmenter.run(sources, finish=lambda o: write_outputs(o, out))
+        outcomes = segmenter.run(sources, finish=lambda o: write_outputs(o, out), keys=output_names(files))
         for outcome in tqdm(outcomes, total=len(files), desc="segment", unit="image"):
-            if not outcome.ok:
+            if outcome.refusal is not None:
                 refused += 1
                 tqdm.write(f"refused {outcome.name}: {outcome.refusal.code}: {outcome.refusal.message}", file=sys.stderr)
                 continue
+            if not outcome.ok:
+                failed += 1
+                tqdm.write(f"failed {outcome.name}: {type(outcome.error).__name__}: {outcome.error}", file=sys.stderr)
+                continue
             id_name = id_column(dataset) if dataset else DEFAULT_ID_COLUMN
-            row = {id_name: outcome.segmentation.image_id, **outcome.segmentation.csv_row()}
+            row = {id_name: outcome.key, **outcome.segmentation.csv_row()}
             if writer is None:
                 writer = csv.DictWriter(fh, fieldnames=list(row))
                 writer.writeheader()
             writer.writerow(row)
-    click.echo(f"{len(files) - refused} segmented, {refused} refused; results in {out} (model {info.version})")
-    return 1 if refused else 0
+            fh.flush()  # rows already written survive whatever stops the run
+    click.echo(f"{len(files) - refused - failed} segmented, {refused} refused, {failed} failed; "
+               f"results in {out} (model {info.version})")
+    return 1 if refused or failed else 0
+
+
+def output_names(files: list[Path]) -> list[str]:
+    """A unique output name per file: its stem; its file name where stems clash
+    (rand.png, rand.jpg); its path below the files' common folder with / as __ where
+    file names clash (a/x.png, b/x.png -> a__x.png, b__x.png); ~N appended if even those do."""
+    common = Path(os.path.commonpath([f.parent for f in files]))
+    stems = Counter(f.stem for f in files)
+    names = Counter(f.name for f in files)
+    wanted = [f.stem if stems[f.stem] == 1 else f.name if names[f.name] == 1
+              else "__".join(f.relative_to(common).parts) for f in files]
+    seen: Counter[str] = Counter()
+    unique = []
+    for name in wanted:
+        seen[name] += 1
+        unique.append(name if seen[name] == 1 else f"{name}~{seen[name]}")
+    return unique
 
 
 @click.command("train")

@@ -3,7 +3,9 @@ thin click wrappers over the library."""
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import threading
 from pathlib import Path
 
@@ -98,6 +100,7 @@ def serve_command(inbox: Path, once: bool, dataset: str | None, release: str | N
 
     server = Server(settings, inbox, dataset=dataset, release=release, polling=polling, threads=threads,
                     settle=settle, reconcile_every=reconcile_every, on_done=report)
+    finished = True
     try:
         info = server.start()
         click.echo(f"model {info.version}; index {mask_url(settings.database_url)}; store {mask_url(settings.store_url)}")
@@ -105,14 +108,23 @@ def serve_command(inbox: Path, once: bool, dataset: str | None, release: str | N
             server.run_once()
         else:
             server.watcher.start()
+            server.start_sweeping()
             click.echo(f"watching {server.watcher.root} (Ctrl-C to stop)")
             _wait_for_stop()
             server.watcher.stop()
-            server.wait()
+            finished = server.stop()
     finally:
-        server.close()
+        if finished:
+            server.close()
     click.echo(server.tally.summary())
-    return 1 if server.tally.counts.get("failed") else 0
+    status = 1 if server.tally.counts.get("failed") else 0
+    if not finished:
+        # Threads still on an image would hold the interpreter's exit: leave them. The
+        # index says where each image stands; the next start takes them up.
+        click.echo("stopped with images in hand; they are taken up at the next start")
+        sys.stdout.flush()
+        os._exit(status)
+    return status
 
 
 @click.command("watch")
@@ -218,6 +230,8 @@ def reprocess_command(model: str | None, dataset: str | None, release: str | Non
 
     Workers segment with their configured weights, so --model must be theirs.
     Also takes up images left queued, processing or failed by earlier runs.
+    Without CHEXMASK_BROKER_URL the images go back to queued in the index for
+    `chexmask serve`; with a broker, segment tasks are sent to the workers.
     """
     from chexmask.app.reprocess import reprocess
     from chexmask.errors import WeightsError
@@ -235,6 +249,23 @@ def reprocess_command(model: str | None, dataset: str | None, release: str | Non
         raise click.UsageError("no weights configured: give --model")
     queued = reprocess(settings, model, dataset=dataset, release=release)
     click.echo(f"{queued} image(s) queued for {model}")
+
+
+@click.command("retry")
+@click.option("--failed", is_flag=True, help="Also every failed image now, whatever its cause (attempts reset).")
+@click.option("--dataset", help="Only failed images of this dataset.")
+def retry_command(failed: bool, dataset: str | None) -> None:
+    """Queue again what nobody alive holds: images and QCs of crashed workers, and failed
+    images whose automatic retry is due; with --failed, every failed image.
+
+    Without CHEXMASK_BROKER_URL (the embedded mode) they go back to queued in the
+    index, and a running `chexmask serve` (or the next one) takes them up; with a
+    broker, segment and QC tasks are sent to the Celery workers.
+    """
+    from chexmask.app.reprocess import retry
+
+    queued = retry(Settings.from_env(), failed=failed, dataset=dataset)
+    click.echo(f"{queued} image(s) and QC(s) queued again")
 
 
 @click.command("worker")
@@ -275,7 +306,40 @@ def worker_command(queues: str, concurrency: int | None, pool: str, beat: bool, 
 
         service().segmenter  # load the model now: bad weights stop the worker, not every image
     _keep_our_logging(settings.log_format)
+    stop_sweeping = _start_celery_sweeper(settings, app)
     worker = app.Worker(queues=names, concurrency=concurrency or 2 * settings.batch_size, pool=pool,
-                        beat=beat, loglevel=loglevel, hostname=hostname)
-    worker.start()
+                        beat=beat, loglevel=loglevel, hostname=_expand_hostname(hostname))
+    try:
+        worker.start()
+    finally:
+        stop_sweeping.set()
     return worker.exitcode or 0
+
+
+def _expand_hostname(hostname: str | None) -> str | None:
+    """``%h``, ``%n`` and ``%d`` in a worker name, as ``celery worker -n`` expands them."""
+    if hostname is None:
+        return None
+    from celery.utils.nodenames import default_nodename, host_format
+
+    return host_format(default_nodename(hostname))
+
+
+def _start_celery_sweeper(settings: Settings, app) -> threading.Event:
+    """A thread beside the worker that sends again the segment and QC tasks of images and
+    QCs whose holder is gone, and of failed images whose retry is due."""
+    from chexmask.queues import QC_QUEUE, QC_TASK, SEGMENT_TASK
+    from chexmask.storage.index import MaskIndex
+    from chexmask.worker.leases import Sweeper
+
+    index = MaskIndex(settings.database_url)
+    sweeper = Sweeper(
+        index,
+        resegment=lambda image_id: app.send_task(SEGMENT_TASK, args=[image_id], queue=SEGMENT_QUEUE),
+        requalify=lambda segmentation_id: app.send_task(QC_TASK, args=[segmentation_id], queue=QC_QUEUE),
+        handoff_s=settings.visibility_timeout_s,
+    )
+    stop = threading.Event()
+    threading.Thread(target=sweeper.run, args=(stop, max(1.0, settings.lease_s / 2)), name="chexmask-sweep",
+                     daemon=True).start()
+    return stop

@@ -88,6 +88,7 @@ class Synth:
             "first_seen": seen, "updated_at": seen, "status": status.value,
             "refusal_code": "wrong_modality" if status is ImageStatus.REFUSED else None,
             "reason": None, "attempts": 1,
+            "lease_owner": None, "lease_expires_at": None, "retry_at": None, "failing_since": None,
         }
 
     def segmentation(self, i: int) -> dict[str, Any]:
@@ -108,6 +109,7 @@ class Synth:
             "dice_rca_max_rl": max_, "dice_rca_max_ll": max_, "dice_rca_max_h": max_,
             "dice_rca_mean_rl": mean, "dice_rca_mean_ll": mean, "dice_rca_mean_h": mean,
             "qc_status": "done", "qc_flags": None, "shape_outlier_score": None,
+            "qc_lease_owner": None, "qc_lease_expires_at": None,
             "object_keys": "{}", "timings": None,
             "created_at": self.now - timedelta(seconds=i),
         }

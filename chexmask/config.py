@@ -59,6 +59,8 @@ class Settings(BaseSettings):
     webhook_token: SecretStr | None = None  # CHEXMASK_WEBHOOK_TOKEN: token MinIO's webhook sends
     log_format: Literal["text", "json"] = "text"  # CHEXMASK_LOG_FORMAT: json = one JSON object per line
     max_pixels: int = 100_000_000       # CHEXMASK_MAX_PIXELS: larger images are refused from their header
+    lease_s: int = Field(60, ge=1, validation_alias=AliasChoices(ENV_PREFIX + "LEASE"))  # CHEXMASK_LEASE: seconds a dead worker's image or QC stays held
+    retry_failed_for_s: int = _env("RETRY_FAILED_FOR", 86_400)  # CHEXMASK_RETRY_FAILED_FOR: seconds a transient failure is retried
 
     def __init__(self, **values: Any):
         # Keyword arguments go by field name, also for the fields read under another

@@ -33,3 +33,8 @@ class TransientError(ChexmaskError):
 
 class ConfigError(ChexmaskError):
     """A setting is missing or malformed."""
+
+
+class NotARegularFile(ChexmaskError, OSError):
+    """A source path that is a FIFO, a device, a socket or a folder (or a link to one):
+    never opened for reading, since a FIFO would block and a device never end."""

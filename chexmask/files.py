@@ -8,9 +8,13 @@ temporary or backup files.
 
 from __future__ import annotations
 
+import logging
 import os
+import stat
 from collections.abc import Iterable, Iterator
 from pathlib import Path, PurePath
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".dic", ".j2k", ".jp2", ".tif", ".tiff", ""})
 # Names that writers use while a file is still incomplete.
@@ -47,11 +51,27 @@ def walk(root: Path) -> Iterator[tuple[Path, os.stat_result]]:
             continue
         if entry.is_dir(follow_symlinks=False):
             yield from walk(Path(entry.path))
-        elif entry.is_file():
-            try:
-                yield Path(entry.path), entry.stat()
-            except FileNotFoundError:
-                continue
+            continue
+        try:
+            stat_result = entry.stat()  # follows a symlink to what it points at
+        except OSError:
+            continue  # gone, or a dangling or looping link
+        if regular(Path(entry.path), stat_result):
+            yield Path(entry.path), stat_result
+
+
+_noted: set[Path] = set()
+
+
+def regular(path: Path, stat_result: os.stat_result) -> bool:
+    """Whether ``path`` is (or links to) a regular file. Anything else (a FIFO, a
+    device, a socket) is never opened, and logged the first time it is seen."""
+    if stat.S_ISREG(stat_result.st_mode):
+        return True
+    if path not in _noted and not stat.S_ISDIR(stat_result.st_mode):
+        _noted.add(path)
+        log.warning("ignoring %s: not a regular file (FIFO, device or socket)", path)
+    return False
 
 
 def image_files(paths: Iterable[Path]) -> list[Path]:

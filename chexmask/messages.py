@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 from chexmask.datasets import identify
 
@@ -30,8 +31,8 @@ class Arrival:
                  stat: os.stat_result | None = None) -> "Arrival":
         path = path.absolute()
         stat = stat or path.stat()
-        found = identify(path.as_posix(), dataset)
-        return cls(path.as_uri(), found.dataset, found.image_id, release, file_etag(stat), stat.st_size)
+        found = identify(printable(path.as_posix()), dataset)
+        return cls(file_uri(path), found.dataset, found.image_id, release, file_etag(stat), stat.st_size)
 
     @classmethod
     def for_object(cls, bucket: str, key: str, etag: str | None, size: int | None,
@@ -50,6 +51,19 @@ class Arrival:
     @property
     def name(self) -> str:
         return self.uri.rstrip("/").rsplit("/", 1)[-1]
+
+
+def file_uri(path: Path) -> str:
+    """``file://`` URI of an absolute path, percent-encoding its bytes: a name that is
+    not UTF-8 (which ``Path.as_uri`` refuses) keeps its exact bytes, and
+    ``storage.sources`` reads it back with ``unquote_to_bytes``."""
+    return "file://" + quote(os.fsencode(path.absolute()), safe="/")
+
+
+def printable(name: str) -> str:
+    """A path or name as text any database takes: bytes that are not UTF-8 (kept
+    by Python as surrogates) become U+FFFD."""
+    return os.fsencode(name).decode("utf-8", "replace")
 
 
 def file_etag(stat: os.stat_result) -> str:

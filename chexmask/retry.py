@@ -9,10 +9,12 @@ reason. Delays grow exponentially with jitter, so the retries of a burst spread 
 
 from __future__ import annotations
 
+import errno
 import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import TypeVar
 
 from chexmask.errors import NotFound, RefusedInput, TransientError
@@ -61,3 +63,34 @@ class RetryPolicy:
 
 
 RETRY = RetryPolicy()
+
+
+# A full or read-only disk, a flaky network filesystem, a database or store that is
+# down: failures that a later try may not meet, unlike a bug or a bad input.
+_TRANSIENT_ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EIO, errno.EAGAIN,
+                               errno.ETIMEDOUT, errno.ESTALE, errno.EBUSY, errno.ENOMEM})
+
+
+def transient_cause(exc: BaseException | None) -> bool:
+    """Whether ``exc`` (or an exception it was raised from) is worth trying again later."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, (TransientError, ConnectionError, TimeoutError)):
+            return True
+        if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS:
+            return True
+        if type(exc).__name__ == "OperationalError":  # SQLAlchemy: the database went away
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
+def next_failed_retry(failing_since: datetime | None, now: datetime, retry_for_s: float,
+                      min_delay_s: float = 60.0, max_delay_s: float = 3600.0) -> datetime | None:
+    """When a failed image with a transient cause is tried again: after as long as it
+    has been failing (so the waits double), within [min, max]; None once it has been
+    failing for ``retry_for_s``."""
+    failing_for = 0.0 if failing_since is None else (now - failing_since).total_seconds()
+    if failing_for >= retry_for_s:
+        return None
+    return now + timedelta(seconds=min(max_delay_s, max(min_delay_s, failing_for)))

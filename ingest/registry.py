@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from chexmask.errors import NotARegularFile
 from chexmask.messages import Arrival
 from chexmask.status import ImageStatus
 from chexmask.storage import sources
@@ -74,6 +75,9 @@ class Registry:
             data = sources.read(arrival.uri)
         except FileNotFoundError:
             log.warning("gone before it could be read: %s", arrival.uri)
+            return None
+        except NotARegularFile as exc:  # a FIFO or device put in place of the file
+            log.warning("%s", exc)
             return None
         registration = self.index.register_image(
             uri=arrival.uri, dataset=arrival.dataset, dataset_image_id=arrival.dataset_image_id,

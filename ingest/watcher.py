@@ -25,7 +25,7 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
-from chexmask.files import ignored, walk
+from chexmask.files import ignored, regular, walk
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,9 @@ class FolderWatcher:
             return
         try:
             stat = path.stat()
-        except FileNotFoundError:
+        except OSError:  # gone, or a dangling link
+            return
+        if not regular(path, stat):
             return
         item = _Pending(stat.st_size, stat.st_mtime_ns, time.monotonic(), ready)
         with self._lock:

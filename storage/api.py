@@ -18,6 +18,7 @@ from http import HTTPStatus
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi import Path as PathParam
 from fastapi.responses import StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
@@ -31,7 +32,14 @@ from chexmask.storage.queries import SORT_KEYS, QueryFilters, SegmentationSummar
 from chexmask.storage.objectstore import check_key, open_store
 from chexmask.storage.stats import compute_stats
 
+log = logging.getLogger(__name__)
+
 MAX_PAGE = 1000
+# Database integers are 64-bit: larger offsets and ids are answered 422, not a 500
+# from the driver (an offset leaves room for the page added to it).
+MAX_ID = 2**63 - 1
+MAX_OFFSET = 2**62
+MAX_KEY_CHARS = 1024  # object keys are made by us and far shorter; longer ones are not ours
 SERVED_PREFIX = "segmentations/"
 _SORT_PATTERN = "^-?(" + "|".join(SORT_KEYS) + ")$"
 log = logging.getLogger(__name__)
@@ -76,7 +84,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         filters: Annotated[QueryFilters, Depends(_filters)],
         sort: Annotated[str, Query(pattern=_SORT_PATTERN)] = "id",
         limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
-        offset: Annotated[int, Query(ge=0)] = 0,
+        offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     ) -> Page:
         # One extra row tells whether a next page exists without a COUNT(*) over the set.
         rows = index.query(filters, sort=sort, limit=limit + 1, offset=offset)
@@ -84,7 +92,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     next_offset=offset + limit if len(rows) > limit else None)
 
     @app.get("/segmentations/{segmentation_id}", dependencies=guarded)
-    def get_segmentation(segmentation_id: int, request: Request) -> dict[str, Any]:
+    def get_segmentation(segmentation_id: Annotated[int, PathParam(ge=1, le=MAX_ID)],
+                         request: Request) -> dict[str, Any]:
         segmentation = index.get_segmentation(segmentation_id)
         if segmentation is None:
             raise HTTPException(HTTPStatus.NOT_FOUND, "no such segmentation")
@@ -98,10 +107,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.get("/objects/{key:path}", dependencies=guarded, name="get_object")
     def get_object(key: str) -> StreamingResponse:
         try:
-            if not check_key(key).startswith(SERVED_PREFIX):
+            if len(key) > MAX_KEY_CHARS or not check_key(key).startswith(SERVED_PREFIX):
                 raise NotFound(key)
             chunks = store.stream(key)
-        except (NotFound, ValueError):
+        except (NotFound, ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise HTTPException(HTTPStatus.NOT_FOUND, "no such object") from None
         except TransientError as exc:
             raise HTTPException(HTTPStatus.SERVICE_UNAVAILABLE, str(exc)) from exc

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -40,6 +41,16 @@ from chexmask.storage.queries import (
     order_by,
     segmentation_conditions,
 )
+
+
+@dataclass(frozen=True)
+class Lease:
+    """Who holds an image (or a pending QC) and until when; ``expires_at`` of a failed
+    image is when its retry is due."""
+
+    id: int
+    owner: str | None
+    expires_at: datetime | None
 
 
 @dataclass(frozen=True)
@@ -174,7 +185,7 @@ class MaskIndex:
             if changed:
                 # Whatever was known about the old bytes no longer holds.
                 updates.update(content, status=ImageStatus.QUEUED, attempts=0,
-                               refusal_code=None, reason=None)
+                               refusal_code=None, reason=None, retry_at=None, failing_since=None)
             if _assign(image, updates):
                 image.updated_at = now
                 _sync_segmentations(session, image)
@@ -204,18 +215,35 @@ class MaskIndex:
         status: ImageStatus,
         code: str | None = None,
         reason: str | None = None,
+        *,
+        owner: str | None = None,
+        lease_s: float = 0.0,
+        retry_at: datetime | None = None,
     ) -> SourceImage:
         """Move an image to ``status``; ``code``/``reason`` replace the stored ones.
 
-        ``processing`` counts one more attempt. A refusal must carry a code.
+        ``processing`` counts one more attempt and is leased to ``owner`` for
+        ``lease_s`` seconds (renewed by ``renew_leases``); any other status ends the
+        lease. ``failed`` with a ``retry_at`` is tried again then by the sweep
+        (``failing_since`` remembers when the failures began); ``done`` forgets them.
+        A refusal must carry a code.
         """
         status = ImageStatus(status)
         if status is ImageStatus.REFUSED and not code:
             raise ValueError("a refused image needs a refusal code")
-        values: dict[str, Any] = {"status": status, "refusal_code": code, "reason": reason}
+        now = utcnow()
+        values: dict[str, Any] = {"status": status, "refusal_code": code, "reason": reason,
+                                  "lease_owner": None, "lease_expires_at": None}
         if status is ImageStatus.PROCESSING:
             # Incremented in SQL so concurrent workers never lose a count.
             values["attempts"] = SourceImage.attempts + 1
+            values.update(lease_owner=owner, lease_expires_at=now + timedelta(seconds=lease_s))
+        if status is ImageStatus.FAILED:
+            values["retry_at"] = retry_at
+            values["failing_since"] = (sa.func.coalesce(SourceImage.failing_since, now)
+                                       if retry_at is not None else None)
+        if status in (ImageStatus.DONE, ImageStatus.REFUSED):
+            values.update(retry_at=None, failing_since=None)
         return self._update_image(image_id, values)
 
     def _update_image(self, image_id: int, values: dict[str, Any], sync: bool = False) -> SourceImage:
@@ -326,12 +354,15 @@ class MaskIndex:
         latent: Sequence[float] | None = None,
         object_keys: Mapping[str, str] | None = None,
         timings: Mapping[str, float] | None = None,
+        qc_owner: str | None = None,
+        qc_lease_s: float = 0.0,
     ) -> tuple[Segmentation, bool]:
         """Store a segmentation unless (sha256, model) has one; returns (row, created).
 
         ``rle``/``rle_1024`` map ``right_lung``, ``left_lung``, ``heart`` to CheXmask
         RLE strings at original and 1024 resolution. The model version is
-        registered on first use.
+        registered on first use. Its pending QC is held by ``qc_owner`` for
+        ``qc_lease_s`` seconds, so a crash before QC leaves a lease that runs out.
         """
         original = _points(landmarks_original)
         values = {
@@ -352,6 +383,8 @@ class MaskIndex:
             "object_keys": dict(object_keys or {}),
             "timings": None if timings is None else {k: float(v) for k, v in timings.items()},
             "created_at": utcnow(),
+            "qc_lease_owner": qc_owner,
+            "qc_lease_expires_at": utcnow() + timedelta(seconds=qc_lease_s),
         }
         with self._session() as session:
             image = session.get(SourceImage, image_id)
@@ -428,13 +461,132 @@ class MaskIndex:
                 sa.update(Segmentation)
                 .where(Segmentation.id == segmentation_id)
                 .values(**values, qc_status=QCStatus(status),
-                        qc_flags=None if flags is None else list(flags))
+                        qc_flags=None if flags is None else list(flags),
+                        qc_lease_owner=None, qc_lease_expires_at=None)
                 .returning(Segmentation)
             ).one_or_none()
             if segmentation is None:
                 raise NotFound(f"no segmentation with id {segmentation_id}")
             session.commit()
             return segmentation
+
+    # --- leases and sweeps ------------------------------------------------------------
+
+    def renew_leases(self, owner: str, lease_s: float) -> int:
+        """Extend every lease ``owner`` holds (processing images, pending QCs); how many."""
+        expires = utcnow() + timedelta(seconds=lease_s)
+        with self._session() as session:
+            images = session.execute(
+                sa.update(SourceImage)
+                .where(SourceImage.lease_owner == owner, SourceImage.status == ImageStatus.PROCESSING)
+                .values(lease_expires_at=expires)
+            ).rowcount
+            qcs = session.execute(
+                sa.update(Segmentation)
+                .where(Segmentation.qc_lease_owner == owner, Segmentation.qc_status == QCStatus.PENDING)
+                .values(qc_lease_expires_at=expires)
+            ).rowcount
+            session.commit()
+        return images + qcs
+
+    def processing_leases(self, limit: int = 10_000) -> list[Lease]:
+        """Images in ``processing`` with their holders, oldest lease first."""
+        statement = (
+            sa.select(SourceImage.id, SourceImage.lease_owner, SourceImage.lease_expires_at)
+            .where(SourceImage.status == ImageStatus.PROCESSING)
+            .order_by(SourceImage.lease_expires_at.nulls_first(), SourceImage.id)
+            .limit(limit)
+        )
+        with self.engine.connect() as connection:
+            return [Lease(*row) for row in connection.execute(statement)]
+
+    def qc_leases(self, limit: int = 10_000) -> list[Lease]:
+        """Segmentations whose QC is pending, with their holders, oldest lease first."""
+        statement = (
+            sa.select(Segmentation.id, Segmentation.qc_lease_owner, Segmentation.qc_lease_expires_at)
+            .where(Segmentation.qc_status == QCStatus.PENDING)
+            .order_by(Segmentation.qc_lease_expires_at.nulls_first(), Segmentation.id)
+            .limit(limit)
+        )
+        with self.engine.connect() as connection:
+            return [Lease(*row) for row in connection.execute(statement)]
+
+    def due_retries(self, limit: int = 10_000) -> list[Lease]:
+        """Failed images whose automatic retry is due."""
+        statement = (
+            sa.select(SourceImage.id, SourceImage.lease_owner, SourceImage.retry_at)
+            .where(SourceImage.status == ImageStatus.FAILED, SourceImage.retry_at <= utcnow())
+            .order_by(SourceImage.retry_at)
+            .limit(limit)
+        )
+        with self.engine.connect() as connection:
+            return [Lease(*row) for row in connection.execute(statement)]
+
+    def requeue(self, lease: Lease, owner: str, lease_s: float, reset_attempts: bool = False) -> bool:
+        """Take an image over from ``lease`` (it is still held as it says: nobody took it
+        meanwhile) and put it back to ``queued``, held by ``owner`` for ``lease_s``;
+        whether this caller won it."""
+        values: dict[str, Any] = {"status": ImageStatus.QUEUED, "lease_owner": owner,
+                                  "lease_expires_at": utcnow() + timedelta(seconds=lease_s),
+                                  "updated_at": utcnow()}
+        if reset_attempts:
+            values["attempts"] = 0
+        same_holder = (SourceImage.lease_owner.is_(None) if lease.owner is None
+                       else SourceImage.lease_owner == lease.owner)
+        with self._session() as session:
+            won = session.execute(
+                sa.update(SourceImage)
+                .where(SourceImage.id == lease.id, same_holder,
+                       SourceImage.status.in_([ImageStatus.PROCESSING, ImageStatus.FAILED]))
+                .values(**values)
+            ).rowcount
+            session.commit()
+        return won == 1
+
+    def take_qc(self, lease: Lease | int, owner: str, lease_s: float) -> bool:
+        """Hold the pending QC of a segmentation for ``owner``: taken over from ``lease``
+        (only if still held as it says), or unconditionally given a bare id; whether it was."""
+        condition = [Segmentation.qc_status == QCStatus.PENDING]
+        if isinstance(lease, Lease):
+            condition.append(Segmentation.qc_lease_owner.is_(None) if lease.owner is None
+                             else Segmentation.qc_lease_owner == lease.owner)
+        segmentation_id = lease.id if isinstance(lease, Lease) else lease
+        with self._session() as session:
+            won = session.execute(
+                sa.update(Segmentation)
+                .where(Segmentation.id == segmentation_id, *condition)
+                .values(qc_lease_owner=owner, qc_lease_expires_at=utcnow() + timedelta(seconds=lease_s))
+            ).rowcount
+            session.commit()
+        return won == 1
+
+    def requeue_ids(self, image_ids: Sequence[int]) -> None:
+        """Put these images back to ``queued`` with fresh attempts (``reprocess``),
+        leaving those in ``processing`` to their holders (or the sweep)."""
+        with self._session() as session:
+            for start in range(0, len(image_ids), 500):
+                session.execute(
+                    sa.update(SourceImage)
+                    .where(SourceImage.id.in_(image_ids[start:start + 500]),
+                           SourceImage.status != ImageStatus.PROCESSING)
+                    .values(status=ImageStatus.QUEUED, attempts=0, lease_owner=None, lease_expires_at=None,
+                            retry_at=None, failing_since=None, updated_at=utcnow())
+                )
+            session.commit()
+
+    def retry_failed(self, filters: QueryFilters = QueryFilters()) -> list[int]:
+        """Put every failed image of the filter back to ``queued`` with fresh attempts
+        (``chexmask retry``); their ids."""
+        with self._session() as session:
+            ids = list(session.scalars(
+                sa.update(SourceImage)
+                .where(SourceImage.status == ImageStatus.FAILED, *image_conditions(filters))
+                .values(status=ImageStatus.QUEUED, attempts=0, retry_at=None, failing_since=None,
+                        lease_owner=None, lease_expires_at=None, updated_at=utcnow())
+                .returning(SourceImage.id)
+            ))
+            session.commit()
+        return sorted(ids)
 
     # --- queries ----------------------------------------------------------------
 

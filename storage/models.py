@@ -111,6 +111,7 @@ class SourceImage(StorageModel, table=True):
         sa.Index("ix_source_image_sha256", "sha256"),
         sa.Index("ix_source_image_status_id", "status", "id"),
         sa.Index("ix_source_image_dataset_release", "dataset", "release"),
+        sa.Index("ix_source_image_retry_at", "retry_at"),
         # pattern ops let PostgreSQL serve prefix LIKE from the index whatever the collation
         sa.Index(
             "ix_source_image_dataset_image_id",
@@ -137,6 +138,14 @@ class SourceImage(StorageModel, table=True):
     refusal_code: str | None = Field(default=None, sa_type=sa.String(64))
     reason: str | None = Field(default=None, sa_type=sa.Text)
     attempts: int = Field(default=0, nullable=False)
+    # Who holds the image while it is processing, and until when: a holder renews its
+    # lease; one that expires (or whose process is gone) is taken over by a sweep.
+    lease_owner: str | None = Field(default=None, sa_type=sa.String(128))
+    lease_expires_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    # A failed image with a transient cause is tried again at retry_at, until it has
+    # been failing for CHEXMASK_RETRY_FAILED_FOR (counted from failing_since).
+    retry_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    failing_since: datetime | None = Field(default=None, sa_type=UTCDateTime)
 
 
 class Segmentation(StorageModel, table=True):
@@ -160,6 +169,7 @@ class Segmentation(StorageModel, table=True):
         sa.Index("ix_segmentation_dice_rca_mean", "dice_rca_mean"),
         sa.Index("ix_segmentation_image_id", "image_id"),
         sa.Index("ix_segmentation_created_at", "created_at"),
+        sa.Index("ix_segmentation_qc_status", "qc_status"),
     )
 
     id: int | None = Field(default=None, primary_key=True)
@@ -187,6 +197,9 @@ class Segmentation(StorageModel, table=True):
     qc_flags: list[str] | None = Field(default=None, sa_type=JSONType)
     shape_outlier_score: float | None = None
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, nullable=False)
+    # The holder of a pending QC and until when (see SourceImage.lease_owner).
+    qc_lease_owner: str | None = Field(default=None, sa_type=sa.String(128))
+    qc_lease_expires_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     object_keys: dict[str, str] = Field(default_factory=dict, sa_type=JSONType, nullable=False)
     timings: dict[str, float] | None = Field(default=None, sa_type=JSONType)
     landmarks_1024: list[list[int]] = Field(sa_type=JSONType, nullable=False)

@@ -34,7 +34,8 @@ def test_delivery_guarantees(tmp_path):
     conf = app_for(tmp_path, "redis://127.0.0.1:6379/0", visibility_timeout_s=7200).conf
     assert conf.task_acks_late and conf.task_reject_on_worker_lost
     assert conf.worker_prefetch_multiplier == 1
-    assert conf.broker_transport_options == {"visibility_timeout": 7200}
+    assert conf.broker_transport_options == {"visibility_timeout": 7200, "unacked_restore_interval": 10,
+                                             "unacked_restore_throttle": 1, "unacked_mutex_expire": 30}
     assert conf.task_routes[INGEST_TASK] == {"queue": "ingest"} and conf.task_routes[SEGMENT_TASK] == {"queue": "segment"}
     assert conf.task_ignore_result
     assert app_for(tmp_path, "amqp://guest:guest@127.0.0.1:5672//").conf.broker_transport_options == {
@@ -103,3 +104,20 @@ def test_rabbitmq_publishes_are_confirmed(tmp_path):
         finally:
             queue.close()
 
+
+
+def test_a_dead_workers_task_returns_within_the_timeout_and_a_tenth(tmp_path):
+    """kombu sweeps unacked messages every interval x throttle seconds (10 x 10 by
+    default, which brought tasks back ~90 s after a 30 s timeout)."""
+    options = app_for(tmp_path, "redis://127.0.0.1:6379/0", visibility_timeout_s=30).conf.broker_transport_options
+    assert options["visibility_timeout"] == 30
+    assert options["unacked_restore_interval"] * options["unacked_restore_throttle"] <= 3
+
+
+def test_worker_names_expand_like_celery():
+    import socket
+
+    from chexmask.app.pipeline_cli import _expand_hostname
+
+    assert _expand_hostname("gpu@%h") == f"gpu@{socket.gethostname()}"
+    assert _expand_hostname(None) is None

@@ -114,3 +114,24 @@ def test_max_pixels_from_environment_refuses_too_large(tmp_path: Path, samples_d
     assert result.returncode == 1, result.stderr
     error = json.loads((tmp_path / "00000001_000.error.json").read_text())
     assert error["code"] == "too_large" and "512x512" in error["reason"]
+
+
+def test_every_input_gets_its_own_result_or_reason(tmp_path, samples_dir: Path, golden_weights_file: Path):
+    """Equal stems and equal names get distinct outputs; a file that cannot be read
+    (a FIFO) gets an internal_error record and the run goes on."""
+    png, jpg = (samples_dir / "00000001_000.png").read_bytes(), (samples_dir / "16747_3_1.jpg").read_bytes()
+    for relative, data in {"a/x.png": png, "b/x.png": png, "c/rand.png": png, "c/rand.jpg": jpg}.items():
+        (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / relative).write_bytes(data)
+    os.mkfifo(tmp_path / "c" / "pipe.png")
+    out = tmp_path / "out"
+    inputs = [str(tmp_path / p) for p in ("a/x.png", "b/x.png", "c/rand.png", "c/rand.jpg", "c/pipe.png")]
+    result = chexmask("segment", *inputs, "--weights", str(golden_weights_file), "--out", str(out))
+    assert result.returncode == 1, result.stderr
+    assert "4 segmented, 0 refused, 1 failed" in result.stdout
+    for name in ("a__x.png", "b__x.png", "rand.png", "rand.jpg"):
+        assert json.loads((out / f"{name}.json").read_text())["image_id"] == name
+    error = json.loads((out / "pipe.error.json").read_text())
+    assert error["code"] == "internal_error" and "regular file" in error["reason"]
+    csv_ids = pd.read_csv(out / "segmentations.csv")["image_id"].tolist()
+    assert sorted(csv_ids) == ["a__x.png", "b__x.png", "rand.jpg", "rand.png"]

@@ -123,7 +123,7 @@ def test_token_required_when_configured(seeded):
 def test_open_without_token(seeded):
     with client_for(*seeded) as client:
         assert client.get("/segmentations").status_code == 200
-        assert client.get("/health").json() == {"status": "ok", "schema_revision": "0001"}
+        assert client.get("/health").json() == {"status": "ok", "schema_revision": "0002"}
 
 
 @local_store_only
@@ -141,3 +141,19 @@ def test_health_fails_when_index_is_unreachable(tmp_path, unused_port):
     settings = Settings(database_url=nobody_listens, store_url=tmp_path.as_uri())
     with TestClient(create_app(settings)) as client:
         assert client.get("/health").status_code == 503
+
+
+@local_store_only
+def test_out_of_range_numbers_and_huge_keys_are_client_errors(index, store):
+    client = client_for(index, store)
+    assert client.get("/segmentations", params={"offset": "99999999999999999999"}).status_code == 422
+    assert client.get("/segmentations/9223372036854775808").status_code == 422
+    assert client.get("/objects/segmentations/" + "k" * 60_000).status_code == 404
+
+
+def test_health_names_no_database_detail(tmp_path):
+    settings = Settings(database_url="postgresql+psycopg://u:pw@db.internal.example:6543/x",
+                        store_url=tmp_path.as_uri())
+    response = TestClient(create_app(settings)).get("/health")
+    assert response.status_code == 503
+    assert "db.internal.example" not in response.text and "6543" not in response.text

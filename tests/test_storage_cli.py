@@ -53,9 +53,9 @@ def test_db_upgrade_and_current(tmp_path, monkeypatch):
         runner.invoke(cli, ["query"], catch_exceptions=False)
     assert "current: empty" in runner.invoke(cli, ["db", "current"]).output
     upgrade = runner.invoke(cli, ["db", "upgrade"]).output.strip().splitlines()
-    assert upgrade == [f"index {url}", "index schema: empty -> 0001"]
-    assert runner.invoke(cli, ["db", "upgrade"]).output.strip().splitlines()[-1] == "index schema: 0001 -> 0001"
-    assert runner.invoke(cli, ["db", "current"]).output.strip().splitlines()[-1] == "current: 0001  head: 0001"
+    assert upgrade == [f"index {url}", "index schema: empty -> 0002"]
+    assert runner.invoke(cli, ["db", "upgrade"]).output.strip().splitlines()[-1] == "index schema: 0002 -> 0002"
+    assert runner.invoke(cli, ["db", "current"]).output.strip().splitlines()[-1] == "current: 0002  head: 0002"
 
 
 def test_query_formats(run):

@@ -53,7 +53,21 @@ def scan_prefixes(value: str) -> list[ScanPrefix]:
 
 def transport_options(broker_url: str, visibility_timeout: int) -> dict:
     scheme = broker_url.split("://", 1)[0]
-    if scheme.startswith(("redis", "rediss", "sqs")):
+    if scheme.startswith(("redis", "rediss")):
+        # kombu restores unacknowledged messages only when it sweeps, every
+        # unacked_restore_interval x unacked_restore_throttle seconds (10 x 10 by
+        # default): a dead worker's task came back ~90 s after a 30 s timeout. Sweep
+        # every tenth of the timeout (1-10 s) and on every call, so a task returns
+        # within the timeout plus at most a tenth of it; a sweeper that dies
+        # holding kombu's restore mutex blocks the others only for a few sweeps.
+        interval = max(1, min(10, visibility_timeout // 10))
+        return {
+            "visibility_timeout": visibility_timeout,
+            "unacked_restore_interval": interval,
+            "unacked_restore_throttle": 1,
+            "unacked_mutex_expire": max(10, 3 * interval),
+        }
+    if scheme.startswith("sqs"):
         return {"visibility_timeout": visibility_timeout}
     if scheme.startswith(("amqp", "pyamqp")):
         # A publish returns only once the broker holds the message ("safely queued").

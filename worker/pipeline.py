@@ -11,6 +11,7 @@ threads (the embedded server, Celery workers), each image in the caller's thread
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -154,20 +155,33 @@ def prepare(data: bytes, name: str = "", max_pixels: int = DEFAULT_MAX_PIXELS) -
 
 @dataclass
 class Outcome:
-    """What happened to one input: a segmentation, or a refusal with its reason."""
+    """What happened to one input: a segmentation, a refusal (bad input) or an error
+    (anything else that went wrong with it), each with its reason."""
 
     name: str
     segmentation: Segmentation | None = None
     refusal: RefusedInput | None = None
+    error: Exception | None = None
+    key: str = ""  # unique output name within a run; the file name's stem when not given
+
+    def __post_init__(self) -> None:
+        self.key = self.key or Path(self.name).stem
 
     @property
     def ok(self) -> bool:
         return self.segmentation is not None
 
     def error_record(self) -> dict:
-        assert self.refusal is not None
-        return {"image_id": Path(self.name).stem, "name": self.name, "status": "refused",
-                "code": self.refusal.code, "reason": self.refusal.message}
+        if self.refusal is not None:
+            return {"image_id": self.key, "name": self.name, "status": "refused",
+                    "code": self.refusal.code, "reason": self.refusal.message}
+        return {"image_id": self.key, "name": self.name, "status": "failed", "code": INTERNAL_ERROR,
+                "reason": f"{type(self.error).__name__}: {self.error}"[:2000]}
+
+
+# The code of an input that failed for a reason other than a refusal (a decoder crash,
+# an unreadable file, a full disk): recorded so one bad file never stops a run.
+INTERNAL_ERROR = "internal_error"
 
 
 class Segmenter:
@@ -214,16 +228,19 @@ class Segmenter:
         return [Segmentation(p, lm * FRAME, z, self.info) for p, lm, z in zip(items, landmarks, latents)]
 
     def run(self, sources: Iterable[tuple[str, Callable[[], bytes]]],
-            finish: Callable[[Outcome], None] | None = None) -> Iterator[Outcome]:
-        """Segment ``(name, read)`` pairs, yielding outcomes in input order.
+            finish: Callable[[Outcome], None] | None = None, keys: list[str] | None = None) -> Iterator[Outcome]:
+        """Segment ``(name, read)`` pairs, yielding outcomes in input order; ``keys``
+        name their outputs (default: each name's stem).
 
         Each of ``workers`` threads takes ``thread_batch`` sources at a time and reads,
         decodes, infers and finishes them (``finish``, e.g. writing files); torch,
-        OpenCV and the decoders release the GIL for their heavy parts.
+        OpenCV and the decoders release the GIL for their heavy parts. Whatever goes
+        wrong with one input becomes its outcome (a refusal or an error); the others go on.
         """
-        sources = list(sources)
+        items = [(name, read, key) for (name, read), key in
+                 zip(sources, keys or itertools.repeat(""))]
         size = self.thread_batch
-        chunks = [sources[i:i + size] for i in range(0, len(sources), size)]
+        chunks = [items[i:i + size] for i in range(0, len(items), size)]
         with ThreadPoolExecutor(self.workers, thread_name_prefix="chexmask-segment") as pool:
             running: deque[Future[list[Outcome]]] = deque()
             for chunk in chunks:
@@ -233,33 +250,70 @@ class Segmenter:
             while running:
                 yield from running.popleft().result()
 
-    def _run_chunk(self, chunk: list[tuple[str, Callable[[], bytes]]],
+    def _run_chunk(self, chunk: list[tuple[str, Callable[[], bytes], str]],
                    finish: Callable[[Outcome], None] | None) -> list[Outcome]:
         outcomes: list[Outcome] = []
-        prepared: list[Prepared] = []
-        for name, read in chunk:
+        prepared: dict[int, Prepared] = {}
+        for name, read, key in chunk:
+            outcome = Outcome(name, key=key)
             try:
-                prepared.append(prepare(read(), name, self.max_pixels))
-                outcomes.append(Outcome(name))
+                prepared[len(outcomes)] = prepare(read(), name, self.max_pixels)
             except RefusedInput as exc:
-                outcomes.append(Outcome(name, refusal=exc))
-        segmented = iter(self.segment(prepared) if prepared else ())
+                outcome.refusal = exc
+            except Exception as exc:  # one bad file must not stop the run: it gets an error record
+                log.warning("%s: %s: %s", name, type(exc).__name__, exc)
+                outcome.error = exc
+            outcomes.append(outcome)
+        for position, segmentation in self._segment_each(prepared).items():
+            if isinstance(segmentation, Exception):
+                outcomes[position].error = segmentation
+            else:
+                outcomes[position].segmentation = segmentation
         for outcome in outcomes:
-            if outcome.refusal is None:
-                outcome.segmentation = next(segmented)
             if finish is not None:
-                finish(outcome)
+                self._finish(outcome, finish)
         return outcomes
+
+    def _segment_each(self, prepared: dict[int, Prepared]) -> dict[int, Segmentation | Exception]:
+        """The batch segmented; if it fails, each image alone, so only the culprit errs."""
+        if not prepared:
+            return {}
+        try:
+            return dict(zip(prepared, self.segment(list(prepared.values()))))
+        except Exception as exc:
+            if len(prepared) == 1:
+                return {position: exc for position in prepared}
+        return {position: _caught(lambda p=p: self.segment([p])[0]) for position, p in prepared.items()}
+
+    @staticmethod
+    def _finish(outcome: Outcome, finish: Callable[[Outcome], None]) -> None:
+        try:
+            finish(outcome)
+        except Exception as exc:  # e.g. the output folder is full: record it, then try the error record
+            log.warning("%s: writing outputs failed: %s: %s", outcome.name, type(exc).__name__, exc)
+            outcome.segmentation, outcome.refusal, outcome.error = None, None, exc
+            try:
+                finish(outcome)
+            except Exception:
+                log.exception("%s: could not write its error record either", outcome.name)
+
+
+def _caught(work: Callable[[], Segmentation]) -> Segmentation | Exception:
+    try:
+        return work()
+    except Exception as exc:
+        return exc
 
 
 def write_outputs(outcome: Outcome, out: Path) -> None:
-    """``<id>.json``, mask PNGs and overlay for a segmentation; ``<id>.error.json`` for a refusal."""
+    """``<key>.json``, mask PNGs and overlay for a segmentation; ``<key>.error.json``
+    for a refusal or an error."""
     if outcome.segmentation is None:
-        stem = Path(outcome.name).stem
-        (out / f"{stem}.error.json").write_text(json.dumps(outcome.error_record(), indent=1))
+        (out / f"{outcome.key}.error.json").write_text(json.dumps(outcome.error_record(), indent=1))
         return
     seg = outcome.segmentation
-    (out / f"{seg.image_id}.json").write_text(json.dumps(seg.record()))
+    record = seg.record()
+    record["image_id"] = outcome.key
+    (out / f"{outcome.key}.json").write_text(json.dumps(record))
     for filename, data in seg.pictures().items():
-        (out / f"{seg.image_id}_{filename}").write_bytes(data)
-
+        (out / f"{outcome.key}_{filename}").write_bytes(data)

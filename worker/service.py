@@ -17,16 +17,18 @@ import os
 import threading
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from chexmask.config import Settings, resolve_device
-from chexmask.errors import NotFound, RefusedInput, WeightsError
+from chexmask.errors import NotARegularFile, NotFound, RefusedInput, WeightsError
+from chexmask.faults import fault_point
 from chexmask.logs import bind, image_context
 from chexmask.quality import QC_FIELDS
-from chexmask.retry import RETRY
+from chexmask.retry import RETRY, next_failed_retry, transient_cause
 from chexmask.status import ImageStatus, QCStatus
 from chexmask.storage import sources
 from chexmask.storage.index import MaskIndex
@@ -34,6 +36,7 @@ from chexmask.storage.models import Segmentation as SegmentationRow
 from chexmask.storage.models import SourceImage
 from chexmask.storage.objectstore import open_store, segmentation_keys
 from chexmask.worker.bank import ReferenceBank
+from chexmask.worker.leases import Heartbeat, process_owner
 from chexmask.worker.pipeline import Prepared, Segmentation, Segmenter, prepare
 from chexmask.worker.qc import assess
 from chexmask.worker.weights import ModelInfo
@@ -58,10 +61,15 @@ class Result:
 class Service:
     """Ingest, segment and QC over one index, one store and (loaded on first use) one model."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, qc_handoff_s: float | None = None):
+        """``qc_handoff_s``: QC is queued for other processes (Celery), so a new
+        segmentation's QC is held for that long (the broker redelivers within it);
+        None: QC runs in this process, held by it while it lives."""
         self.settings = settings
         self.index = MaskIndex(settings.database_url)
         self.store = open_store(settings.store_url, settings.s3_endpoint_url)
+        self.qc_handoff_s = qc_handoff_s
+        self.heartbeat = Heartbeat(self.index, settings.lease_s)
         # An image holds one of these slots from decoding through the model to encoding, so
         # at most CHEXMASK_MODEL_THREADS images (one per core by default) are in CPU work, as
         # in ``chexmask segment``: more would only make them compete for the cores and caches.
@@ -73,6 +81,7 @@ class Service:
         self._bank_loaded = False
 
     def close(self) -> None:
+        self.heartbeat.stop()
         self.index.close()
 
     @property
@@ -119,11 +128,13 @@ class Service:
         version = self.model.version
         if image.sha256 and (done := self._reuse(image_id, image.sha256, version)):
             return done
-        if image.status is ImageStatus.PROCESSING and image.attempts >= RETRY.max_attempts:
+        if (image.status in (ImageStatus.PROCESSING, ImageStatus.QUEUED)
+                and image.attempts >= RETRY.max_attempts):
             reason = f"gave up after {image.attempts} attempts that ended without a result (the worker died each time)"
             self.index.mark(image_id, ImageStatus.FAILED, reason=reason)
             return Result(image_id, ImageStatus.FAILED, reason=reason)
-        self.index.mark(image_id, ImageStatus.PROCESSING)
+        self.heartbeat.ensure_started()
+        self.index.mark(image_id, ImageStatus.PROCESSING, owner=process_owner(), lease_s=self.settings.lease_s)
         started = time.perf_counter()
         try:
             data = sources.read(image.uri) if data is None else data
@@ -131,6 +142,10 @@ class Service:
             reason = f"source not found: {image.uri}"
             self.index.mark(image_id, ImageStatus.FAILED, reason=reason)
             return Result(image_id, ImageStatus.FAILED, reason=reason)
+        except NotARegularFile as exc:
+            self.index.mark(image_id, ImageStatus.REFUSED, "not_a_regular_file", str(exc))
+            return Result(image_id, ImageStatus.REFUSED, code="not_a_regular_file", reason=str(exc))
+        fault_point("after_fetch")
         fetched = time.perf_counter() - started
         with self._cpu:  # decoding, the model and encoding; writing (fsync) waits on the disk
             try:
@@ -138,6 +153,7 @@ class Service:
             except RefusedInput as exc:
                 self.index.mark(image_id, ImageStatus.REFUSED, exc.code, exc.message)
                 return Result(image_id, ImageStatus.REFUSED, code=exc.code, reason=exc.message)
+            fault_point("after_decode")
             if prepared.sha256 != image.sha256:
                 # The source changed after it was registered: record what was read.
                 self.index.update_image(image_id, sha256=prepared.sha256, size=prepared.size)
@@ -149,6 +165,7 @@ class Service:
             artefacts = self._artefacts(segmentation)
             prepared.seconds["encode"] = time.perf_counter() - started
         row = self._write(image_id, segmentation, artefacts, timings or {})
+        fault_point("after_index_insert")
         self.index.update_image(
             image_id, height=prepared.padding.height, width=prepared.padding.width,
             modality=_short(prepared.source.get("modality")), view_position=_short(prepared.source.get("view_position")),
@@ -157,7 +174,9 @@ class Service:
         return Result(image_id, ImageStatus.DONE, row.id, row.qc_status is QCStatus.PENDING, prepared=prepared)
 
     def fail(self, image_id: int, exc: BaseException) -> None:
-        """Record that an image failed for good (retries spent), and log its outcome line."""
+        """Record that an image failed (its retries here spent), and log its outcome line.
+        A transient cause (a full or read-only store, a database away) is tried again by
+        the sweep with growing waits until it has failed for CHEXMASK_RETRY_FAILED_FOR."""
         reason = f"{type(exc).__name__}: {exc}"[:2000]
         with image_context(image_id=image_id):
             try:
@@ -167,7 +186,11 @@ class Service:
             if image is not None:
                 bind(dataset=image.dataset)
             log.error("image %s failed: %s", _label(image_id, image), reason, exc_info=exc)
-            self.index.mark(image_id, ImageStatus.FAILED, reason=reason)
+            retry_at = None
+            if transient_cause(exc) and image is not None:
+                now = datetime.now(timezone.utc)
+                retry_at = next_failed_retry(image.failing_since, now, self.settings.retry_failed_for_s)
+            self.index.mark(image_id, ImageStatus.FAILED, reason=reason, retry_at=retry_at)
 
     def _reuse(self, image_id: int, sha256: str, version: str) -> Result | None:
         """The existing segmentation of this content by this model, if any (marks the image done)."""
@@ -198,6 +221,7 @@ class Service:
         keys = segmentation_keys(prepared.sha256, info.version)
         for name, (data, content_type) in artefacts.items():
             self.store.put(getattr(keys, name), data, content_type)
+        fault_point("after_store_write")
         rle, rle_1024 = segmentation.rle_by_name()
         seconds = {**timings, **prepared.seconds, "store": time.perf_counter() - started}
         row, _ = self.index.add_segmentation(
@@ -206,6 +230,10 @@ class Service:
             landmarks_original=segmentation.landmarks_original.tolist(),
             height=prepared.padding.height, width=prepared.padding.width, rle=rle, rle_1024=rle_1024,
             latent=segmentation.latent.tolist(), object_keys=keys.as_dict(), timings=seconds,
+            # QC run here is held by this process; QC sent to a queue, for as long as
+            # the broker takes to redeliver it.
+            qc_owner=process_owner() if self.qc_handoff_s is None else None,
+            qc_lease_s=self.settings.lease_s if self.qc_handoff_s is None else self.qc_handoff_s,
         )
         return row
 
@@ -238,7 +266,11 @@ class Service:
             if row is None:
                 raise NotFound(f"no segmentation with id {segmentation_id}")
             bind(image_id=row.image_id, dataset=row.dataset)
+            self.heartbeat.ensure_started()
+            self.index.take_qc(segmentation_id, process_owner(), self.settings.lease_s)
+            fault_point("before_qc")
             status = self._qc(segmentation_id, row, image1024)
+            fault_point("after_qc")
             log.debug("segmentation %d: QC %s", segmentation_id, status.value)
             return status
 

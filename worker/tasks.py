@@ -35,7 +35,9 @@ def service() -> Service:
     global _service
     with _service_lock:
         if _service is None:
-            _service = Service(Settings.from_env())
+            settings = Settings.from_env()
+            # QC goes to the qc queue: the broker redelivers it within the visibility timeout.
+            _service = Service(settings, qc_handoff_s=settings.visibility_timeout_s)
         return _service
 
 

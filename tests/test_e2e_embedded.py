@@ -19,7 +19,7 @@ import pytest
 from chexmask.status import ImageStatus
 from chexmask.storage.index import MaskIndex
 from chexmask.storage.queries import QueryFilters
-from test_e2e_celery import CORRUPT_PNG, Process, wait_for, weights  # noqa: F401 (a fixture)
+from test_e2e_celery import CORRUPT_PNG, Process, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -34,9 +34,9 @@ def chexmask(args: list[str], env: dict[str, str]) -> subprocess.CompletedProces
                           text=True, timeout=600)
 
 
-def test_serve_once(tmp_path, weights, samples_dir):
+def test_serve_once(tmp_path, random_weights, samples_dir):
     home, inbox = tmp_path / "home", tmp_path / "inbox"
-    env = embedded_env(home, weights)
+    env = embedded_env(home, random_weights)
     # An image a previous run registered but never finished (a scan queued it, then the
     # process died): serve takes it up from the index.
     earlier = tmp_path / "earlier" / "covid-19-pneumonia-58-prior.jpg"
@@ -82,14 +82,14 @@ def test_serve_once(tmp_path, weights, samples_dir):
     assert again.returncode == 0 and again.stdout.splitlines()[-1].startswith("nothing to do, 2 unchanged"), again.stdout
 
 
-def test_worker_with_periodic_scans_on_the_embedded_sqlite_broker(tmp_path, weights, samples_dir):
+def test_worker_with_periodic_scans_on_the_embedded_sqlite_broker(tmp_path, random_weights, samples_dir):
     """``chexmask worker --beat`` alone on a fresh home: it creates the index, beat
     scans CHEXMASK_SCAN_PREFIXES, and the tasks travel through the SQLite broker."""
     home, release = tmp_path / "home", tmp_path / "release"
     release.mkdir()
     (release / "00000001_000.png").write_bytes((samples_dir / "00000001_000.png").read_bytes())
     (release / "corrupt.png").write_bytes(CORRUPT_PNG)
-    env = {**embedded_env(home, weights), "CHEXMASK_SCAN_PREFIXES": f"{release} nih test",
+    env = {**embedded_env(home, random_weights), "CHEXMASK_SCAN_PREFIXES": f"{release} nih test",
            "CHEXMASK_SCAN_INTERVAL": "2"}
 
     worker = Process.cli(["worker", "--concurrency", "2", "--beat"], env, tmp_path / "worker.log")
@@ -113,9 +113,9 @@ def test_worker_with_periodic_scans_on_the_embedded_sqlite_broker(tmp_path, weig
     assert (home / "broker.db").is_file()
 
 
-def test_serve_watches_until_stopped(tmp_path, weights, samples_dir):
+def test_serve_watches_until_stopped(tmp_path, random_weights, samples_dir):
     home, inbox = tmp_path / "home", tmp_path / "inbox"
-    server = Process.cli(["serve", "--inbox", str(inbox)], embedded_env(home, weights), tmp_path / "serve.log")
+    server = Process.cli(["serve", "--inbox", str(inbox)], embedded_env(home, random_weights), tmp_path / "serve.log")
     try:
         server.wait_output("watching")
         partial = inbox / ".00000001_000.png.part"  # as a copy tool writes: aside, then renamed

@@ -1,4 +1,5 @@
-"""Shared fixtures: the read-only golden data beside the repository, and decoded samples.
+"""Shared fixtures: the read-only golden data beside the repository, decoded samples,
+JSRT ids and reference banks, and model weights for tests.
 
 Everything that needs ../shared (or pydicom-data) skips cleanly when it is absent.
 """
@@ -14,6 +15,9 @@ from pathlib import Path
 import pytest
 
 from chexmask.worker.decode import DecodedImage, decode_path
+
+# The service fixtures (PostgreSQL, Redis, moto, index, store), one instance per session.
+pytest_plugins = ["services"]
 
 SHARED_DIR = Path(__file__).resolve().parents[1].parent / "shared"
 
@@ -57,6 +61,27 @@ def jsrt(shared_dir: Path) -> Path:
     if not (root / "images").is_dir():
         pytest.skip(f"JSRT data not found under {root}")
     return root
+
+
+@pytest.fixture(scope="session")
+def jsrt_ids(jsrt: Path) -> list[str]:
+    """The JSRT images that have landmarks, in ``list_ids`` order."""
+    from chexmask.worker.train import list_ids
+
+    return list_ids(jsrt / "images", jsrt / "landmarks")
+
+
+@pytest.fixture(scope="session")
+def jsrt_bank(jsrt: Path, jsrt_ids: list[str]):
+    """``jsrt_bank(n)``: a ReferenceBank (no latents) of the first ``n`` JSRT images,
+    built once per session. Callers must leave it as they found it."""
+    from chexmask.worker.bank import ReferenceBank
+
+    @cache
+    def build(n: int) -> ReferenceBank:
+        return ReferenceBank.build(jsrt / "images", jsrt / "landmarks", jsrt_ids[:n])
+
+    return build
 
 
 @pytest.fixture(scope="session")
@@ -126,3 +151,32 @@ def golden_csv() -> Callable[[Path], list[dict[str, str]]]:
             return [{key.strip(): value for key, value in row.items()} for row in csv.DictReader(handle)]
 
     return read
+
+
+@pytest.fixture(scope="session")
+def golden_weights(shared_dir: Path) -> dict:
+    """The deterministic weights of SPEC 6, with which the official goldens were made."""
+    import numpy as np
+    import torch
+
+    keys = json.loads((shared_dir / "reference" / "hybridgnet_state_dict.json").read_text())["keys"]
+    return {
+        k["key"]: torch.from_numpy(
+            np.random.RandomState(1000 + k["index"]).normal(k["rule"]["mean"], k["rule"]["std"], k["shape"]).astype(np.float32)
+        )
+        for k in keys
+    }
+
+
+@pytest.fixture(scope="session")
+def random_weights(tmp_path_factory) -> Path:
+    """Seeded random HybridGNet weights in a checkpoint file: deterministic results,
+    where mask quality does not matter."""
+    import torch
+
+    from chexmask.worker.model import HybridGNet
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "seed0.pt"
+    torch.save(HybridGNet().state_dict(), path)
+    return path

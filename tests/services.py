@@ -1,10 +1,13 @@
 """Real services for tests: PostgreSQL, Redis and a moto S3 server over HTTP.
 
 Each helper skips the calling test with a clear reason when its service is not
-reachable, so the suite still runs (with fewer tests) on a bare machine.
+reachable, so the suite still runs (with fewer tests) on a bare machine. In CI
+(the variable ``CI`` set, as CI systems do) it fails the test instead: there
+``.ci/run`` starts the services, and a silent skip would hide that it did not.
 
-The fixtures below are meant to be loaded as a plugin (``pytest_plugins =
-["services"]``), which keeps the session-scoped ones single for the whole run.
+The fixtures below are loaded once, as a plugin, by ``conftest.py``
+(``pytest_plugins = ["services"]``), which keeps the session-scoped ones single
+for the whole run.
 
 - ``postgres_url()`` / ``redis_url()``: from ``CHEXMASK_TEST_PG_URL`` and
   ``CHEXMASK_TEST_REDIS_URL`` (defaults: the local servers).
@@ -47,8 +50,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def unreachable(message: str) -> None:
+    """Skip the calling test, or fail it in CI, where every service must be up."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{message} (CI is set, so .ci/run should have started it)", pytrace=False)
+    pytest.skip(message)
+
+
 def require_postgres(url: str | None = None) -> str:
-    """The URL, or skip the test when PostgreSQL does not answer there."""
+    """The URL, or skip the test when PostgreSQL does not answer there (fail in CI)."""
     import sqlalchemy as sa
 
     url = url or postgres_url()
@@ -57,14 +67,14 @@ def require_postgres(url: str | None = None) -> str:
         with engine.connect() as connection:
             connection.execute(sa.text("SELECT 1"))
     except Exception as exc:
-        pytest.skip(f"PostgreSQL not reachable at {_safe(url)} (set CHEXMASK_TEST_PG_URL): {exc}")
+        unreachable(f"PostgreSQL not reachable at {_safe(url)} (set CHEXMASK_TEST_PG_URL): {exc}")
     finally:
         engine.dispose()
     return url
 
 
 def require_redis(url: str | None = None) -> str:
-    """The URL, or skip the test when Redis does not answer there."""
+    """The URL, or skip the test when Redis does not answer there (fail in CI)."""
     import redis
 
     url = url or redis_url()
@@ -72,7 +82,7 @@ def require_redis(url: str | None = None) -> str:
     try:
         client.ping()
     except Exception as exc:
-        pytest.skip(f"Redis not reachable at {_safe(url)} (set CHEXMASK_TEST_REDIS_URL): {exc}")
+        unreachable(f"Redis not reachable at {_safe(url)} (set CHEXMASK_TEST_REDIS_URL): {exc}")
     finally:
         client.close()
     return url

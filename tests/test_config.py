@@ -10,7 +10,6 @@ from chexmask.app.cli import cli
 from chexmask.config import Settings, mask_url
 from chexmask.errors import ConfigError
 
-pytest_plugins = ["services"]
 
 
 @pytest.fixture(autouse=True)

@@ -136,20 +136,7 @@ def empty_redis_databases(count: int) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory) -> Path:
-    """Deterministic random HybridGNet weights (the bundled weights are still being trained)."""
-    import torch
-
-    from chexmask.worker.model import HybridGNet
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("weights") / "seed0.pt"
-    torch.save(HybridGNet().state_dict(), path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory, weights) -> Iterator[Stack]:
+def stack(tmp_path_factory, random_weights) -> Iterator[Stack]:
     from services import FAKE_AWS_ENV, fresh_postgres_database, moto_s3_server, s3_client
 
     tmp = tmp_path_factory.mktemp("e2e")
@@ -159,7 +146,7 @@ def stack(tmp_path_factory, weights) -> Iterator[Stack]:
             mp.setenv(name, value)
         s3_client(endpoint).create_bucket(Bucket="masks")
         env = {**os.environ, **aws, "CHEXMASK_HOME": str(tmp / "home"), "CHEXMASK_DATABASE_URL": database_url,
-               "CHEXMASK_STORE_URL": "s3://masks/v1", "CHEXMASK_WEIGHTS": str(weights),
+               "CHEXMASK_STORE_URL": "s3://masks/v1", "CHEXMASK_WEIGHTS": str(random_weights),
                "PYTHONUNBUFFERED": "1"}
         index = MaskIndex(database_url)
         index.upgrade()

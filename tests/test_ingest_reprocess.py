@@ -13,20 +13,20 @@ import pytest
 from chexmask.status import ImageStatus
 from chexmask.storage.index import MaskIndex
 from services import add_sample
-from test_e2e_celery import empty_redis_databases, weights  # noqa: F401 (a fixture)
+from test_e2e_celery import empty_redis_databases
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]  # two processes that import torch
 
 REPROCESS = "from chexmask.app.pipeline_cli import reprocess_command; reprocess_command()"
 
 
-def test_reprocess_queues_what_the_model_lacks(tmp_path, weights):
+def test_reprocess_queues_what_the_model_lacks(tmp_path, random_weights):
     import redis
 
     from chexmask.config import Settings
     from chexmask.worker.weights import resolve_weights
 
-    version = resolve_weights(str(weights), Settings(home=tmp_path))[1].version
+    version = resolve_weights(str(random_weights), Settings(home=tmp_path))[1].version
     index = MaskIndex(f"sqlite:///{tmp_path / 'index.db'}")
     index.upgrade()
     add_sample(index, "00000001_000.png", model=version)               # done by this model
@@ -38,7 +38,7 @@ def test_reprocess_queues_what_the_model_lacks(tmp_path, weights):
     index.close()
 
     broker = empty_redis_databases(1)[0]
-    env = {**os.environ, "CHEXMASK_HOME": str(tmp_path), "CHEXMASK_WEIGHTS": str(weights),
+    env = {**os.environ, "CHEXMASK_HOME": str(tmp_path), "CHEXMASK_WEIGHTS": str(random_weights),
            "CHEXMASK_BROKER_URL": broker, "CHEXMASK_DATABASE_URL": f"sqlite:///{tmp_path / 'index.db'}"}
     client = redis.Redis.from_url(broker)
     try:

@@ -23,8 +23,6 @@ from chexmask.ingest.s3events import (
 )
 from chexmask.storage.index import MaskIndex
 
-pytest_plugins = ["services"]
-
 
 def record(key: str, event: str = "ObjectCreated:Put", bucket: str = "xrays", etag: str = "abc",
            sequencer: str | None = "0055AED6DCD90281E5", version: str | None = None) -> dict:

@@ -16,8 +16,6 @@ from chexmask.ingest.registry import Registry
 from chexmask.ingest.scanner import ReleaseScanner, ScanCounts
 from chexmask.storage.index import MaskIndex
 
-pytest_plugins = ["services"]
-
 
 class ListQueue:
     """An IngestQueue keeping what it was given; fails after ``capacity`` arrivals."""

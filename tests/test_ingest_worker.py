@@ -15,7 +15,6 @@ from chexmask.status import ImageStatus
 from chexmask.status import QCStatus
 from chexmask.retry import RETRY, RetryPolicy
 from chexmask.worker.service import Service
-from test_e2e_celery import weights  # noqa: F401 (a fixture)
 
 
 def test_retry_policy():
@@ -60,9 +59,9 @@ def test_retry_run_waits_between_tries_and_gives_up_with_the_last_error():
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory, weights):
+def service(tmp_path_factory, random_weights):
     home = tmp_path_factory.mktemp("home")
-    settings = Settings(home=home, weights=str(weights), database_url=f"sqlite:///{home / 'index.db'}",
+    settings = Settings(home=home, weights=str(random_weights), database_url=f"sqlite:///{home / 'index.db'}",
                         store_url=(home / "store").as_uri(), broker_url="")
     service = Service(settings)
     service.index.upgrade()
@@ -184,17 +183,11 @@ def test_transient_errors_are_retried_then_the_image_fails(service, monkeypatch)
 
 
 @pytest.mark.slow
-def test_qc_with_a_reference_bank_stores_dice_rca(service, samples_dir, shared_dir, tmp_path):
+def test_qc_with_a_reference_bank_stores_dice_rca(service, samples_dir, jsrt_bank, tmp_path):
     from dataclasses import replace
 
-    from chexmask.worker.bank import ReferenceBank
-    from chexmask.worker.train import list_ids
-
-    jsrt = shared_dir / "data" / "jsrt"
-    if not (jsrt / "images").is_dir():
-        pytest.skip(f"JSRT data not found under {jsrt}")
     bank_path = tmp_path / "bank.npz"
-    ReferenceBank.build(jsrt / "images", jsrt / "landmarks", list_ids(jsrt / "images", jsrt / "landmarks")[:4]).save(bank_path)
+    jsrt_bank(4).save(bank_path)
     source = tmp_path / "utils_example1.jpg"
     source.write_bytes((samples_dir / source.name).read_bytes())
     ingested = admit(service, source)

@@ -13,7 +13,6 @@ import pytest
 
 from chexmask import logs
 from chexmask.config import Settings
-from test_e2e_celery import weights  # noqa: F401 (a fixture)
 
 
 @pytest.fixture
@@ -83,7 +82,7 @@ def test_context_stays_with_its_thread():
     assert logs.current() == {}
 
 
-def test_one_outcome_line_per_image(tmp_path, samples_dir, weights, caplog):  # noqa: F811
+def test_one_outcome_line_per_image(tmp_path, samples_dir, random_weights, caplog):
     """``serve --once`` over a good and a truncated image: each gets exactly one outcome
     line, and every line about an image carries its id and dataset."""
     from chexmask.app.serve import Server
@@ -97,7 +96,7 @@ def test_one_outcome_line_per_image(tmp_path, samples_dir, weights, caplog):  # 
     for path in (good, bad):
         os.utime(path, (1_000_000_000, 1_000_000_000))
     home = tmp_path / "home"
-    settings = Settings(home=home, weights=str(weights), broker_url="")
+    settings = Settings(home=home, weights=str(random_weights), broker_url="")
 
     caplog.handler.addFilter(logs.ContextFilter())
     caplog.set_level(logging.INFO)

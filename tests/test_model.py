@@ -45,17 +45,6 @@ def golden(reference: Path):
     return np.load(reference / "golden_forward.npz")
 
 
-@pytest.fixture(scope="module")
-def golden_weights(keys: list[dict]) -> dict[str, torch.Tensor]:
-    """The deterministic weights of SPEC 6."""
-    return {
-        k["key"]: torch.from_numpy(
-            np.random.RandomState(1000 + k["index"]).normal(k["rule"]["mean"], k["rule"]["std"], k["shape"]).astype(np.float32)
-        )
-        for k in keys
-    }
-
-
 def _model(weights, batch_invariant: bool = True) -> HybridGNet:
     model = HybridGNet(HybridGNetConfig(batch_invariant=batch_invariant))
     model.load_state_dict(weights)

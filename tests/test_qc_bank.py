@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import cv2
 import numpy as np
 import pytest
@@ -11,19 +9,19 @@ import torch
 
 from chexmask.errors import ConfigError
 from chexmask.worker.bank import ReferenceBank
-from chexmask.worker.train import list_ids, load_landmarks
+from chexmask.worker.train import load_landmarks
 
 BANK_IDS = 4
 
 
 @pytest.fixture(scope="module")
-def ids(jsrt: Path) -> list[str]:
-    return list_ids(jsrt / "images", jsrt / "landmarks")[:BANK_IDS]
+def ids(jsrt_ids: list[str]) -> list[str]:
+    return jsrt_ids[:BANK_IDS]
 
 
 @pytest.fixture(scope="module")
-def bank(jsrt: Path, ids: list[str]) -> ReferenceBank:
-    return ReferenceBank.build(jsrt / "images", jsrt / "landmarks", ids)
+def bank(jsrt_bank) -> ReferenceBank:
+    return jsrt_bank(BANK_IDS)
 
 
 def test_build_holds_images_landmarks_and_shape_model(bank, jsrt, ids):

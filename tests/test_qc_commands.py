@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 
 from chexmask.app.cli import cli
@@ -16,13 +15,13 @@ from chexmask.worker.bank import ReferenceBank
 from chexmask.worker.plausibility import polygon_area
 from chexmask.anatomy import ORGAN_ROWS
 from chexmask.worker.qc_commands import degrade
-from chexmask.worker.train import list_ids, load_landmarks
+from chexmask.worker.train import load_landmarks
 
 
 @pytest.fixture(scope="module")
-def split(jsrt: Path, tmp_path_factory) -> Path:
+def split(jsrt_ids: list[str], tmp_path_factory) -> Path:
     """A small split file: 5 references, 2 held-out images."""
-    ids = list_ids(jsrt / "images", jsrt / "landmarks")
+    ids = jsrt_ids
     path = tmp_path_factory.mktemp("split") / "split.json"
     path.write_text(json.dumps({"train": ids[:5], "val": ids[20:22]}))
     return path
@@ -42,8 +41,8 @@ def test_build_bank_command(jsrt, split, tmp_path):
     assert ReferenceBank.load(out).ids == json.loads(split.read_text())["train"]
 
 
-def test_degradations_do_what_they_say(jsrt):
-    truth = load_landmarks(jsrt / "landmarks", list_ids(jsrt / "images", jsrt / "landmarks")[0]).astype(np.float64)
+def test_degradations_do_what_they_say(jsrt, jsrt_ids):
+    truth = load_landmarks(jsrt / "landmarks", jsrt_ids[0]).astype(np.float64)
     rng = np.random.default_rng(0)
     moved = degrade(truth, "shift", rng)
     offset = moved - truth
@@ -62,14 +61,9 @@ def test_degradations_do_what_they_say(jsrt):
 
 
 @pytest.mark.slow
-def test_validate_command_end_to_end(jsrt, split, tmp_path):
+def test_validate_command_end_to_end(jsrt, split, random_weights, tmp_path):
     """Random (seeded) weights: their masks are poor, so the cases span the whole range."""
-    from chexmask.worker.model import HybridGNet
-    from chexmask.worker.weights import compact_state_dict
-
-    torch.manual_seed(0)
-    weights = tmp_path / "random.pt"
-    torch.save(compact_state_dict(HybridGNet()), weights)
+    weights = random_weights
     bank = tmp_path / "bank.npz"
     common = ["--images", str(jsrt / "images"), "--landmarks", str(jsrt / "landmarks"), "--ids-file", str(split)]
     run("build-bank", *common, "--weights", str(weights), "--out", str(bank), "--threads", "1")

@@ -9,15 +9,12 @@ import pytest
 
 from chexmask.worker.plausibility import ShapeModel, check, polygon_area, self_intersects
 from chexmask.anatomy import ORGAN_ROWS
-from chexmask.worker.train import list_ids, load_landmarks
+from chexmask.worker.train import load_landmarks
 
 
 @pytest.fixture(scope="module")
-def jsrt_landmarks(shared_dir: Path) -> dict[str, np.ndarray]:
-    root = shared_dir / "data" / "jsrt"
-    if not (root / "landmarks").is_dir():
-        pytest.skip(f"JSRT landmarks not found under {root}")
-    return {i: load_landmarks(root / "landmarks", i) for i in list_ids(root / "images", root / "landmarks")}
+def jsrt_landmarks(jsrt: Path, jsrt_ids: list[str]) -> dict[str, np.ndarray]:
+    return {i: load_landmarks(jsrt / "landmarks", i) for i in jsrt_ids}
 
 
 @pytest.fixture(scope="module")

@@ -12,20 +12,20 @@ import torch
 from chexmask.worker import rca
 from chexmask.worker.bank import ReferenceBank
 from chexmask.worker.qc import assess, assess_batch
-from chexmask.worker.train import list_ids, load_landmarks
+from chexmask.worker.train import load_landmarks
 
 BANK_SIZE = 6
 HELD_OUT = 10  # index (in list_ids order) of an image that is not in the bank
 
 
 @pytest.fixture(scope="module")
-def ids(jsrt: Path) -> list[str]:
-    return list_ids(jsrt / "images", jsrt / "landmarks")
+def ids(jsrt_ids: list[str]) -> list[str]:
+    return jsrt_ids
 
 
 @pytest.fixture(scope="module")
-def bank(jsrt: Path, ids: list[str]) -> ReferenceBank:
-    return ReferenceBank.build(jsrt / "images", jsrt / "landmarks", ids[:BANK_SIZE])
+def bank(jsrt_bank) -> ReferenceBank:
+    return jsrt_bank(BANK_SIZE)
 
 
 def read(jsrt: Path, image_id: str) -> tuple[np.ndarray, np.ndarray]:

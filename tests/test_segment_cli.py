@@ -20,17 +20,10 @@ from chexmask.worker.postprocess import rle_decode
 
 
 @pytest.fixture(scope="module")
-def golden_weights_file(tmp_path_factory, shared_dir: Path) -> Path:
+def golden_weights_file(tmp_path_factory, golden_weights: dict) -> Path:
     """The deterministic weights of SPEC 6, saved like the official checkpoint."""
-    keys = json.loads((shared_dir / "reference" / "hybridgnet_state_dict.json").read_text())["keys"]
-    state = {
-        k["key"]: torch.from_numpy(
-            np.random.RandomState(1000 + k["index"]).normal(k["rule"]["mean"], k["rule"]["std"], k["shape"]).astype(np.float32)
-        )
-        for k in keys
-    }
     path = tmp_path_factory.mktemp("weights") / "golden.pt"
-    torch.save(state, path)
+    torch.save(golden_weights, path)
     return path
 
 

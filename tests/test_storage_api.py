@@ -12,9 +12,6 @@ from chexmask.config import Settings
 from chexmask.storage.api import create_app
 from chexmask.storage.objectstore import LocalStore, segmentation_keys
 
-# Shared fixtures (index, store, pg_database, moto_endpoint), one instance per session.
-pytest_plugins = ["services"]
-
 TOKEN = "s3cret-token"
 # The object routes run on both stores; the rest need only one.
 local_store_only = pytest.mark.parametrize("store", ["local"], indirect=True)

@@ -4,9 +4,6 @@ import pytest
 
 from benchmarks.bench_storage import main
 
-# Shared fixtures (pg_database) for the PostgreSQL run.
-pytest_plugins = ["services"]
-
 
 def test_bench_on_sqlite(tmp_path, capsys):
     main(["--rows", "300", "--repeats", "3", "--backends", "sqlite", "--workdir", str(tmp_path)])

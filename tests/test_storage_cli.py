@@ -19,9 +19,6 @@ from PIL import Image
 from chexmask.app.cli import cli
 from chexmask.errors import ConfigError
 
-# Shared fixtures (index, store, pg_database, moto_endpoint), one instance per session.
-pytest_plugins = ["services"]
-
 
 def url_of(index) -> str:
     return index.engine.url.render_as_string(hide_password=False)

@@ -18,9 +18,6 @@ from chexmask.errors import ConfigError
 from chexmask.storage.export import export
 from chexmask.storage.layout import csv_line, header, numpy_text
 
-# Shared fixtures (index, store, pg_database, moto_endpoint), one instance per session.
-pytest_plugins = ["services"]
-
 REFERENCE = Path("/work/shared/reference/postprocessing")
 ORGAN_SLICES = {"right_lung": slice(0, 44), "left_lung": slice(44, 94), "heart": slice(94, 120)}
 HEADER_TAIL = ["Dice RCA (Mean)", "Dice RCA (Max)", "Landmarks", "Left Lung", "Right Lung",

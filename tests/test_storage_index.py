@@ -15,9 +15,6 @@ from chexmask.status import ImageStatus
 from chexmask.storage.queries import QueryFilters
 from chexmask.status import QCStatus
 
-# Shared fixtures (index, store, pg_database, moto_endpoint), one instance per session.
-pytest_plugins = ["services"]
-
 POINTS = [[i, i + 1] for i in range(120)]
 RLE = {"right_lung": "1 5", "left_lung": "11 5", "heart": "21 5"}
 

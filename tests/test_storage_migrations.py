@@ -13,9 +13,6 @@ from alembic.migration import MigrationContext
 from chexmask.storage.index import MaskIndex
 from chexmask.storage.models import StorageModel, include_in_autogenerate
 
-# Shared fixtures (index, store, pg_database, moto_endpoint), one instance per session.
-pytest_plugins = ["services"]
-
 
 def test_migrations_match_models(index):
     with index.engine.connect() as connection:

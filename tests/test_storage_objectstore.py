@@ -12,9 +12,6 @@ from chexmask.errors import NotFound
 from chexmask.errors import ConfigError, TransientError
 from chexmask.storage.objectstore import LocalStore, S3Store, open_store, segmentation_keys
 
-# Shared fixtures (index, store, pg_database, moto_endpoint), one instance per session.
-pytest_plugins = ["services"]
-
 SHA = "0f" * 32
 
 

@@ -9,9 +9,6 @@ from PIL import Image
 from chexmask.status import ImageStatus
 from chexmask.storage.stats import compute_stats, plot_dice_histograms
 
-# Shared fixtures (index, store, pg_database, moto_endpoint), one instance per session.
-pytest_plugins = ["services"]
-
 NIH_MEANS = [0.30, 0.55, 0.70, 0.72, 0.80, 0.85, 0.90, 0.95]
 VINDR_MEANS = [0.65, 0.75, 0.88]
 

@@ -7,8 +7,6 @@ next sweep, takes them up. With Celery workers, segment tasks are sent as well.
 
 from __future__ import annotations
 
-import os
-
 from tqdm import tqdm
 
 from chexmask.config import Settings
@@ -17,11 +15,6 @@ from chexmask.storage.index import MaskIndex
 from chexmask.storage.queries import QueryFilters
 from chexmask.worker.celery_app import create_app
 from chexmask.worker.leases import Sweeper
-
-
-def uses_celery() -> bool:
-    """Workers are Celery workers when a broker is configured; else ``serve`` runs alone."""
-    return bool(os.environ.get("CHEXMASK_BROKER_URL"))
 
 
 def reprocess(settings: Settings, model: str, *, dataset: str | None = None, release: str | None = None) -> int:
@@ -35,7 +28,7 @@ def reprocess(settings: Settings, model: str, *, dataset: str | None = None, rel
         images = index.images_missing_model(model, QueryFilters(dataset=dataset, release=release))
         ids = [image.id for image in tqdm(images, desc=f"reprocess {model}", unit=" image")]
         index.requeue_ids(ids)
-        if uses_celery():
+        if settings.broker_configured:
             _send(settings, ids)
     finally:
         index.close()
@@ -48,7 +41,7 @@ def retry(settings: Settings, *, failed: bool, dataset: str | None = None) -> in
     the filter now; how many images and QCs were queued."""
     index = MaskIndex(settings.database_url)
     index.upgrade()
-    app = create_app(settings) if uses_celery() else None
+    app = create_app(settings) if settings.broker_configured else None
     try:
         ids: list[int] = index.retry_failed(QueryFilters(dataset=dataset)) if failed else []
         qcs: list[int] = []

@@ -59,6 +59,7 @@ class Settings(BaseSettings):
     webhook_token: SecretStr | None = None  # CHEXMASK_WEBHOOK_TOKEN: token MinIO's webhook sends
     log_format: Literal["text", "json"] = "text"  # CHEXMASK_LOG_FORMAT: json = one JSON object per line
     max_pixels: int = 100_000_000       # CHEXMASK_MAX_PIXELS: larger images are refused from their header
+    fault: str | None = None            # CHEXMASK_FAULT: a test hook, see faults.py (unset in production)
     lease_s: int = Field(60, ge=1, validation_alias=AliasChoices(ENV_PREFIX + "LEASE"))  # CHEXMASK_LEASE: seconds a dead worker's image or QC stays held
     retry_failed_for_s: int = _env("RETRY_FAILED_FOR", 86_400)  # CHEXMASK_RETRY_FAILED_FOR: seconds a transient failure is retried
 
@@ -82,6 +83,12 @@ class Settings(BaseSettings):
     @classmethod
     def _absolute_home(cls, home: Path) -> Path:
         return home.expanduser().resolve()
+
+    @property
+    def broker_configured(self) -> bool:
+        """Whether a broker was named (CHEXMASK_BROKER_URL), i.e. Celery workers do the
+        work; otherwise ``serve`` runs alone and the index is its queue."""
+        return "broker_url" in self.model_fields_set and bool(self.broker_url)
 
     @model_validator(mode="after")
     def _derived_defaults(self) -> "Settings":

@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 INBOX ?= inbox
 
-.PHONY: setup run test lint test-all bench bench-storage bench-serve clean
+.PHONY: setup run test lint test-all bench bench-gpu bench-storage bench-serve clean
 
 setup:
 	@bash scripts/setup.sh
@@ -31,6 +31,10 @@ test-all: setup
 ## Segmentation throughput: pipelined `chexmask segment` against a naive loop, same run.
 bench: setup
 	$(PY) -m benchmarks.bench_segment
+
+## GPU throughput and fidelity against a naive GPU loop (needs a CUDA device and torch build).
+bench-gpu: setup
+	$(PY) -m benchmarks.bench_gpu
 
 bench-storage: setup
 	$(PY) -m benchmarks.bench_storage --rows 1000000

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from chexmask.worker.model import HybridGNet
+from chexmask.worker.model import HybridGNet, segment_batch
 from chexmask.worker.pipeline import Segmenter
 from chexmask.worker.weights import ModelInfo
 
@@ -73,3 +73,24 @@ def test_freed_tensor_memory_is_reused_from_one_image_to_the_next():
     default, tuned = page_faults("default"), page_faults("tuned")
     assert default > 50_000  # glibc unmaps every large tensor on free: its pages fault again
     assert tuned < default / 10
+
+
+@pytest.mark.slow  # twelve forward passes of the trained model
+def test_a_batch_in_one_forward_pass_matches_image_by_image_up_to_rounding(samples_dir: Path):
+    """The device path (``segment_batch(..., together=True)``): each image normalised by
+    itself inside one pass. Not bit for bit (kernels differ by batch shape), so the
+    default stays image by image; the difference must stay far below a pixel on average."""
+    from chexmask.config import Settings
+    from chexmask.worker.pipeline import prepare
+    from chexmask.worker.weights import load
+
+    trained, _ = load(None, Settings(), "cpu")
+    images = np.stack([prepare((samples_dir / name).read_bytes(), name).image for name in NAMES])
+    one_by_one, latents = segment_batch(trained, images)
+    together, latents_together = segment_batch(trained, images, together=True)
+    np.testing.assert_allclose(latents_together, latents, atol=1e-4)
+    pixels = np.abs(together - one_by_one) * 1024
+    assert pixels.mean() < 0.25 and pixels.max() < 3, (pixels.mean(), pixels.max())
+    # and the batch's order does not matter beyond the same rounding
+    reversed_, _ = segment_batch(trained, np.ascontiguousarray(images[::-1]), together=True)
+    assert np.abs(reversed_[::-1] - together).max() * 1024 < 3

@@ -196,8 +196,9 @@ class Segmenter:
     """
 
     def __init__(self, model: HybridGNet, info: ModelInfo, batch_size: int = 2, workers: int | None = None,
-                 max_pixels: int = DEFAULT_MAX_PIXELS):
+                 max_pixels: int = DEFAULT_MAX_PIXELS, together: bool = False):
         self.model, self.info = model, info
+        self.together = together  # one forward pass per batch (a device path; see segment_batch)
         self.batch_size = max(1, batch_size)
         self.workers = max(1, workers or os.cpu_count() or 1)
         self.max_pixels = max_pixels
@@ -221,7 +222,7 @@ class Segmenter:
             torch.set_num_threads(self.torch_threads)  # a per-thread setting
             self._thread.torch_threads = self.torch_threads
         started = time.perf_counter()
-        landmarks, latents = segment_batch(self.model, np.stack([p.image for p in items]))
+        landmarks, latents = segment_batch(self.model, np.stack([p.image for p in items]), self.together)
         per_image = (time.perf_counter() - started) / len(items)
         for p in items:
             p.seconds["inference"] = per_image

@@ -52,7 +52,9 @@ class Page:
 def _statement(index: MaskIndex, filters: GalleryFilters) -> sa.Select:
     statement = index.select_segmentations(filters.base, *CARD_COLUMNS)
     if filters.flag == ANY_FLAG:
-        statement = statement.where(Segmentation.qc_flags.is_not(None), sa.cast(Segmentation.qc_flags, sa.Text) != "[]")
+        # Compact JSON text (engine.json_dumps): a list with a flag in it starts '["';
+        # an empty list, JSON null and SQL NULL do not.
+        statement = statement.where(sa.cast(Segmentation.qc_flags, sa.Text).like('["%'))
     elif filters.flag:
         # The flags are stored as compact JSON text; a quoted name matches one whole flag.
         escaped = filters.flag.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")

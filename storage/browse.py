@@ -77,7 +77,8 @@ def _segments(column: Any | None, value: Any, cursor: int, greater: bool) -> lis
     in the order (value NULLS FIRST, id) (``greater``) or before it, walking backwards.
 
     Split where NULLs meet values so that each part is one index range: an OR of
-    both would make the database scan from the start of the index.
+    both would make the database scan from the start of the index. The NULL order
+    is spelled out to match the Dice indexes (NULLS FIRST), or PostgreSQL sorts.
     """
     sid = Segmentation.id
     if column is None:
@@ -85,11 +86,11 @@ def _segments(column: Any | None, value: Any, cursor: int, greater: bool) -> lis
     if greater:
         if value is None:
             return [(sa.and_(column.is_(None), sid > cursor), [sid.asc()]),
-                    (column.is_not(None), [column.asc(), sid.asc()])]
-        return [(sa.and_(column >= value, sa.or_(column > value, sid > cursor)), [column.asc(), sid.asc()])]
+                    (column.is_not(None), [column.asc().nulls_first(), sid.asc()])]
+        return [(sa.and_(column >= value, sa.or_(column > value, sid > cursor)), [column.asc().nulls_first(), sid.asc()])]
     if value is None:
         return [(sa.and_(column.is_(None), sid < cursor), [sid.desc()])]
-    return [(sa.and_(column <= value, sa.or_(column < value, sid < cursor)), [column.desc(), sid.desc()]),
+    return [(sa.and_(column <= value, sa.or_(column < value, sid < cursor)), [column.desc().nulls_last(), sid.desc()]),
             (column.is_(None), [sid.desc()])]
 
 

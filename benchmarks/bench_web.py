@@ -68,8 +68,11 @@ def grading_rounds(client: TestClient, reviewer: str, masks: int) -> list[float]
     for _ in range(masks):
         seg_id = int(page.split('action="/review/', 1)[1].split('"', 1)[0])
         start = time.perf_counter()
-        response = client.post(f"/review/{seg_id}", data={"reviewer": reviewer, "overall": "4",
-                                                          "next": "/queue?order=worst"}, follow_redirects=False)
+        response = client.post(
+            f"/review/{seg_id}",
+            data={"reviewer": reviewer, "overall": "4", "next": "/queue?order=worst"},
+            follow_redirects=False,
+        )
         following = client.get(response.headers["location"])
         times.append(time.perf_counter() - start)
         assert response.status_code == 303 and following.status_code == 200
@@ -88,8 +91,11 @@ def run_backend(backend: str, args: argparse.Namespace, workdir: Path) -> list[s
         start = time.perf_counter()
         load(index, Synth(16), args.rows)
         lines.append(f"\n{backend}: {args.rows:,} segmentations (loaded in {time.perf_counter() - start:.0f} s)")
-        settings = Settings(database_url=index.engine.url.render_as_string(hide_password=False),
-                            store_url=(workdir / "store").as_uri(), home=workdir)
+        settings = Settings(
+            database_url=index.engine.url.render_as_string(hide_password=False),
+            store_url=(workdir / "store").as_uri(),
+            home=workdir,
+        )
         with TestClient(create_app(settings)) as client:
             client.cookies.set("chexmask_reviewer", "bench")
             rng = random.Random(1)
@@ -105,9 +111,11 @@ def run_backend(backend: str, args: argparse.Namespace, workdir: Path) -> list[s
             server_s = statistics.median(rounds)
             per_minute = 60 / (REVIEWER_SECONDS + server_s)
             verdict = "ok" if per_minute >= GRADES_TARGET else "MISSED"
-            lines.append(f"  grading by keyboard: {trips} round trips per mask, {server_s * 1000:.0f} ms server "
-                         f"time (median of {len(rounds)}); with {REVIEWER_SECONDS:.0f} s of reviewer time per mask "
-                         f"{per_minute:.1f} masks/minute  {verdict}")
+            lines.append(
+                f"  grading by keyboard: {trips} round trips per mask, {server_s * 1000:.0f} ms server "
+                f"time (median of {len(rounds)}); with {REVIEWER_SECONDS:.0f} s of reviewer time per mask "
+                f"{per_minute:.1f} masks/minute  {verdict}"
+            )
     return lines
 
 
@@ -126,8 +134,10 @@ def main(argv: list[str] | None = None) -> None:
         for backend in args.backends.split(","):
             lines += run_backend(backend.strip(), args, Path(tmp))
             print("\n".join(lines[-8:]), flush=True)
-    print(f"machine: {os.cpu_count()} CPUs, 1-min load average {load_before:.1f} at start, "
-          f"{os.getloadavg()[0]:.1f} at end")
+    print(
+        f"machine: {os.cpu_count()} CPUs, 1-min load average {load_before:.1f} at start, "
+        f"{os.getloadavg()[0]:.1f} at end"
+    )
     print("\n".join(lines))
 
 

@@ -28,8 +28,8 @@ from chexmask.errors import NotFound, TransientError
 from chexmask.status import ImageStatus
 from chexmask.storage.auth import api_guard
 from chexmask.storage.index import MaskIndex
-from chexmask.storage.queries import SORT_KEYS, QueryFilters, SegmentationSummary
 from chexmask.storage.objectstore import check_key, open_store
+from chexmask.storage.queries import SORT_KEYS, QueryFilters, SegmentationSummary
 from chexmask.storage.stats import compute_stats
 from chexmask.storage.web import mount_web
 

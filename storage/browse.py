@@ -85,17 +85,24 @@ def _segments(column: Any | None, value: Any, cursor: int, greater: bool) -> lis
         return [(sid > cursor, [sid.asc()])] if greater else [(sid < cursor, [sid.desc()])]
     if greater:
         if value is None:
-            return [(sa.and_(column.is_(None), sid > cursor), [sid.asc()]),
-                    (column.is_not(None), [column.asc().nulls_first(), sid.asc()])]
-        return [(sa.and_(column >= value, sa.or_(column > value, sid > cursor)), [column.asc().nulls_first(), sid.asc()])]
+            return [
+                (sa.and_(column.is_(None), sid > cursor), [sid.asc()]),
+                (column.is_not(None), [column.asc().nulls_first(), sid.asc()]),
+            ]
+        return [
+            (sa.and_(column >= value, sa.or_(column > value, sid > cursor)), [column.asc().nulls_first(), sid.asc()])
+        ]
     if value is None:
         return [(sa.and_(column.is_(None), sid < cursor), [sid.desc()])]
-    return [(sa.and_(column <= value, sa.or_(column < value, sid < cursor)), [column.desc().nulls_last(), sid.desc()]),
-            (column.is_(None), [sid.desc()])]
+    return [
+        (sa.and_(column <= value, sa.or_(column < value, sid < cursor)), [column.desc().nulls_last(), sid.desc()]),
+        (column.is_(None), [sid.desc()]),
+    ]
 
 
-def _rows(index: MaskIndex, statement: sa.Select, parts: list[tuple[Any, list[Any]]],
-          limit: int) -> list[dict[str, Any]]:
+def _rows(
+    index: MaskIndex, statement: sa.Select, parts: list[tuple[Any, list[Any]]], limit: int
+) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     with index.engine.connect() as connection:
         for condition, order in parts:
@@ -109,9 +116,12 @@ def _rows(index: MaskIndex, statement: sa.Select, parts: list[tuple[Any, list[An
 def _sort_value(index: MaskIndex, column: Any | None, segmentation_id: int) -> Any:
     if column is None:
         return None
-    statement = (sa.select(column).select_from(Segmentation)
-                 .join(SourceImage, Segmentation.image_id == SourceImage.id)
-                 .where(Segmentation.id == segmentation_id))
+    statement = (
+        sa.select(column)
+        .select_from(Segmentation)
+        .join(SourceImage, Segmentation.image_id == SourceImage.id)
+        .where(Segmentation.id == segmentation_id)
+    )
     with index.engine.connect() as connection:
         row = connection.execute(statement).first()
     if row is None:
@@ -119,8 +129,14 @@ def _sort_value(index: MaskIndex, column: Any | None, segmentation_id: int) -> A
     return row[0]
 
 
-def page(index: MaskIndex, filters: GalleryFilters, sort: str = "dice_rca_mean", limit: int = 48,
-         after: int | None = None, before: int | None = None) -> Page:
+def page(
+    index: MaskIndex,
+    filters: GalleryFilters,
+    sort: str = "dice_rca_mean",
+    limit: int = 48,
+    after: int | None = None,
+    before: int | None = None,
+) -> Page:
     """``limit`` rows after the segmentation ``after`` (or before ``before``; or the first)."""
     column, descending = _sort_column(sort)
     statement = _statement(index, filters)
@@ -143,8 +159,9 @@ def page(index: MaskIndex, filters: GalleryFilters, sort: str = "dice_rca_mean",
     return Page(rows, rows[-1]["id"] if rows else None, rows[0]["id"] if more and rows else None)
 
 
-def neighbours(index: MaskIndex, filters: GalleryFilters, sort: str, segmentation_id: int
-               ) -> tuple[int | None, int | None]:
+def neighbours(
+    index: MaskIndex, filters: GalleryFilters, sort: str, segmentation_id: int
+) -> tuple[int | None, int | None]:
     """The previous and next segmentation of ``filters`` in ``sort`` order (ids)."""
     column, descending = _sort_column(sort)
     value = _sort_value(index, column, segmentation_id)
@@ -158,14 +175,29 @@ def neighbours(index: MaskIndex, filters: GalleryFilters, sort: str, segmentatio
 
 # --- refused and failed images --------------------------------------------------------
 
-PROBLEM_COLUMNS = (SourceImage.id, SourceImage.uri, SourceImage.dataset, SourceImage.release,
-                   SourceImage.dataset_image_id, SourceImage.status, SourceImage.refusal_code,
-                   SourceImage.reason, SourceImage.attempts, SourceImage.updated_at)
+PROBLEM_COLUMNS = (
+    SourceImage.id,
+    SourceImage.uri,
+    SourceImage.dataset,
+    SourceImage.release,
+    SourceImage.dataset_image_id,
+    SourceImage.status,
+    SourceImage.refusal_code,
+    SourceImage.reason,
+    SourceImage.attempts,
+    SourceImage.updated_at,
+)
 PROBLEM_FIELDS = tuple(c.key for c in PROBLEM_COLUMNS)
 
 
-def problems(index: MaskIndex, status: ImageStatus, dataset: str | None = None, code: str | None = None,
-             limit: int = 100, after: int | None = None) -> list[dict[str, Any]]:
+def problems(
+    index: MaskIndex,
+    status: ImageStatus,
+    dataset: str | None = None,
+    code: str | None = None,
+    limit: int = 100,
+    after: int | None = None,
+) -> list[dict[str, Any]]:
     """Refused or failed images in id order, with their reason codes and sentences."""
     if status not in PROBLEM_STATUSES:
         raise ValueError("only refused and failed images are listed here")
@@ -183,16 +215,23 @@ def problems(index: MaskIndex, status: ImageStatus, dataset: str | None = None, 
 
 def problem_codes(index: MaskIndex, status: ImageStatus) -> dict[str, int]:
     """How many images of ``status`` carry each code (no code: "")."""
-    statement = (sa.select(SourceImage.refusal_code, sa.func.count()).where(SourceImage.status == status)
-                 .group_by(SourceImage.refusal_code))
+    statement = (
+        sa.select(SourceImage.refusal_code, sa.func.count())
+        .where(SourceImage.status == status)
+        .group_by(SourceImage.refusal_code)
+    )
     with index.engine.connect() as connection:
         return {code or "": n for code, n in connection.execute(statement)}
 
 
 # --- a dataset's summary --------------------------------------------------------------
 
-ORGAN_DICE_COLUMNS = {"overall": Segmentation.dice_rca_mean, "right lung": Segmentation.dice_rca_mean_rl,
-                      "left lung": Segmentation.dice_rca_mean_ll, "heart": Segmentation.dice_rca_mean_h}
+ORGAN_DICE_COLUMNS = {
+    "overall": Segmentation.dice_rca_mean,
+    "right lung": Segmentation.dice_rca_mean_rl,
+    "left lung": Segmentation.dice_rca_mean_ll,
+    "heart": Segmentation.dice_rca_mean_h,
+}
 
 
 def dice_values(index: MaskIndex, dataset: str) -> dict[str, np.ndarray]:
@@ -207,7 +246,8 @@ def dice_values(index: MaskIndex, dataset: str) -> dict[str, np.ndarray]:
 
 def flag_counts(index: MaskIndex, dataset: str) -> Counter[str]:
     statement = index.select_segmentations(QueryFilters(dataset=dataset), Segmentation.qc_flags).where(
-        Segmentation.qc_flags.is_not(None))
+        Segmentation.qc_flags.is_not(None)
+    )
     counts: Counter[str] = Counter()
     for (flags,) in index.stream(statement):
         counts.update(flags or [])
@@ -221,14 +261,14 @@ def throughput(index: MaskIndex, dataset: str, buckets: int = 60) -> tuple[list[
     if times.size == 0:
         return [], "hour"
     span = times.max() - times.min()
-    unit, seconds = next(((u, s) for u, s in (("minute", 60), ("hour", 3600)) if span / s <= buckets),
-                         ("day", 86400))
+    unit, seconds = next(((u, s) for u, s in (("minute", 60), ("hour", 3600)) if span / s <= buckets), ("day", 86400))
     slots = np.floor(times / seconds).astype(np.int64)
     found, counts = np.unique(slots, return_counts=True)
     from datetime import timezone
 
-    return [(datetime.fromtimestamp(int(s) * seconds, timezone.utc), int(n))
-            for s, n in zip(found, counts, strict=True)], unit
+    return [
+        (datetime.fromtimestamp(int(s) * seconds, timezone.utc), int(n)) for s, n in zip(found, counts, strict=True)
+    ], unit
 
 
 def datasets(index: MaskIndex) -> list[str]:

@@ -30,11 +30,29 @@ MAX_REVIEWER = 128
 MAX_COMMENT = 4000
 QUEUE_ORDERS = ("worst", "random")
 # Per-organ Dice RCA (Mean) column that each organ grade is compared with.
-ORGAN_DICE = {"overall": "dice_rca_mean", "right_lung": "dice_rca_mean_rl",
-              "left_lung": "dice_rca_mean_ll", "heart": "dice_rca_mean_h"}
-EXPORT_COLUMNS = ("review_id", "segmentation_id", "dataset", "dataset_image_id", "uri", "model_version",
-                  "reviewer", *GRADE_COLUMNS, "comment", "created_at",
-                  "dice_rca_mean", "dice_rca_max", "dice_rca_mean_rl", "dice_rca_mean_ll", "dice_rca_mean_h")
+ORGAN_DICE = {
+    "overall": "dice_rca_mean",
+    "right_lung": "dice_rca_mean_rl",
+    "left_lung": "dice_rca_mean_ll",
+    "heart": "dice_rca_mean_h",
+}
+EXPORT_COLUMNS = (
+    "review_id",
+    "segmentation_id",
+    "dataset",
+    "dataset_image_id",
+    "uri",
+    "model_version",
+    "reviewer",
+    *GRADE_COLUMNS,
+    "comment",
+    "created_at",
+    "dice_rca_mean",
+    "dice_rca_max",
+    "dice_rca_mean_rl",
+    "dice_rca_mean_ll",
+    "dice_rca_mean_h",
+)
 
 
 class InvalidGrade(ValueError):
@@ -54,7 +72,8 @@ def add_review(
         if connection.execute(sa.select(Segmentation.id).where(Segmentation.id == segmentation_id)).first() is None:
             raise InvalidGrade(f"no segmentation with id {segmentation_id}")
         row = connection.execute(
-            sa.insert(Review).values(segmentation_id=segmentation_id, created_at=utcnow(), **values)
+            sa.insert(Review)
+            .values(segmentation_id=segmentation_id, created_at=utcnow(), **values)
             .returning(*Review.__table__.columns)
         ).one()
     return Review(**row._mapping)
@@ -142,7 +161,7 @@ class ReviewQueue:
         ids = self._shuffled(request.dataset, request.seed)
         # Checked in slices: one query per 500 candidates, not one per mask.
         for start in range(0, len(ids), 500):
-            chunk = ids[start:start + 500]
+            chunk = ids[start : start + 500]
             done = self._reviewed_by(request.reviewer, chunk)
             for segmentation_id in chunk:
                 if segmentation_id not in done:
@@ -151,7 +170,8 @@ class ReviewQueue:
 
     def _reviewed_by(self, reviewer: str, ids: list[int]) -> set[int]:
         statement = sa.select(Review.segmentation_id).where(
-            Review.reviewer == reviewer, Review.segmentation_id.in_(ids))
+            Review.reviewer == reviewer, Review.segmentation_id.in_(ids)
+        )
         with self.index.engine.connect() as connection:
             return set(connection.execute(statement).scalars())
 
@@ -162,7 +182,8 @@ class ReviewQueue:
                 self._orders.move_to_end(key)
                 return self._orders[key]
         statement = self.index.select_segmentations(QueryFilters(dataset=dataset), Segmentation.id).order_by(
-            Segmentation.id)
+            Segmentation.id
+        )
         with self.index.engine.connect() as connection:
             ids = list(connection.execute(statement).scalars())
         random.Random(seed).shuffle(ids)
@@ -180,11 +201,21 @@ def export_statement(index: MaskIndex) -> sa.Select:
     """Every review with its mask's identity and Dice RCA, oldest first."""
     return (
         sa.select(
-            Review.id.label("review_id"), Review.segmentation_id, SourceImage.dataset,
-            SourceImage.dataset_image_id, SourceImage.uri, Segmentation.model_version, Review.reviewer,
-            *(getattr(Review, g) for g in GRADE_COLUMNS), Review.comment, Review.created_at,
-            Segmentation.dice_rca_mean, Segmentation.dice_rca_max, Segmentation.dice_rca_mean_rl,
-            Segmentation.dice_rca_mean_ll, Segmentation.dice_rca_mean_h,
+            Review.id.label("review_id"),
+            Review.segmentation_id,
+            SourceImage.dataset,
+            SourceImage.dataset_image_id,
+            SourceImage.uri,
+            Segmentation.model_version,
+            Review.reviewer,
+            *(getattr(Review, g) for g in GRADE_COLUMNS),
+            Review.comment,
+            Review.created_at,
+            Segmentation.dice_rca_mean,
+            Segmentation.dice_rca_max,
+            Segmentation.dice_rca_mean_rl,
+            Segmentation.dice_rca_mean_ll,
+            Segmentation.dice_rca_mean_h,
         )
         .select_from(Review)
         .join(Segmentation, Review.segmentation_id == Segmentation.id)
@@ -243,9 +274,12 @@ def agreement(index: MaskIndex, dataset: str | None = None) -> Agreement:
     correlations = [_correlation(rows, grade, dice) for grade, dice in ORGAN_DICE.items()]
     points = [(r["dice_rca_mean"], r["overall"]) for r in rows if r["dice_rca_mean"] is not None]
     return Agreement(
-        reviews=len(rows), masks=len({r["segmentation_id"] for r in rows}),
-        reviewers=len({r["reviewer"] for r in rows}), with_dice=correlations,
-        between_reviewers=_pairs(rows), points=points,
+        reviews=len(rows),
+        masks=len({r["segmentation_id"] for r in rows}),
+        reviewers=len({r["reviewer"] for r in rows}),
+        with_dice=correlations,
+        between_reviewers=_pairs(rows),
+        points=points,
     )
 
 
@@ -276,9 +310,16 @@ def _pairs(rows: list[dict[str, Any]]) -> list[ReviewerPair]:
         b = np.array([by_reviewer[second][s] for s in shared])
         n = len(shared)
         rho, _ = _spearman(a.tolist(), b.tolist())
-        pairs.append(ReviewerPair(first, second, n,
-                                  float(np.mean(a == b)) if n else None,
-                                  float(np.mean(np.abs(a - b) <= 1)) if n else None, rho))
+        pairs.append(
+            ReviewerPair(
+                first,
+                second,
+                n,
+                float(np.mean(a == b)) if n else None,
+                float(np.mean(np.abs(a - b) <= 1)) if n else None,
+                rho,
+            )
+        )
     return pairs
 
 

@@ -37,9 +37,15 @@ from chexmask.storage.objectstore import ObjectStore
 from chexmask.storage.queries import SORT_KEYS, QueryFilters
 
 HERE = Path(__file__).parent
-SORTS = {"dice_rca_mean": "Dice RCA (Mean), worst first", "-dice_rca_mean": "Dice RCA (Mean), best first",
-         "dice_rca_max": "Dice RCA (Max), worst first", "-created_at": "newest first",
-         "created_at": "oldest first", "id": "id", "dataset_image_id": "dataset image id"}
+SORTS = {
+    "dice_rca_mean": "Dice RCA (Mean), worst first",
+    "-dice_rca_mean": "Dice RCA (Mean), best first",
+    "dice_rca_max": "Dice RCA (Max), worst first",
+    "-created_at": "newest first",
+    "created_at": "oldest first",
+    "id": "id",
+    "dataset_image_id": "dataset image id",
+}
 REVIEWER_COOKIE = "chexmask_reviewer"
 # Content-addressed keys never change, so a thumbnail may be cached for long.
 THUMB_CACHE = "private, max-age=31536000, immutable"
@@ -82,7 +88,7 @@ def gallery_query(request: Request) -> GalleryQuery:
     # Empty form fields mean "no constraint", not an invalid number.
     values = {k: v for k, v in request.query_params.items() if v != ""}
     try:
-        query = GalleryQuery(**values)
+        query = GalleryQuery.model_validate(values)
     except ValidationError as exc:
         raise HTTPException(HTTPStatus.UNPROCESSABLE_ENTITY, exc.errors(include_url=False)) from None
     if query.sort.removeprefix("-") not in SORT_KEYS:
@@ -98,8 +104,9 @@ def carried(request: Request, drop: tuple[str, ...] = LIST_KEYS) -> str:
 def mount_web(app: FastAPI, index: MaskIndex, store: ObjectStore, token: str | None) -> None:
     """Add the pages, the static files and the grade route to ``app``."""
     templates = Jinja2Templates(directory=HERE / "templates")
-    templates.env.globals.update(good_dice=GOOD_DICE, sorts=SORTS, statuses=[s.value for s in ImageStatus],
-                                 csrf=csrf_value(token))
+    templates.env.globals.update(
+        good_dice=GOOD_DICE, sorts=SORTS, statuses=[s.value for s in ImageStatus], csrf=csrf_value(token)
+    )
     queue = reviews.ReviewQueue(index)
 
     def page_guard(request: Request) -> None:
@@ -123,9 +130,13 @@ def mount_web(app: FastAPI, index: MaskIndex, store: ObjectStore, token: str | N
 
     @app.exception_handler(PageUnauthorized)
     def unauthorized(request: Request, _exc: PageUnauthorized) -> HTMLResponse:
-        return templates.TemplateResponse(request, "unauthorized.html", {"reviewer": ""},
-                                          status_code=HTTPStatus.UNAUTHORIZED,
-                                          headers={"WWW-Authenticate": "Bearer"})
+        return templates.TemplateResponse(
+            request,
+            "unauthorized.html",
+            {"reviewer": ""},
+            status_code=HTTPStatus.UNAUTHORIZED,
+            headers={"WWW-Authenticate": "Bearer"},
+        )
 
     @router.get("/", response_class=HTMLResponse)
     def gallery(request: Request, query: Annotated[GalleryQuery, Depends(gallery_query)]) -> HTMLResponse:
@@ -133,8 +144,9 @@ def mount_web(app: FastAPI, index: MaskIndex, store: ObjectStore, token: str | N
             result = browse.page(index, query.filters(), query.sort, query.limit, query.after, query.before)
         except NotFound:
             raise HTTPException(HTTPStatus.NOT_FOUND, "the page cursor names no segmentation") from None
-        return render(request, "gallery.html", page=result, query=query, carried=carried(request),
-                      datasets=browse.datasets(index))
+        return render(
+            request, "gallery.html", page=result, query=query, carried=carried(request), datasets=browse.datasets(index)
+        )
 
     @router.get("/thumbs/{segmentation_id}.jpg", name="thumbnail")
     def thumbnail(segmentation_id: int, request: Request) -> Response:
@@ -152,19 +164,27 @@ def mount_web(app: FastAPI, index: MaskIndex, store: ObjectStore, token: str | N
         return Response(data, media_type="image/jpeg", headers=headers)
 
     @router.get("/image/{segmentation_id}", response_class=HTMLResponse, name="image")
-    def image(segmentation_id: int, request: Request,
-              query: Annotated[GalleryQuery, Depends(gallery_query)]) -> HTMLResponse:
+    def image(
+        segmentation_id: int, request: Request, query: Annotated[GalleryQuery, Depends(gallery_query)]
+    ) -> HTMLResponse:
         context = _image_context(index, segmentation_id)
         previous, following = browse.neighbours(index, query.filters(), query.sort, segmentation_id)
         rest = carried(request)
         # After a grade, on to the next image of the same list (or back here at its end).
         next_url = f"/image/{following if following is not None else segmentation_id}?{rest}"
-        return render(request, "image.html", **context, previous=previous, following=following,
-                      carried=rest, mode="browse", next_url=next_url)
+        return render(
+            request,
+            "image.html",
+            **context,
+            previous=previous,
+            following=following,
+            carried=rest,
+            mode="browse",
+            next_url=next_url,
+        )
 
     @router.get("/queue", response_class=HTMLResponse)
-    def review_queue(request: Request, order: str = "worst", dataset: str | None = None,
-                     seed: int = 0) -> HTMLResponse:
+    def review_queue(request: Request, order: str = "worst", dataset: str | None = None, seed: int = 0) -> HTMLResponse:
         reviewer = request.cookies.get(REVIEWER_COOKIE, "")
         settings = {"order": order, "dataset": dataset or "", "seed": seed}
         if order not in reviews.QUEUE_ORDERS:
@@ -175,15 +195,31 @@ def mount_web(app: FastAPI, index: MaskIndex, store: ObjectStore, token: str | N
         if found is None:
             return render(request, "queue.html", queue=settings, done=True, datasets=browse.datasets(index))
         here = "/queue?" + urlencode({k: v for k, v in settings.items() if v != ""})
-        return render(request, "image.html", **_image_context(index, found), previous=None, following=None,
-                      carried="", mode="queue", next_url=here, queue=settings)
+        return render(
+            request,
+            "image.html",
+            **_image_context(index, found),
+            previous=None,
+            following=None,
+            carried="",
+            mode="queue",
+            next_url=here,
+            queue=settings,
+        )
 
     @router.post("/review/{segmentation_id}")
-    def grade(segmentation_id: int, request: Request, reviewer: Annotated[str, Form()],
-              overall: Annotated[str, Form()] = "", right_lung: Annotated[str, Form()] = "",
-              left_lung: Annotated[str, Form()] = "", heart: Annotated[str, Form()] = "",
-              comment: Annotated[str, Form()] = "", csrf: Annotated[str, Form()] = "",
-              next_url: Annotated[str, Form(alias="next")] = "/") -> Response:
+    def grade(
+        segmentation_id: int,
+        request: Request,
+        reviewer: Annotated[str, Form()],
+        overall: Annotated[str, Form()] = "",
+        right_lung: Annotated[str, Form()] = "",
+        left_lung: Annotated[str, Form()] = "",
+        heart: Annotated[str, Form()] = "",
+        comment: Annotated[str, Form()] = "",
+        csrf: Annotated[str, Form()] = "",
+        next_url: Annotated[str, Form(alias="next")] = "/",
+    ) -> Response:
         # A cookie rides along on requests other sites make; the form value they cannot know.
         if token is not None and not same(bearer(request), token) and not same(csrf, csrf_value(token)):
             raise HTTPException(HTTPStatus.FORBIDDEN, "a write needs the page's form token")
@@ -197,21 +233,37 @@ def mount_web(app: FastAPI, index: MaskIndex, store: ObjectStore, token: str | N
         return response
 
     @router.post("/queue/reviewer")
-    def set_reviewer(request: Request, reviewer: Annotated[str, Form(max_length=reviews.MAX_REVIEWER)],
-                     next_url: Annotated[str, Form(alias="next")] = "/queue") -> Response:
+    def set_reviewer(
+        request: Request,
+        reviewer: Annotated[str, Form(max_length=reviews.MAX_REVIEWER)],
+        next_url: Annotated[str, Form(alias="next")] = "/queue",
+    ) -> Response:
         response = RedirectResponse(_local(next_url), status_code=HTTPStatus.SEE_OTHER)
         response.headers.append("Set-Cookie", _cookie(request, REVIEWER_COOKIE, reviewer.strip(), http_only=False))
         return response
 
     @router.get("/problems", response_class=HTMLResponse)
-    def problems(request: Request, status: ImageStatus = ImageStatus.REFUSED, code: str | None = None,
-                 dataset: str | None = None, after: int | None = None) -> HTMLResponse:
+    def problems(
+        request: Request,
+        status: ImageStatus = ImageStatus.REFUSED,
+        code: str | None = None,
+        dataset: str | None = None,
+        after: int | None = None,
+    ) -> HTMLResponse:
         if status not in browse.PROBLEM_STATUSES:
             raise HTTPException(HTTPStatus.UNPROCESSABLE_ENTITY, "status must be refused or failed")
         rows = browse.problems(index, status, dataset or None, code or None, limit=101, after=after)
-        return render(request, "problems.html", rows=rows[:100], status=status.value, code=code or "",
-                      dataset=dataset or "", codes=browse.problem_codes(index, status),
-                      next_after=rows[99]["id"] if len(rows) > 100 else None, carried=carried(request))
+        return render(
+            request,
+            "problems.html",
+            rows=rows[:100],
+            status=status.value,
+            code=code or "",
+            dataset=dataset or "",
+            codes=browse.problem_codes(index, status),
+            next_after=rows[99]["id"] if len(rows) > 100 else None,
+            carried=carried(request),
+        )
 
     @router.get("/datasets", response_class=HTMLResponse)
     def datasets(request: Request) -> HTMLResponse:
@@ -222,8 +274,14 @@ def mount_web(app: FastAPI, index: MaskIndex, store: ObjectStore, token: str | N
         from chexmask.storage.stats import compute_stats
 
         groups = compute_stats(index, dataset=name)
-        return render(request, "dataset.html", name=name, groups=groups, flags=browse.flag_counts(index, name),
-                      statuses=[s for s in ImageStatus])
+        return render(
+            request,
+            "dataset.html",
+            name=name,
+            groups=groups,
+            flags=browse.flag_counts(index, name),
+            statuses=[s for s in ImageStatus],
+        )
 
     @router.get("/datasets/{name}/dice.png")
     def dice_png(name: str) -> Response:
@@ -236,8 +294,13 @@ def mount_web(app: FastAPI, index: MaskIndex, store: ObjectStore, token: str | N
 
     @router.get("/agreement", response_class=HTMLResponse)
     def agreement(request: Request, dataset: str | None = None) -> HTMLResponse:
-        return render(request, "agreement.html", result=reviews.agreement(index, dataset or None),
-                      dataset=dataset or "", datasets=browse.datasets(index))
+        return render(
+            request,
+            "agreement.html",
+            result=reviews.agreement(index, dataset or None),
+            dataset=dataset or "",
+            datasets=browse.datasets(index),
+        )
 
     @router.get("/agreement.png")
     def agreement_png(dataset: str | None = None) -> Response:
@@ -246,8 +309,11 @@ def mount_web(app: FastAPI, index: MaskIndex, store: ObjectStore, token: str | N
     @router.get("/reviews.csv")
     def reviews_csv(dataset: str | None = None) -> StreamingResponse:
         rows = reviews.export_rows(index, dataset or None)
-        return StreamingResponse(_csv_lines(rows), media_type="text/csv",
-                                 headers={"Content-Disposition": 'attachment; filename="reviews.csv"'})
+        return StreamingResponse(
+            _csv_lines(rows),
+            media_type="text/csv",
+            headers={"Content-Disposition": 'attachment; filename="reviews.csv"'},
+        )
 
     app.include_router(router)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
@@ -267,8 +333,13 @@ def _image_context(index: MaskIndex, segmentation_id: int) -> dict[str, Any]:
     image = index.get_image(segmentation.image_id)
     points = segmentation.landmarks_1024
     organs = {code: points[rows] for code, rows in ORGAN_ROWS.items()}
-    return {"seg": segmentation, "img": image, "organs_json": json.dumps(organs),
-            "reviews": reviews.reviews_of(index, segmentation_id), "grade_columns": GRADE_COLUMNS}
+    return {
+        "seg": segmentation,
+        "img": image,
+        "organs_json": json.dumps(organs),
+        "reviews": reviews.reviews_of(index, segmentation_id),
+        "grade_columns": GRADE_COLUMNS,
+    }
 
 
 def _grades(form: dict[str, str]) -> dict[str, int | None]:

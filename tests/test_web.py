@@ -38,8 +38,9 @@ def store_url(store) -> str:
 
 
 def client_for(index, store, token: str | None = None) -> TestClient:
-    settings = Settings(database_url=index.engine.url.render_as_string(hide_password=False),
-                        store_url=store_url(store), api_token=token)
+    settings = Settings(
+        database_url=index.engine.url.render_as_string(hide_password=False), store_url=store_url(store), api_token=token
+    )
     return TestClient(create_app(settings))
 
 
@@ -58,8 +59,13 @@ def seeded(index, store, sample):
         dataset = "padchest" if i % 2 else "chestx-ray8"
         keys = segmentation_keys(hashlib.sha256(f"{dataset}/{name}".encode()).hexdigest(), "hybridgnet-test")
         store.put(keys.overlay, overlay_jpeg(40 + 20 * i), "image/jpeg")
-        _, seg = sample(name, dataset=dataset, dice_mean=dice, dice_max=None if dice is None else dice + 0.01,
-                        object_keys={"overlay": keys.overlay})
+        _, seg = sample(
+            name,
+            dataset=dataset,
+            dice_mean=dice,
+            dice_max=None if dice is None else dice + 0.01,
+            object_keys={"overlay": keys.overlay},
+        )
         ids.append(seg.id)
     index.set_qc(ids[3], dice_rca_mean=0.62, dice_rca_max=0.63, flags=["lungs_swapped"])
     refused = index.register_image(uri="file:///data/x/ct.dcm", dataset="padchest", dataset_image_id="ct.dcm").image
@@ -105,6 +111,7 @@ def test_keyset_pages_walk_forward_and_back(seeded, sort):
 def test_filters(seeded):
     index, store, ids = seeded
     with client_for(index, store) as client:
+
         def shown(**params) -> set[int]:
             response = client.get("/", params=params)
             assert response.status_code == 200, response.text
@@ -167,8 +174,17 @@ def test_token_rules_for_pages_objects_and_writes(seeded):
     index, store, ids = seeded
     overlay = index.get_segmentation(ids[0]).object_keys["overlay"]
     with client_for(index, store, token=TOKEN) as client:
-        for path in ("/", f"/image/{ids[0]}", f"/thumbs/{ids[0]}.jpg", "/problems", "/datasets/padchest",
-                     "/agreement", "/reviews.csv", "/queue", f"/objects/{overlay}"):
+        for path in (
+            "/",
+            f"/image/{ids[0]}",
+            f"/thumbs/{ids[0]}.jpg",
+            "/problems",
+            "/datasets/padchest",
+            "/agreement",
+            "/reviews.csv",
+            "/queue",
+            f"/objects/{overlay}",
+        ):
             assert client.get(path).status_code == 401, path
         assert client.get("/?token=wrong").status_code == 401
         assert client.post(f"/review/{ids[0]}", data={"reviewer": "x", "overall": "3"}).status_code == 401
@@ -182,14 +198,21 @@ def test_token_rules_for_pages_objects_and_writes(seeded):
         # a cookie-borne write needs the page's form token
         no_form_token = client.post(f"/review/{ids[0]}", data={"reviewer": "x", "overall": "3"})
         assert no_form_token.status_code == 403
-        ok = client.post(f"/review/{ids[0]}", data={"reviewer": "x", "overall": "3", "csrf": csrf_value(TOKEN)},
-                         follow_redirects=False)
+        ok = client.post(
+            f"/review/{ids[0]}",
+            data={"reviewer": "x", "overall": "3", "csrf": csrf_value(TOKEN)},
+            follow_redirects=False,
+        )
         assert ok.status_code == 303
     with client_for(index, store, token=TOKEN) as program:
         bearer = {"Authorization": f"Bearer {TOKEN}"}
         assert program.get("/", headers=bearer).status_code == 200
-        assert program.post(f"/review/{ids[1]}", data={"reviewer": "y", "overall": "2"}, headers=bearer,
-                            follow_redirects=False).status_code == 303
+        assert (
+            program.post(
+                f"/review/{ids[1]}", data={"reviewer": "y", "overall": "2"}, headers=bearer, follow_redirects=False
+            ).status_code
+            == 303
+        )
     assert [r.reviewer for r in reviews.reviews_of(index, ids[0])] == ["x"]
 
 
@@ -197,22 +220,32 @@ def test_token_rules_for_pages_objects_and_writes(seeded):
 def test_grade_validation_and_several_reviewers(seeded):
     index, store, ids = seeded
     with client_for(index, store) as client:
+
         def post(**form):
             return client.post(f"/review/{form.pop('seg', ids[0])}", data=form, follow_redirects=False)
 
-        for bad in ({"overall": "0"}, {"overall": "6"}, {"overall": "x"}, {"overall": ""},
-                    {"overall": "3", "heart": "9"}, {"overall": "2.5"}):
+        for bad in (
+            {"overall": "0"},
+            {"overall": "6"},
+            {"overall": "x"},
+            {"overall": ""},
+            {"overall": "3", "heart": "9"},
+            {"overall": "2.5"},
+        ):
             assert post(reviewer="ann", **bad).status_code == 422, bad
         assert post(reviewer=" ", overall="3").status_code == 422
         assert post(seg=999999, reviewer="ann", overall="3").status_code == 422
         assert post(reviewer="ann", overall="3", next="https://evil.example/").headers["location"] == "/"
-        response = post(reviewer="bob", overall="4", right_lung="5", heart="2", comment=" heart too small ",
-                        next=f"/image/{ids[1]}")
+        response = post(
+            reviewer="bob", overall="4", right_lung="5", heart="2", comment=" heart too small ", next=f"/image/{ids[1]}"
+        )
         assert response.status_code == 303 and response.headers["location"] == f"/image/{ids[1]}"
         assert "chexmask_reviewer=bob" in response.headers["set-cookie"]
     grades = reviews.reviews_of(index, ids[0])
     assert [(r.reviewer, r.overall, r.right_lung, r.left_lung, r.heart, r.comment) for r in grades] == [
-        ("ann", 3, None, None, None, None), ("bob", 4, 5, None, 2, "heart too small")]
+        ("ann", 3, None, None, None, None),
+        ("bob", 4, 5, None, 2, "heart too small"),
+    ]
     with pytest.raises(reviews.InvalidGrade):
         reviews.add_review(index, ids[0], "ann", {"overall": True})
 
@@ -276,8 +309,9 @@ def test_queue_pages_and_grading_round_trip(seeded):
         for expected in expected_order(ids, descending=False)[:3]:
             page = client.get("/queue?order=worst")
             assert f'action="/review/{expected}"' in page.text
-            response = client.post(f"/review/{expected}", data={"reviewer": "ann", "overall": "4",
-                                                               "next": "/queue?order=worst"})
+            response = client.post(
+                f"/review/{expected}", data={"reviewer": "ann", "overall": "4", "next": "/queue?order=worst"}
+            )
             assert response.status_code == 200  # followed the redirect back to the queue
         assert client.get("/queue?order=sideways").status_code == 422
 
@@ -296,7 +330,8 @@ def test_refused_and_failed_listed_with_codes(seeded, monkeypatch):
     runner = CliRunner()
     listed = json.loads(runner.invoke(cli, ["query", "--status", "refused", "--format", "json"]).output)
     assert [(r["dataset_image_id"], r["refusal_code"], r["reason"]) for r in listed] == [
-        ("ct.dcm", "wrong_modality", "The image is a CT, not an X-ray.")]
+        ("ct.dcm", "wrong_modality", "The image is a CT, not an X-ray.")
+    ]
     table = runner.invoke(cli, ["query", "--status", "failed", "--format", "csv"]).output
     (row,) = list(csv.DictReader(io.StringIO(table)))
     assert set(row) == set(listed[0]) and row["reason"] == "decoder crashed"

@@ -34,8 +34,10 @@ def _chromium() -> tuple[str, str]:
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     driver = shutil.which("chromedriver")
     if not (browser and driver):
-        pytest.skip("chromium and chromium-driver are not installed (apt-get install chromium chromium-driver; "
-                    "scripts/ensure-services.sh does it)")
+        pytest.skip(
+            "chromium and chromium-driver are not installed (apt-get install chromium chromium-driver; "
+            "scripts/ensure-services.sh does it)"
+        )
     pytest.importorskip("selenium", reason="selenium is not installed (pip install -e '.[dev]')")
     return browser, driver
 
@@ -51,14 +53,22 @@ def home(tmp_path_factory, samples_dir) -> Path:
     (inbox / "notes.png").write_text("not an image")
     env = {**os.environ, "CHEXMASK_HOME": str(root / "home")}
     env.pop("CHEXMASK_API_TOKEN", None)
-    subprocess.run([CHEXMASK, "serve", "--once", "--inbox", str(inbox)], env=env, check=True,
-                   capture_output=True, timeout=600)
+    subprocess.run(
+        [CHEXMASK, "serve", "--once", "--inbox", str(inbox)], env=env, check=True, capture_output=True, timeout=600
+    )
     from chexmask.storage.index import MaskIndex
 
     index = MaskIndex(f"sqlite:///{root / 'home' / 'index.db'}")
     for seg_id, dice in DICE.items():
-        index.set_qc(seg_id, dice_rca_mean=dice, dice_rca_max=dice + 0.02, dice_rca_mean_rl=dice,
-                     dice_rca_mean_ll=dice, dice_rca_mean_h=dice - 0.05, flags=["shape_outlier"] if dice < 0.6 else [])
+        index.set_qc(
+            seg_id,
+            dice_rca_mean=dice,
+            dice_rca_max=dice + 0.02,
+            dice_rca_mean_rl=dice,
+            dice_rca_mean_ll=dice,
+            dice_rca_mean_h=dice - 0.05,
+            flags=["shape_outlier"] if dice < 0.6 else [],
+        )
     index.close()
     return root / "home"
 
@@ -69,8 +79,9 @@ def server(home: Path) -> Iterator[str]:
 
     port = free_port()
     env = {**os.environ, "CHEXMASK_HOME": str(home), "CHEXMASK_API_TOKEN": TOKEN}
-    process = subprocess.Popen([CHEXMASK, "api", "--port", str(port)], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [CHEXMASK, "api", "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         for _ in range(120):
@@ -96,8 +107,13 @@ def browser(server: str):
 
     options = webdriver.ChromeOptions()
     options.binary_location = binary
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                     "--window-size=1400,1100"):
+    for argument in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--window-size=1400,1100",
+    ):
         options.add_argument(argument)
     driver = webdriver.Chrome(service=Service(driver_path), options=options)
     driver.set_page_load_timeout(60)
@@ -158,7 +174,10 @@ def test_browse_filter_and_grade_by_keyboard(server, browser, shots, home):
     browser.find_element(By.NAME, "min_dice_mean").send_keys("0.8")
     browser.find_element(By.CSS_SELECTOR, "form.filters button[type=submit]").click()
     wait_for(browser, lambda d: "min_dice_mean=0.8" in d.current_url)
-    assert [c.get_attribute("data-id") for c in browser.find_elements(By.CSS_SELECTOR, "#gallery a[data-id]")] == ["3", "2"]
+    assert [c.get_attribute("data-id") for c in browser.find_elements(By.CSS_SELECTOR, "#gallery a[data-id]")] == [
+        "3",
+        "2",
+    ]
     browser.save_screenshot(str(shots / "gallery-filtered.png"))
 
     # keyboard: j moves to the first card, Enter opens it, j goes on to the next image of the filter
@@ -197,8 +216,11 @@ def test_browse_filter_and_grade_by_keyboard(server, browser, shots, home):
     index.close()
     assert graded == [("dr-ann", 2, 4, 5, 3), ("dr-ann", 5, None, None, None)]
 
-    for path, name in (("/problems?status=refused", "refused"), ("/datasets/chestx-ray8", "dataset"),
-                       ("/agreement", "agreement")):
+    for path, name in (
+        ("/problems?status=refused", "refused"),
+        ("/datasets/chestx-ray8", "dataset"),
+        ("/agreement", "agreement"),
+    ):
         browser.get(server + path)
         assert broken_images(browser) == [], path
         browser.save_screenshot(str(shots / f"{name}.png"))

@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 INBOX ?= inbox
 
-.PHONY: setup run test lint test-all bench bench-gpu bench-storage bench-serve clean
+.PHONY: setup run test lint test-all bench bench-gpu bench-storage bench-serve bench-web clean
 
 setup:
 	@bash scripts/setup.sh
@@ -38,6 +38,10 @@ bench-gpu: setup
 
 bench-storage: setup
 	$(PY) -m benchmarks.bench_storage --rows 1000000
+
+## Web app: gallery and image page server time over 1,000,000 rows, round trips per grade.
+bench-web: setup
+	$(PY) -m benchmarks.bench_web --rows 1000000
 
 ## Pipeline overhead: `chexmask serve` against `chexmask segment` on the same images.
 bench-serve: setup

@@ -61,13 +61,38 @@ def _filter_options(command: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table",
               show_default=True)
 def query_command(sort: str, limit: int, offset: int, fmt: str, **filters: Any) -> None:
-    """List segmentations matching the filters."""
+    """List segmentations matching the filters.
+
+    With --status refused or failed (and only image filters), list those images
+    instead, with their reason codes and sentences (the web app's /problems fields).
+    """
     status = filters.pop("status")
+    if status in PROBLEM_STATUSES:
+        _print_problems(filters, ImageStatus(status), limit, offset, fmt)
+        return
     rows = _open_index().query(
         QueryFilters(status=ImageStatus(status) if status else None, **filters),
         sort=sort, limit=limit, offset=offset,
     )
     _print_rows([{k: _plain(v) for k, v in asdict(row).items()} for row in rows], fmt)
+
+
+PROBLEM_STATUSES = (ImageStatus.REFUSED.value, ImageStatus.FAILED.value)
+_IMAGE_FILTERS = {"dataset", "release", "id_pattern"}
+
+
+def _print_problems(filters: dict[str, Any], status: ImageStatus, limit: int, offset: int, fmt: str) -> None:
+    from chexmask.storage.browse import PROBLEM_FIELDS
+
+    extra = sorted(k for k, v in filters.items() if v is not None and k not in _IMAGE_FILTERS)
+    if extra:
+        raise click.UsageError(f"--status {status.value} lists images; it takes only --dataset, --release, "
+                               f"--id (not {', '.join('--' + e.replace('_', '-') for e in extra)})")
+    images = _open_index().images(
+        QueryFilters(status=status, **{k: filters[k] for k in _IMAGE_FILTERS}), limit=limit, offset=offset)
+    rows = [{name: _plain(getattr(image, name)) for name in PROBLEM_FIELDS} for image in images]
+    _print_rows(rows, fmt, columns=list(PROBLEM_FIELDS),
+                shown=["id", "dataset", "dataset_image_id", "status", "refusal_code", "attempts", "reason"])
 
 
 def _plain(value: Any) -> Any:
@@ -79,8 +104,9 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _print_rows(rows: list[dict[str, Any]], fmt: str) -> None:
-    columns = list(SegmentationSummary.__dataclass_fields__)
+def _print_rows(rows: list[dict[str, Any]], fmt: str, columns: list[str] | None = None,
+                shown: list[str] | None = None) -> None:
+    columns = columns or list(SegmentationSummary.__dataclass_fields__)
     if fmt == "json":
         click.echo(json.dumps(rows, indent=2))
     elif fmt == "csv":
@@ -88,8 +114,8 @@ def _print_rows(rows: list[dict[str, Any]], fmt: str) -> None:
         writer.writeheader()
         writer.writerows(rows)
     else:
-        shown = ["id", "dataset", "release", "dataset_image_id", "model_version",
-                 "dice_rca_mean", "dice_rca_max", "qc_status", "status"]
+        shown = shown or ["id", "dataset", "release", "dataset_image_id", "model_version",
+                          "dice_rca_mean", "dice_rca_max", "qc_status", "status"]
         click.echo(_table(shown, [[_cell(row[c]) for c in shown] for row in rows]))
 
 
@@ -171,7 +197,12 @@ def _stats_table(groups: list[GroupStats]) -> str:
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, default=8000, show_default=True)
 def api_command(host: str, port: int) -> None:
-    """Serve the read-only HTTP API (OpenAPI docs at /docs)."""
+    """Serve the HTTP API (OpenAPI docs at /docs) and the web app (at /).
+
+    With CHEXMASK_API_TOKEN set, every route but /health and the docs needs it:
+    programs send "Authorization: Bearer TOKEN"; a browser opens any page once
+    with ?token=TOKEN and keeps it in an HttpOnly cookie.
+    """
     import uvicorn
 
     from chexmask.storage.api import create_app
@@ -192,6 +223,28 @@ def _loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+@click.group("reviews")
+def reviews_command() -> None:
+    """Expert grades of the masks (made in the web app)."""
+
+
+@reviews_command.command("export")
+@click.option("--out", type=click.Path(dir_okay=False, writable=True), required=True)
+@click.option("--dataset", help="Only masks of this dataset.")
+def reviews_export(out: str, dataset: str | None) -> None:
+    """Write every grade, with its mask's identity and Dice RCA, to a CSV file."""
+    from chexmask.storage.reviews import EXPORT_COLUMNS, export_rows
+
+    count = 0
+    with open(out, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=EXPORT_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        for row in export_rows(_open_index(), dataset):
+            writer.writerow(row)
+            count += 1
+    click.echo(f"wrote {count} reviews to {out}", err=True)
 
 
 @click.group("db")

@@ -15,4 +15,15 @@ if pg_isready -h 127.0.0.1 -p 5432 -q 2>/dev/null; then
   psql -h 127.0.0.1 -U postgres -tAc "select 1 from pg_database where datname='test'" 2>/dev/null | grep -q 1 \
     || psql -h 127.0.0.1 -U postgres -c "create database test" >/dev/null 2>&1 || true
 fi
+# A real browser for tests/test_web_browser.py (it skips, saying so, where none can be installed).
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    echo "installing chromium and chromium-driver"
+    (apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 \
+      || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium chromium-driver >/dev/null 2>&1; }) \
+      || echo "could not install chromium; the browser tests will be skipped"
+  else
+    echo "chromium/chromedriver missing and not installable here (needs apt-get as root); the browser tests will be skipped"
+  fi
+fi
 exit 0

@@ -1,14 +1,15 @@
 """Read-only HTTP API over the index and the object store.
 
 When a token is configured (``CHEXMASK_API_TOKEN``) every data route needs
-``Authorization: Bearer <token>``; ``/health`` and the OpenAPI docs stay open.
+``Authorization: Bearer <token>`` (or the web app's cookie, see ``auth``);
+``/health`` and the OpenAPI docs stay open. The web app (``web``) is served by
+the same app.
 Only segmentation artefacts (keys under ``segmentations/``) are served, so
 whatever else shares the store, such as source images, is never exposed.
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
 import mimetypes
 from collections.abc import AsyncIterator
@@ -20,17 +21,18 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi import Path as PathParam
 from fastapi.responses import StreamingResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 
 from chexmask import __version__
 from chexmask.config import Settings, mask_url
 from chexmask.errors import NotFound, TransientError
 from chexmask.status import ImageStatus
+from chexmask.storage.auth import api_guard
 from chexmask.storage.index import MaskIndex
-from chexmask.storage.queries import SORT_KEYS, QueryFilters, SegmentationSummary
 from chexmask.storage.objectstore import check_key, open_store
+from chexmask.storage.queries import SORT_KEYS, QueryFilters, SegmentationSummary
 from chexmask.storage.stats import compute_stats
+from chexmask.storage.web import mount_web
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="chexmask-stream", version=__version__, lifespan=lifespan)
     token = settings.api_token.get_secret_value() if settings.api_token else None
-    guarded = [Depends(_bearer_guard(token))]
+    guarded = [Depends(api_guard(token))]
 
     @app.get("/health")
     def health() -> dict[str, Any]:
@@ -124,6 +126,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         groups = compute_stats(index, dataset=dataset, release=release, model=model)
         return [group.as_dict() for group in groups]
 
+    mount_web(app, index, store, token)
     return app
 
 
@@ -148,9 +151,6 @@ def _filters(
     )
 
 
-_BEARER = HTTPBearer(auto_error=False)
-
-
 def _without_secrets(text: str, url: str) -> str:
     """``text`` with the password of ``url`` (should a driver repeat it) masked."""
     from urllib.parse import urlsplit
@@ -160,18 +160,3 @@ def _without_secrets(text: str, url: str) -> str:
     except ValueError:
         return text
     return text.replace(password, "***") if password else text
-
-
-def _bearer_guard(token: str | None):
-    def guard(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)]) -> None:
-        if token is None:
-            return
-        # Constant-time comparison: the token must not leak through response timing.
-        if credentials is None or not hmac.compare_digest(credentials.credentials.encode(), token.encode()):
-            raise HTTPException(
-                HTTPStatus.UNAUTHORIZED,
-                "missing or wrong bearer token",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-
-    return guard

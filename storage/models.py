@@ -220,3 +220,32 @@ class Segmentation(StorageModel, table=True):
         suffix = {"original": "", "1024": "_1024"}[resolution]
         return {organ: getattr(self, f"rle_{organ}{suffix}") for organ in ORGANS}
 
+
+
+GRADE_COLUMNS = ("overall", *ORGANS)  # the 1-5 grades of a review
+
+
+class Review(StorageModel, table=True):
+    """One reviewer's grades of one segmentation: 5 = no correction needed, 1 = unusable.
+
+    Several reviewers (and several rounds by one) may grade the same mask; the
+    organ grades are optional, the overall one is not.
+    """
+
+    __tablename__ = "review"
+    __table_args__ = (
+        sa.Index("ix_review_segmentation_id", "segmentation_id"),
+        # "has this reviewer graded it" is asked for every mask the queue offers
+        sa.Index("ix_review_reviewer_segmentation_id", "reviewer", "segmentation_id"),
+        *(sa.CheckConstraint(f"{g} BETWEEN 1 AND 5", name=f"{g}_grade") for g in GRADE_COLUMNS),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    segmentation_id: int = Field(foreign_key="segmentation.id", nullable=False)
+    reviewer: str = Field(sa_type=sa.String(128), nullable=False)
+    overall: int = Field(sa_type=sa.SmallInteger, nullable=False)
+    right_lung: int | None = Field(default=None, sa_type=sa.SmallInteger)
+    left_lung: int | None = Field(default=None, sa_type=sa.SmallInteger)
+    heart: int | None = Field(default=None, sa_type=sa.SmallInteger)
+    comment: str | None = Field(default=None, sa_type=sa.Text)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, nullable=False)

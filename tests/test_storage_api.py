@@ -118,9 +118,10 @@ def test_token_required_when_configured(seeded):
 
 @local_store_only
 def test_open_without_token(seeded):
+    index, _ = seeded
     with client_for(*seeded) as client:
         assert client.get("/segmentations").status_code == 200
-        assert client.get("/health").json() == {"status": "ok", "schema_revision": "0002"}
+        assert client.get("/health").json() == {"status": "ok", "schema_revision": index.head_revision()}
 
 
 @local_store_only

@@ -18,6 +18,7 @@ from PIL import Image
 
 from chexmask.app.cli import cli
 from chexmask.errors import ConfigError
+from chexmask.storage.index import MaskIndex
 
 
 def url_of(index) -> str:
@@ -50,9 +51,10 @@ def test_db_upgrade_and_current(tmp_path, monkeypatch):
         runner.invoke(cli, ["query"], catch_exceptions=False)
     assert "current: empty" in runner.invoke(cli, ["db", "current"]).output
     upgrade = runner.invoke(cli, ["db", "upgrade"]).output.strip().splitlines()
-    assert upgrade == [f"index {url}", "index schema: empty -> 0002"]
-    assert runner.invoke(cli, ["db", "upgrade"]).output.strip().splitlines()[-1] == "index schema: 0002 -> 0002"
-    assert runner.invoke(cli, ["db", "current"]).output.strip().splitlines()[-1] == "current: 0002  head: 0002"
+    head = MaskIndex.head_revision()
+    assert upgrade == [f"index {url}", f"index schema: empty -> {head}"]
+    assert runner.invoke(cli, ["db", "upgrade"]).output.strip().splitlines()[-1] == f"index schema: {head} -> {head}"
+    assert runner.invoke(cli, ["db", "current"]).output.strip().splitlines()[-1] == f"current: {head}  head: {head}"
 
 
 def test_query_formats(run):

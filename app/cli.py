@@ -27,6 +27,8 @@ COMMANDS = {
     "query": ("chexmask.app.index_cli", "List segmentations matching the filters."),
     "export": ("chexmask.app.index_cli", "Write a dataset's masks in the CheXmask CSV layout (or Parquet)."),
     "stats": ("chexmask.app.index_cli", "Counts by status and Dice RCA summaries per dataset and release."),
+    "import-chexmask": ("chexmask.app.index_cli", "Import a published CheXmask CSV as a model's segmentations."),
+    "compare": ("chexmask.app.compare_cli", "Per-organ Dice, Hausdorff and Dice RCA agreement between two models."),
     "api": ("chexmask.app.index_cli", "Serve the read-only HTTP API (OpenAPI docs at /docs)."),
     "db": ("chexmask.app.index_cli", "Manage the index database schema."),
     "qc": ("chexmask.worker.qc_commands", "Quality control: build an RCA reference bank, validate RCA."),
@@ -43,7 +45,7 @@ class LazyGroup(click.Group):
         if name not in COMMANDS:
             return None
         module = importlib.import_module(COMMANDS[name][0])
-        return getattr(module, f"{name}_command")
+        return getattr(module, f"{name.replace('-', '_')}_command")
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         with formatter.section("Commands"):

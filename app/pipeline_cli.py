@@ -126,8 +126,8 @@ def watch_command(folder: Path, dataset: str | None, release: str | None, pollin
     Workers read the files by path, so FOLDER must be mounted at the same path
     for them. Files already in the index unchanged are not queued again.
     """
-    from chexmask.messages import Arrival
     from chexmask.ingest.watcher import FolderWatcher
+    from chexmask.messages import Arrival
 
     intake = _intake(Settings.from_env())
 
@@ -207,7 +207,8 @@ def scan_command(uri: str, dataset: str | None, release: str | None, restart: bo
     settings = Settings.from_env()
     scanner = ReleaseScanner(_intake(settings), dataset=dataset, release=release, state_dir=settings.home / "scans")
     counts = scanner.scan(uri, resume=not restart)
-    click.echo(f"{counts.seen} seen, {counts.new} new, {counts.changed} changed, {counts.skipped} skipped")
+    click.echo(f"{counts.seen} seen, {counts.new} new, {counts.changed} changed, {counts.skipped} skipped, "
+               f"{counts.covered} already in an imported CheXmask set")
 
 
 @click.command("reprocess")

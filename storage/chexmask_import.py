@@ -40,14 +40,20 @@ from typing import IO, Any
 import sqlalchemy as sa
 
 from chexmask.anatomy import N_LANDMARKS
-from chexmask.datasets import ID_COLUMNS, canonical, id_column
+from chexmask.datasets import ID_COLUMNS, canonical
 from chexmask.errors import ConfigError
 from chexmask.status import ImageStatus, QCStatus
 from chexmask.storage.index import MaskIndex
 from chexmask.storage.layout import VALUE_COLUMNS
-from chexmask.storage.models import Segmentation, SourceImage, utcnow
+from chexmask.storage.models import (
+    IMPORT_PIPELINE_1024,
+    IMPORT_PIPELINE_ORIGINAL,
+    IMPORT_SCHEME,
+    Segmentation,
+    SourceImage,
+    utcnow,
+)
 
-IMPORT_SCHEME = "chexmask:"
 # The published data dictionary names the id column "Image ID"; each database's own
 # CSV uses its own name. Either is accepted whatever the dataset.
 ID_HEADERS = frozenset({*ID_COLUMNS.values(), "Image ID", "image_id"})
@@ -62,8 +68,7 @@ class Frame(str, Enum):
 
 
 # Segmentation.pipeline_version of imported rows: which frame the row holds.
-IMPORT_PIPELINE = {Frame.ORIGINAL: "chexmask-import:original", Frame.R1024: "chexmask-import:1024"}
-IMPORT_PIPELINES = tuple(IMPORT_PIPELINE.values())
+IMPORT_PIPELINE = {Frame.ORIGINAL: IMPORT_PIPELINE_ORIGINAL, Frame.R1024: IMPORT_PIPELINE_1024}
 
 _RLE = re.compile(r"(?:\d+ \d+(?: \d+ \d+)*)?")
 _LAST_PAIR = re.compile(r"(\d+) (\d+)$")

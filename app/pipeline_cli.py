@@ -214,7 +214,9 @@ def scan_command(uri: str, dataset: str | None, release: str | None, restart: bo
 @click.command("reprocess")
 @click.option("--model", help="Model version to complete (default: the one of CHEXMASK_WEIGHTS or the bundled weights).")
 @_dataset_options
-def reprocess_command(model: str | None, dataset: str | None, release: str | None) -> None:
+@click.option("--sample", type=click.IntRange(min=1),
+              help="Queue only a random sample of this many (e.g. to compare with an imported set).")
+def reprocess_command(model: str | None, dataset: str | None, release: str | None, sample: int | None) -> None:
     """Queue segmentation of every image lacking a result from the model (refused ones excepted).
 
     Workers segment with their configured weights, so --model must be theirs.
@@ -234,7 +236,7 @@ def reprocess_command(model: str | None, dataset: str | None, release: str | Non
     model = model or configured
     if not model:
         raise click.UsageError("no weights configured: give --model")
-    queued = reprocess(settings, model, dataset=dataset, release=release)
+    queued = reprocess(settings, model, dataset=dataset, release=release, sample=sample)
     click.echo(f"{queued} image(s) queued for {model}")
 
 

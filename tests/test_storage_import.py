@@ -4,6 +4,7 @@ export of published and new rows together (SQLite and PostgreSQL)."""
 from __future__ import annotations
 
 import gzip
+import re
 from pathlib import Path
 
 import pytest
@@ -170,3 +171,27 @@ def test_missing_model_leaves_imported_images_to_their_published_masks(index, tm
     # the official model's published mask stands for the linked file; ours still needs its bytes
     assert missing[OFFICIAL] == ["file:///nih/00000002_000.png"]
     assert missing["ours"] == ["file:///nih/00000001_000.png", "file:///nih/00000002_000.png"]
+
+
+def test_import_and_compare_commands(index, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from chexmask.app.cli import cli
+
+    monkeypatch.setenv("CHEXMASK_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("CHEXMASK_DATABASE_URL", index.engine.url.render_as_string(hide_password=False))
+    rows = [original_row("00000001_000.png"), original_row("00000002_000.png", rle="1 x")]
+    path = write_csv(tmp_path / "in.csv", "Image ID", rows)
+    runner = CliRunner()
+    result = runner.invoke(cli, ["import-chexmask", str(path), "--dataset", "nih"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "1 taken, 0 updated, 0 unchanged, 1 skipped (frame original, model hybridgnet-official)" in result.output
+    assert "line 122: Left Lung: unparsable RLE" in result.output
+    from chexmask.official import OFFICIAL_WEIGHTS_SHA256
+
+    assert [(m.name, m.weights_sha256) for m in index.models()] == [(OFFICIAL, OFFICIAL_WEIGHTS_SHA256)]
+    result = runner.invoke(cli, ["compare", "--dataset", "nih", "--models", OFFICIAL, OFFICIAL],
+                           catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "1 image(s) segmented by both" in result.output
+    assert re.search(r"left_lung +1\.0000", result.output)  # a model agrees with itself

@@ -71,7 +71,6 @@ class Frame(str, Enum):
 IMPORT_PIPELINE = {Frame.ORIGINAL: IMPORT_PIPELINE_ORIGINAL, Frame.R1024: IMPORT_PIPELINE_1024}
 
 _RLE = re.compile(r"(?:\d+ \d+(?: \d+ \d+)*)?")
-_LAST_PAIR = re.compile(r"(\d+) (\d+)$")
 _INT = re.compile(r"-?\d+")
 _MASKS = {"Left Lung": "left_lung", "Right Lung": "right_lung", "Heart": "heart"}
 
@@ -181,7 +180,8 @@ def _parse(line: int, image_id: str, fields: dict[str, str], frame: Frame,
     numbers = _INT.findall(fields["Landmarks"])
     if len(numbers) != 2 * N_LANDMARKS:
         raise BadRow(f"{len(numbers)} landmark coordinates, expected {N_LANDMARKS}x2")
-    points = [[int(numbers[i]), int(numbers[i + 1])] for i in range(0, len(numbers), 2)]
+    values_ = list(map(int, numbers))
+    points = [list(point) for point in zip(values_[0::2], values_[1::2], strict=True)]
     rle = {organ: _rle(fields[column], height * width, column) for column, organ in _MASKS.items()}
     mean, max_ = _dice(fields["Dice RCA (Mean)"]), _dice(fields["Dice RCA (Max)"])
     if mean is not None and max_ is not None and mean > max_:
@@ -204,7 +204,7 @@ def _parse(line: int, image_id: str, fields: dict[str, str], frame: Frame,
                       landmarks_1024=[])
     else:
         values.update(landmarks_1024=points, landmarks_original=[], landmarks_original_str="")
-    digest = hashlib.sha1(repr((image_id, frame.value, sorted(fields.items()))).encode()).hexdigest()
+    digest = hashlib.sha1("\x1f".join([image_id, frame.value, *fields.values()]).encode()).hexdigest()
     known = (height, width) if frame is Frame.ORIGINAL else (None, None)
     return ParsedRow(line, image_id, values, *known, fingerprint=digest)
 
@@ -228,9 +228,9 @@ def _rle(text: str, pixels: int, column: str) -> str:
     # order, so the last one reaches furthest (out-of-order runs are not checked).
     if not _RLE.fullmatch(text):
         raise BadRow(f"{column}: unparsable RLE (expected 'start length' pairs)")
-    last = _LAST_PAIR.search(text)
-    if last:
-        start, length = int(last.group(1)), int(last.group(2))
+    if text:
+        # rsplit, not a "$"-anchored regex: that search rescans the whole text
+        start, length = map(int, text.rsplit(" ", 2)[-2:])
         if start < 1 or start - 1 + length > pixels:
             raise BadRow(f"{column}: run {start} {length} ends past Height x Width = {pixels}")
     return text

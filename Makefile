@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 INBOX ?= inbox
 
-.PHONY: setup run test lint test-all bench bench-storage bench-serve clean
+.PHONY: setup run test lint test-all bench bench-storage bench-serve bench-import clean
 
 setup:
 	@bash scripts/setup.sh
@@ -34,6 +34,10 @@ bench: setup
 
 bench-storage: setup
 	$(PY) -m benchmarks.bench_storage --rows 1000000
+
+## CheXmask import rows/s and a 1%-new scan of a 1,000,000-object listing, SQLite and PostgreSQL.
+bench-import: setup
+	$(PY) -m benchmarks.bench_import --rows 200000 --objects 1000000
 
 ## Pipeline overhead: `chexmask serve` against `chexmask segment` on the same images.
 bench-serve: setup

@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 INBOX ?= inbox
 
-.PHONY: setup run test lint test-all bench bench-gpu bench-storage bench-serve bench-web clean
+.PHONY: setup run test lint test-all bench bench-gpu bench-storage bench-serve bench-web bench-import clean
 
 setup:
 	@bash scripts/setup.sh
@@ -42,6 +42,10 @@ bench-storage: setup
 ## Web app: gallery and image page server time over 1,000,000 rows, round trips per grade.
 bench-web: setup
 	$(PY) -m benchmarks.bench_web --rows 1000000
+
+## CheXmask import rows/s and a 1%-new scan of a 1,000,000-object listing, SQLite and PostgreSQL.
+bench-import: setup
+	$(PY) -m benchmarks.bench_import --rows 200000 --objects 1000000
 
 ## Pipeline overhead: `chexmask serve` against `chexmask segment` on the same images.
 bench-serve: setup

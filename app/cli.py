@@ -28,6 +28,8 @@ COMMANDS = {
     "query": ("chexmask.app.index_cli", "List segmentations matching the filters (--status refused|failed: those images)."),
     "export": ("chexmask.app.index_cli", "Write a dataset's masks in the CheXmask CSV layout (or Parquet)."),
     "stats": ("chexmask.app.index_cli", "Counts by status and Dice RCA summaries per dataset and release."),
+    "import-chexmask": ("chexmask.app.index_cli", "Import a published CheXmask CSV as a model's segmentations."),
+    "compare": ("chexmask.app.compare_cli", "Per-organ Dice, Hausdorff and Dice RCA agreement between two models."),
     "api": ("chexmask.app.index_cli", "Serve the HTTP API (docs at /docs) and the web app to browse and grade masks."),
     "reviews": ("chexmask.app.index_cli", "Expert grades of the masks: export them to CSV."),
     "db": ("chexmask.app.index_cli", "Manage the index database schema."),
@@ -45,7 +47,7 @@ class LazyGroup(click.Group):
         if name not in COMMANDS:
             return None
         module = importlib.import_module(COMMANDS[name][0])
-        return getattr(module, f"{name}_command")
+        return getattr(module, f"{name.replace('-', '_')}_command")
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         with formatter.section("Commands"):

@@ -17,6 +17,7 @@ import click
 from chexmask.config import Settings, mask_url
 from chexmask.errors import ConfigError
 from chexmask.status import ImageStatus
+from chexmask.storage.chexmask_import import BATCH_SIZE, Frame
 from chexmask.storage.index import MaskIndex
 from chexmask.storage.queries import SORT_KEYS, QueryFilters, SegmentationSummary
 
@@ -135,7 +136,8 @@ def _table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 @click.command("export")
 @click.option("--dataset", required=True, help="Dataset name or alias.")
 @click.option("--release")
-@click.option("--model", help="Model version (needed when the index holds several).")
+@click.option("--model", help="Model version (needed when the index holds several); "
+                                "a,b: one row per image, from the first model that has it.")
 @click.option("--resolution", type=click.Choice(["original", "1024"]), default="original",
               show_default=True)
 @click.option("--min-dice-mean", type=float)
@@ -269,3 +271,57 @@ def db_current() -> None:
     index = _open_index(upgraded=False)
     click.echo(f"index {mask_url(Settings.from_env().database_url)}")
     click.echo(f"current: {index.current_revision() or 'empty'}  head: {index.head_revision()}")
+
+
+@click.command("import-chexmask")
+@click.argument("csv_file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--dataset", required=True, help="Dataset name or alias the rows belong to.")
+@click.option("--release", help="Release tag recorded with every imported image.")
+@click.option("--model", default="hybridgnet-official", show_default=True,
+              help="Model version the published masks are stored under.")
+@click.option("--resolution", type=click.Choice([f.value for f in Frame]), default="auto", show_default=True,
+              help="Frame of the masks: auto tells it from the landmark text and Height/Width.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=BATCH_SIZE, show_default=True)
+def import_chexmask_command(csv_file: str, dataset: str, release: str | None, model: str,
+                            resolution: str, batch_size: int) -> None:
+    """Import a published CheXmask CSV (gzip too) as a model's segmentations.
+
+    Rows are keyed by the dataset's own image id; importing the same file again
+    changes nothing, a newer file updates the rows that differ. Bad rows are
+    reported with their line numbers and skipped.
+    """
+    from tqdm import tqdm
+
+    from chexmask.storage.chexmask_import import import_csv
+
+    index = _open_index(upgraded=False)
+    index.upgrade()
+    with tqdm(desc=f"import {csv_file}", unit=" row", dynamic_ncols=True) as bar:
+        report = import_csv(index, csv_file, dataset=dataset, release=release, model=model,
+                            weights_sha256=_import_weights(index, model), frame=Frame(resolution),
+                            batch_size=batch_size, progress=bar.update)
+    for line, reason in report.bad:
+        click.echo(f"line {line}: {reason}", err=True)
+    if report.skipped > len(report.bad):
+        click.echo(f"... and {report.skipped - len(report.bad)} more bad rows", err=True)
+    if report.mean_above_max:
+        click.echo(f"note: {report.mean_above_max} rows have Dice RCA (Mean) > (Max); the official writer "
+                   "swapped the two columns (SPEC 9.5), they were stored as named", err=True)
+    frame = report.frame.value if report.frame else "-"
+    click.echo(f"{report.taken} taken, {report.updated} updated, {report.unchanged} unchanged, "
+               f"{report.skipped} skipped (frame {frame}, model {model})")
+
+
+def _import_weights(index: MaskIndex, model: str) -> str:
+    """The weights checksum to register the imported model with: the known one when
+    the index has the model or it is the official checkpoint, else a surrogate."""
+    import hashlib
+
+    from chexmask.official import OFFICIAL_MODEL, OFFICIAL_WEIGHTS_SHA256
+
+    for known in index.models():
+        if known.name == model:
+            return known.weights_sha256
+    if model == OFFICIAL_MODEL:
+        return OFFICIAL_WEIGHTS_SHA256
+    return hashlib.sha256(f"chexmask-import:{model}".encode()).hexdigest()

@@ -138,8 +138,8 @@ def watch_command(folder: Path, dataset: str | None, release: str | None, pollin
     Workers read the files by path, so FOLDER must be mounted at the same path
     for them. Files already in the index unchanged are not queued again.
     """
-    from chexmask.messages import Arrival
     from chexmask.ingest.watcher import FolderWatcher
+    from chexmask.messages import Arrival
 
     intake = _intake(Settings.from_env())
 
@@ -219,13 +219,16 @@ def scan_command(uri: str, dataset: str | None, release: str | None, restart: bo
     settings = Settings.from_env()
     scanner = ReleaseScanner(_intake(settings), dataset=dataset, release=release, state_dir=settings.home / "scans")
     counts = scanner.scan(uri, resume=not restart)
-    click.echo(f"{counts.seen} seen, {counts.new} new, {counts.changed} changed, {counts.skipped} skipped")
+    click.echo(f"{counts.seen} seen, {counts.new} new, {counts.changed} changed, {counts.skipped} skipped, "
+               f"{counts.covered} already in an imported CheXmask set")
 
 
 @click.command("reprocess")
 @click.option("--model", help="Model version to complete (default: the one of CHEXMASK_WEIGHTS or the bundled weights).")
 @_dataset_options
-def reprocess_command(model: str | None, dataset: str | None, release: str | None) -> None:
+@click.option("--sample", type=click.IntRange(min=1),
+              help="Queue only a random sample of this many (e.g. to compare with an imported set).")
+def reprocess_command(model: str | None, dataset: str | None, release: str | None, sample: int | None) -> None:
     """Queue segmentation of every image lacking a result from the model (refused ones excepted).
 
     Workers segment with their configured weights, so --model must be theirs.
@@ -247,7 +250,7 @@ def reprocess_command(model: str | None, dataset: str | None, release: str | Non
     model = model or configured
     if not model:
         raise click.UsageError("no weights configured: give --model")
-    queued = reprocess(settings, model, dataset=dataset, release=release)
+    queued = reprocess(settings, model, dataset=dataset, release=release, sample=sample)
     click.echo(f"{queued} image(s) queued for {model}")
 
 

@@ -45,6 +45,7 @@ class Offered:
     new: int = 0
     changed: int = 0
     skipped: int = 0
+    covered: int = 0  # new files an imported segmentation already covers (registered, not queued)
 
 
 class Intake:
@@ -61,7 +62,8 @@ class Intake:
             for arrival in triage.to_queue:
                 with image_context(dataset=arrival.dataset):  # no image id before it is admitted
                     log.info("queued %s", arrival.uri)
-        return Offered(len(triage.new), len(triage.changed), len(triage.unchanged))
+        self.registry.record_covered(triage.covered)
+        return Offered(len(triage.new), len(triage.changed), len(triage.unchanged), len(triage.covered))
 
 
 def _latest(arrivals: Sequence[Arrival]) -> list[Arrival]:

@@ -18,6 +18,7 @@ from chexmask.errors import NotARegularFile
 from chexmask.messages import Arrival
 from chexmask.status import ImageStatus
 from chexmask.storage import sources
+from chexmask.storage.chexmask_import import imported_ids
 from chexmask.storage.index import MaskIndex
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,8 @@ class Triage:
     new: list[Arrival] = field(default_factory=list)
     changed: list[Arrival] = field(default_factory=list)
     unchanged: list[Arrival] = field(default_factory=list)
+    # new files whose dataset image id an imported (published) segmentation covers
+    covered: list[Arrival] = field(default_factory=list)
 
     @property
     def to_queue(self) -> list[Arrival]:
@@ -48,18 +51,41 @@ class Registry:
         self.index = index
 
     def triage(self, arrivals: Sequence[Arrival]) -> Triage:
-        """Sort arrivals by comparing their etag and size with the index."""
+        """Sort arrivals by comparing their etag and size with the index.
+
+        A new URI whose dataset image id has an imported segmentation is *covered*,
+        not new: the published set already has it, so it is not queued (no bytes
+        are read). ``record_covered`` registers it, linked to the import by its
+        dataset and dataset image id, so a later ``reprocess`` can find its bytes.
+        """
         known = self.index.images_by_uri(a.uri for a in arrivals)
+        unknown = [a for a in arrivals if a.uri not in known]
+        imported = self._imported(unknown)
         triage = Triage()
         for arrival in arrivals:
             image = known.get(arrival.uri)
-            if image is None:
+            if image is None and (arrival.dataset, arrival.dataset_image_id) in imported:
+                triage.covered.append(arrival)
+            elif image is None:
                 triage.new.append(arrival)
             elif _differs(arrival.etag, image.etag_or_version) or _differs(arrival.size, image.size):
                 triage.changed.append(arrival)
             else:
                 triage.unchanged.append(arrival)
         return triage
+
+    def _imported(self, arrivals: Sequence[Arrival]) -> set[tuple[str, str]]:
+        by_dataset: dict[str, list[str]] = {}
+        for a in arrivals:
+            by_dataset.setdefault(a.dataset, []).append(a.dataset_image_id)
+        return {(dataset, image_id) for dataset, ids in by_dataset.items()
+                for image_id in imported_ids(self.index, dataset, ids)}
+
+    def record_covered(self, arrivals: Sequence[Arrival]) -> None:
+        """Register covered arrivals as done, in one statement (see ``triage``)."""
+        self.index.register_linked([
+            {"uri": a.uri, "dataset": a.dataset, "dataset_image_id": a.dataset_image_id,
+             "release": a.release, "etag_or_version": a.etag, "size": a.size} for a in arrivals])
 
     def record(self, arrivals: Iterable[Arrival]) -> None:
         """Register arrivals (status queued; a changed one goes back to queued)."""

@@ -34,12 +34,14 @@ class ScanCounts:
     new: int = 0
     changed: int = 0
     skipped: int = 0
+    covered: int = 0  # not queued: an imported (published) segmentation has their id
 
     def add(self, seen: int, offered: Offered) -> None:
         self.seen += seen
         self.new += offered.new
         self.changed += offered.changed
         self.skipped += offered.skipped
+        self.covered += offered.covered
 
 
 class ScanState:
@@ -92,7 +94,8 @@ class ReleaseScanner:
                 if state:
                     state.save(page[-1][0])
                 bar.update(len(page))
-                bar.set_postfix(new=counts.new, changed=counts.changed, skipped=counts.skipped)
+                bar.set_postfix(new=counts.new, changed=counts.changed, skipped=counts.skipped,
+                                covered=counts.covered)
         if state:
             state.clear()  # complete: the next scan starts from the beginning
         return counts

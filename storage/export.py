@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from enum import Enum
 from itertools import islice
@@ -18,12 +18,15 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.orm import aliased
 
+from chexmask.datasets import canonical
 from chexmask.errors import ConfigError
+from chexmask.storage.chexmask_import import IMPORT_PIPELINE, Frame
 from chexmask.storage.index import MaskIndex
-from chexmask.storage.queries import QueryFilters
 from chexmask.storage.layout import csv_line, header, landmarks_1024_text
-from chexmask.storage.models import Segmentation, SourceImage
+from chexmask.storage.models import IMPORT_PIPELINES, Segmentation, SourceImage
+from chexmask.storage.queries import QueryFilters
 
 FORMATS = ("csv", "parquet")
 BATCH_SIZE = 2000
@@ -34,13 +37,40 @@ class Resolution(str, Enum):
     R1024 = "1024"
 
 
-def _resolve_model(index: MaskIndex, model: str | None) -> str | None:
+def _resolve_models(index: MaskIndex, model: str | Sequence[str] | None) -> list[str | None]:
+    """The models to export, in precedence order (``a,b`` or a list); by default the only one."""
     if model is not None:
-        return model
+        names = [m.strip() for m in ([model] if isinstance(model, str) else model) for m in m.split(",")]
+        return [m for m in names if m]
     names = [m.name for m in index.models()]
     if len(names) > 1:
-        raise ConfigError(f"the index holds several models ({', '.join(names)}); choose one with --model")
-    return names[0] if names else None
+        raise ConfigError(f"the index holds several models ({', '.join(names)}); choose one with --model, "
+                          "or several in order of precedence (--model a,b)")
+    return names[:1] or [None]
+
+
+def _in_frame(segmentation: Any, resolution: Resolution) -> Any:
+    """Rows that hold ``resolution``: an import holds one frame only (chexmask_import)."""
+    other = IMPORT_PIPELINE[Frame.R1024 if resolution is Resolution.ORIGINAL else Frame.ORIGINAL]
+    return segmentation.pipeline_version != other
+
+
+def _source(segmentation: Any, model: str | None, imported: bool) -> list[Any]:
+    """One source of rows: a model's imported (published) rows, or its own segmentations."""
+    kind = segmentation.pipeline_version.in_(IMPORT_PIPELINES)
+    return [*([] if model is None else [segmentation.model_version == model]), kind if imported else ~kind]
+
+
+def _sources(index: MaskIndex, dataset: str, models: list[str | None]) -> list[tuple[str | None, bool]]:
+    """(model, imported) in precedence order: each model's published rows before its own.
+    Without imports in the dataset there is one source per model (and no dedup cost)."""
+    any_import = sa.exists().where(Segmentation.dataset == canonical(dataset),
+                                   Segmentation.pipeline_version.in_(IMPORT_PIPELINES))
+    with index.engine.connect() as connection:
+        has_imports = connection.execute(sa.select(any_import)).scalar()
+    if not has_imports:
+        return [(model, False) for model in models]
+    return [(model, imported) for model in models for imported in (True, False)]
 
 
 def iter_rows(
@@ -48,19 +78,37 @@ def iter_rows(
     *,
     dataset: str,
     release: str | None = None,
-    model: str | None = None,
+    model: str | Sequence[str] | None = None,
     resolution: Resolution = Resolution.ORIGINAL,
     min_dice_mean: float | None = None,
     batch_size: int = BATCH_SIZE,
 ) -> Iterator[tuple[Any, ...]]:
-    """The export rows, in the order they were segmented, as tuples matching ``header(dataset)``."""
+    """The export rows as tuples matching ``header(dataset)``: one per dataset image id,
+    from the first source that has it (see ``_sources``), each source in the order
+    its rows were stored. Published rows imported unchanged come out byte for byte."""
     resolution = Resolution(resolution)
-    filters = QueryFilters(
-        dataset=dataset,
-        release=release,
-        model=_resolve_model(index, model),
-        min_dice_mean=min_dice_mean,
-    )
+    sources = _sources(index, dataset, _resolve_models(index, model))
+    if len(sources) == 1:  # the common case: one model, nothing imported, no dedup
+        yield from _rows_of(index, dataset, release, sources[0][0], None, [], resolution,
+                            min_dice_mean, batch_size)
+        return
+    for position, (name, imported) in enumerate(sources):
+        yield from _rows_of(index, dataset, release, name, imported, sources[:position], resolution,
+                            min_dice_mean, batch_size)
+
+
+def _rows_of(
+    index: MaskIndex,
+    dataset: str,
+    release: str | None,
+    model: str | None,
+    imported: bool | None,
+    earlier: list[tuple[str | None, bool]],
+    resolution: Resolution,
+    min_dice_mean: float | None,
+    batch_size: int,
+) -> Iterator[tuple[Any, ...]]:
+    filters = QueryFilters(dataset=dataset, release=release, model=model, min_dice_mean=min_dice_mean)
     if resolution is Resolution.ORIGINAL:
         masks = (Segmentation.rle_left_lung, Segmentation.rle_right_lung, Segmentation.rle_heart)
         landmarks = Segmentation.landmarks_original_str
@@ -79,7 +127,13 @@ def iter_rows(
         landmarks,
         *masks,
         *size,
-    ).order_by(Segmentation.id)
+    )
+    statement = statement.where(_in_frame(Segmentation, resolution))
+    if imported is not None:
+        statement = statement.where(*_source(Segmentation, None, imported))
+    if earlier:
+        statement = statement.where(~_covered_by(dataset, earlier, resolution))
+    statement = statement.order_by(Segmentation.id)
 
     if resolution is Resolution.ORIGINAL:
         for name, uri, mean, max_, text, left, right, heart, height, width in index.stream(
@@ -92,13 +146,26 @@ def iter_rows(
             yield (name or uri, mean, max_, text, left, right, heart, 1024, 1024)
 
 
+def _covered_by(dataset: str, earlier: list[tuple[str | None, bool]], resolution: Resolution) -> Any:
+    """Whether the row's dataset image id has a row in one of the ``earlier`` sources."""
+    other_seg, other_image = aliased(Segmentation), aliased(SourceImage)
+    return sa.exists().where(
+        other_image.dataset_image_id == SourceImage.dataset_image_id,
+        other_seg.image_id == other_image.id,
+        other_seg.dataset == canonical(dataset),
+        other_seg.is_current.is_(True),
+        _in_frame(other_seg, resolution),
+        sa.or_(*(sa.and_(*_source(other_seg, m, imported)) for m, imported in earlier)),
+    )
+
+
 def export(
     index: MaskIndex,
     out: str | os.PathLike[str],
     *,
     dataset: str,
     release: str | None = None,
-    model: str | None = None,
+    model: str | Sequence[str] | None = None,
     resolution: Resolution = Resolution.ORIGINAL,
     min_dice_mean: float | None = None,
     fmt: str | None = None,

@@ -23,6 +23,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Row
+from sqlalchemy.orm import aliased
 from sqlmodel import Session, select
 
 from chexmask import PIPELINE_VERSION
@@ -32,7 +33,14 @@ from chexmask.errors import ConfigError, NotFound
 from chexmask.status import ImageStatus, QCStatus
 from chexmask.storage.engine import alembic_config, create_engine
 from chexmask.storage.layout import numpy_text
-from chexmask.storage.models import ModelVersion, Segmentation, SourceImage, utcnow
+from chexmask.storage.models import (
+    IMPORT_PIPELINES,
+    IMPORT_SCHEME,
+    ModelVersion,
+    Segmentation,
+    SourceImage,
+    utcnow,
+)
 from chexmask.storage.queries import (
     SUMMARY_COLUMNS,
     QueryFilters,
@@ -192,6 +200,24 @@ class MaskIndex:
             session.commit()
             return Registration(image, created=False, changed=changed)
 
+    def register_linked(self, images: Sequence[Mapping[str, Any]]) -> int:
+        """Register files whose dataset image id an import already covers, as ``done``
+        (no bytes read: the published mask stands for them), in one statement; known
+        URIs are left as they are. Each mapping gives ``uri``, ``dataset``,
+        ``dataset_image_id`` and optionally ``release``, ``etag_or_version``, ``size``.
+        Returns how many were new."""
+        if not images:
+            return 0
+        now = utcnow()
+        rows = [{"uri": i["uri"], "dataset": canonical(i["dataset"]), "release": i.get("release"),
+                 "dataset_image_id": i["dataset_image_id"], "etag_or_version": i.get("etag_or_version"),
+                 "size": i.get("size"), "first_seen": now, "updated_at": now,
+                 "status": ImageStatus.DONE, "attempts": 0} for i in images]
+        with self.engine.begin() as connection:
+            result = connection.execute(
+                self._insert(SourceImage).on_conflict_do_nothing(index_elements=["uri"]), rows)
+            return max(result.rowcount, 0)
+
     def update_image(
         self,
         image_id: int,
@@ -302,6 +328,9 @@ class MaskIndex:
 
         Refused images are left out (a refusal is never retried); images whose
         sha256 is still unknown are included, since nothing proves they are done.
+        Imported images (``chexmask:`` URIs) have no bytes to segment and are left
+        out; so is a file whose dataset image id has an imported segmentation by
+        ``model_version`` (the published mask stands for it).
         """
         if filters.segmentation_level:
             raise ValueError("images_missing_model() takes only image-level filters")
@@ -309,9 +338,19 @@ class MaskIndex:
             Segmentation.image_sha256 == SourceImage.sha256,
             Segmentation.model_version == model_version,
         )
+        published = aliased(SourceImage)
+        imported = sa.exists().where(
+            published.dataset_image_id == SourceImage.dataset_image_id,
+            published.dataset == SourceImage.dataset,
+            published.uri.like(f"{IMPORT_SCHEME}%"),
+            Segmentation.image_id == published.id,
+            Segmentation.model_version == model_version,
+            Segmentation.pipeline_version.in_(IMPORT_PIPELINES),
+        )
         statement = (
             select(SourceImage)
-            .where(*image_conditions(filters), SourceImage.status != ImageStatus.REFUSED, ~done)
+            .where(*image_conditions(filters), SourceImage.status != ImageStatus.REFUSED, ~done,
+                   ~SourceImage.uri.like(f"{IMPORT_SCHEME}%"), ~imported)
             .order_by(SourceImage.id)
             .execution_options(yield_per=batch_size)
         )

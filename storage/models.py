@@ -85,6 +85,13 @@ def _enum(cls: type[Enum]) -> sa.Enum:
 # (compact, see index.py), which the export relies on.
 JSONType = sa.JSON()
 
+# Imported (published) segmentations, see chexmask_import: their images' URI scheme, and
+# the pipeline_version values that say which frame such a row holds.
+IMPORT_SCHEME = "chexmask:"
+IMPORT_PIPELINE_ORIGINAL = "chexmask-import:original"
+IMPORT_PIPELINE_1024 = "chexmask-import:1024"
+IMPORT_PIPELINES = (IMPORT_PIPELINE_ORIGINAL, IMPORT_PIPELINE_1024)
+
 
 class StorageModel(SQLModel):
     # Own metadata so tables defined by other subsystems never leak into these migrations.

@@ -19,10 +19,9 @@ import torch
 
 from chexmask.config import Settings
 from chexmask.errors import WeightsError
+from chexmask.official import OFFICIAL_WEIGHTS_SHA256  # noqa: F401  (re-exported)
 from chexmask.worker import cpu_kernels
 from chexmask.worker.model import HybridGNet, HybridGNetConfig
-
-OFFICIAL_WEIGHTS_SHA256 = "b76bbb8c8ad9774cdf3ac81c9edf04bcc800b3c7f7eacf24ce7249038f3c640f"
 
 
 @dataclass(frozen=True)

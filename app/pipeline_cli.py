@@ -307,7 +307,7 @@ def worker_command(queues: str, concurrency: int | None, pool: str, beat: bool, 
     if SEGMENT_QUEUE in names and pool != "prefork":
         from chexmask.worker.tasks import service
 
-        service().segmenter  # load the model now: bad weights stop the worker, not every image
+        _ = service().segmenter  # load the model now: bad weights stop the worker, not every image
     _keep_our_logging(settings.log_format)
     stop_sweeping = _start_celery_sweeper(settings, app)
     worker = app.Worker(queues=names, concurrency=concurrency or 2 * settings.batch_size, pool=pool,

@@ -96,7 +96,7 @@ def _chexpert(path: PurePosixPath) -> str | None:
 
 def _mimic(path: PurePosixPath) -> str | None:
     dirs = path.parts[-4:-1]
-    if len(dirs) == 3 and all(p.fullmatch(d) for p, d in zip(_MIMIC_DIRS, dirs)):
+    if len(dirs) == 3 and all(p.fullmatch(d) for p, d in zip(_MIMIC_DIRS, dirs, strict=True)):
         return path.stem
     return None
 

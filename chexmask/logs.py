@@ -23,7 +23,8 @@ from typing import Any, TextIO
 FIELDS = ("image_id", "dataset", "task_id", "segmentation_id")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
-_context: ContextVar[dict[str, Any]] = ContextVar("chexmask_log_context", default={})
+# Never mutated in place: image_context and bind set a new dict each time.
+_context: ContextVar[dict[str, Any]] = ContextVar("chexmask_log_context", default={})  # noqa: B039
 
 
 @contextmanager

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import hashlib
 import io
 import json
@@ -392,7 +394,5 @@ def test_damaged_input_never_raises_anything_else(name: str, samples_dir: Path) 
     for _ in range(6):
         data = original[: rng.integers(1, len(original))].copy()
         data[rng.integers(0, len(data), 8)] = rng.integers(0, 256, 8, dtype=np.uint8)
-        try:
+        with contextlib.suppress(RefusedInput):  # a refusal is a fine answer; anything else is not
             decode_image(data.tobytes())
-        except RefusedInput:
-            pass

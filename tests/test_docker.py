@@ -43,7 +43,7 @@ def resolve(args: list[str]) -> tuple[click.Command, click.Context]:
 
 
 def test_dockerfiles_run_chexmask(services):
-    for name, service in services.items():
+    for service in services.values():
         if "build" in service:
             dockerfile = DOCKER.parent / service["build"]["dockerfile"]
             text = dockerfile.read_text()

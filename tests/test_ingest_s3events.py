@@ -10,6 +10,7 @@ import uuid
 import pytest
 
 from chexmask.ingest.queue import Intake
+from chexmask.messages import Arrival
 from chexmask.ingest.registry import Registry
 from chexmask.ingest.s3events import (
     Deduper,

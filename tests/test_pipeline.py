@@ -39,7 +39,7 @@ def test_parallel_run_equals_one_by_one_in_input_order(model, samples_dir: Path)
     assert [o.name for o in serial] == [o.name for o in parallel] == names
     assert sorted(finished) == sorted(names)
     assert parallel[2].refusal is not None and parallel[2].refusal.code == "truncated"
-    for a, b in zip(serial, parallel):
+    for a, b in zip(serial, parallel, strict=True):
         if a.ok:
             np.testing.assert_array_equal(a.segmentation.landmarks, b.segmentation.landmarks)
             np.testing.assert_array_equal(a.segmentation.latent, b.segmentation.latent)

@@ -26,7 +26,7 @@ def evaluate(model: HybridGNet, images: Path, landmarks: Path, ids: list[str] | 
         chunk = ids[start:start + batch_size]
         batch = np.stack([cv2.imread(str(images / f"{i}.png"), cv2.IMREAD_GRAYSCALE) for i in chunk])
         predicted, _ = segment_batch(model, batch)
-        for image_id, pred in zip(chunk, predicted):
+        for image_id, pred in zip(chunk, predicted, strict=True):
             rows.append({"image_id": image_id, **landmark_scores(pred * FRAME, load_landmarks(landmarks, image_id))})
     means = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k != "image_id"}
     return rows, {"images": len(rows), **means}

@@ -69,7 +69,7 @@ def organ_graphs(sizes: tuple[int, ...] = tuple(ORGAN_SIZES.values())):
     AD = np.zeros((sum(coarse_sizes),) * 2, np.float32)
     U = np.zeros((sum(sizes), sum(coarse_sizes)), np.float32)
     fine0 = coarse0 = 0
-    for n, m in zip(sizes, coarse_sizes):
+    for n, m in zip(sizes, coarse_sizes, strict=True):
         for i in range(n):
             A[fine0 + i, fine0 + (i + 1) % n] = A[fine0 + (i + 1) % n, fine0 + i] = 1
         for j in range(m):

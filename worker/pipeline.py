@@ -226,7 +226,7 @@ class Segmenter:
         per_image = (time.perf_counter() - started) / len(items)
         for p in items:
             p.seconds["inference"] = per_image
-        return [Segmentation(p, lm * FRAME, z, self.info) for p, lm, z in zip(items, landmarks, latents)]
+        return [Segmentation(p, lm * FRAME, z, self.info) for p, lm, z in zip(items, landmarks, latents, strict=True)]
 
     def run(self, sources: Iterable[tuple[str, Callable[[], bytes]]],
             finish: Callable[[Outcome], None] | None = None, keys: list[str] | None = None) -> Iterator[Outcome]:
@@ -239,7 +239,7 @@ class Segmenter:
         wrong with one input becomes its outcome (a refusal or an error); the others go on.
         """
         items = [(name, read, key) for (name, read), key in
-                 zip(sources, keys or itertools.repeat(""))]
+                 zip(sources, keys or itertools.repeat(""), strict=False)]  # keys may be endless
         size = self.thread_batch
         chunks = [items[i:i + size] for i in range(0, len(items), size)]
         with ThreadPoolExecutor(self.workers, thread_name_prefix="chexmask-segment") as pool:
@@ -280,7 +280,7 @@ class Segmenter:
         if not prepared:
             return {}
         try:
-            return dict(zip(prepared, self.segment(list(prepared.values()))))
+            return dict(zip(prepared, self.segment(list(prepared.values())), strict=True))
         except Exception as exc:
             if len(prepared) == 1:
                 return {position: exc for position in prepared}

@@ -76,7 +76,7 @@ def rle_decode(rle: str, height: int, width: int) -> np.ndarray:
     """Inverse of ``rle_encode``: a uint8 0/255 mask. '' decodes to an empty mask."""
     flat = np.zeros(height * width, np.uint8)
     values = np.asarray(rle.split(), dtype=np.int64)
-    for start, length in zip(values[0::2], values[1::2]):
+    for start, length in zip(values[0::2], values[1::2], strict=True):
         flat[start - 1 : start - 1 + length] = 255
     return flat.reshape(height, width)
 

@@ -155,7 +155,7 @@ def validate(model: HybridGNet, loader, device: str) -> dict:
     scores = []
     for x, target in loader:
         landmarks = model(x.to(device))[0].float().cpu().numpy() * FRAME
-        for pred, true in zip(landmarks, target.numpy() * FRAME):
+        for pred, true in zip(landmarks, target.numpy() * FRAME, strict=True):
             scores.append(landmark_scores(pred, true))
     model.train()
     return {k: float(np.mean([s[k] for s in scores])) for k in scores[0]}

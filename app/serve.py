@@ -189,7 +189,7 @@ class Server:
         taken = 0
         for image in waiting:
             with self._lock:
-                if image.id in self._in_flight_ids or image.uri in self._in_flight_uris:
+                if image.id is None or image.id in self._in_flight_ids or image.uri in self._in_flight_uris:
                     continue
                 self._in_flight_ids.add(image.id)
             self._submit(self._process_image, image.id, _label(image.uri), None, {})

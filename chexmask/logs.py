@@ -123,7 +123,7 @@ class _Handler(logging.StreamHandler):
         self._own_stream = stream is not None
 
     @property
-    def stream(self) -> TextIO:  # type: ignore[override]
+    def stream(self) -> TextIO:
         return self.__dict__["_stream"] if self._own_stream else sys.stderr
 
     @stream.setter

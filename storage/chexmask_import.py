@@ -206,7 +206,7 @@ def _parse(line: int, image_id: str, fields: dict[str, str], frame: Frame,
         values.update(landmarks_1024=points, landmarks_original=[], landmarks_original_str="")
     digest = hashlib.sha1("\x1f".join([image_id, frame.value, *fields.values()]).encode()).hexdigest()
     known = (height, width) if frame is Frame.ORIGINAL else (None, None)
-    return ParsedRow(line, image_id, values, *known, fingerprint=digest)
+    return ParsedRow(line, image_id, values, height=known[0], width=known[1], fingerprint=digest)
 
 
 def _size(fields: dict[str, str], frame: Frame) -> tuple[int, int]:

@@ -582,7 +582,7 @@ class MaskIndex:
             session.commit()
         return won == 1
 
-    def take_qc(self, lease: Lease | int, owner: str, lease_s: float) -> bool:
+    def take_qc(self, lease: Lease | int, owner: str | None, lease_s: float) -> bool:
         """Hold the pending QC of a segmentation for ``owner``: taken over from ``lease``
         (only if still held as it says), or unconditionally given a bare id; whether it was."""
         condition = [Segmentation.qc_status == QCStatus.PENDING]

@@ -284,7 +284,10 @@ class Segmenter:
         except Exception as exc:
             if len(prepared) == 1:
                 return {position: exc for position in prepared}
-        return {position: _caught(lambda p=p: self.segment([p])[0]) for position, p in prepared.items()}
+        return {position: _caught(self._segment_one, p) for position, p in prepared.items()}
+
+    def _segment_one(self, prepared: Prepared) -> Segmentation:
+        return self.segment([prepared])[0]
 
     @staticmethod
     def _finish(outcome: Outcome, finish: Callable[[Outcome], None]) -> None:
@@ -299,9 +302,9 @@ class Segmenter:
                 log.exception("%s: could not write its error record either", outcome.name)
 
 
-def _caught(work: Callable[[], Segmentation]) -> Segmentation | Exception:
+def _caught(work: Callable[[Prepared], Segmentation], prepared: Prepared) -> Segmentation | Exception:
     try:
-        return work()
+        return work(prepared)
     except Exception as exc:
         return exc
 

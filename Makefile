@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 INBOX ?= inbox
 
-.PHONY: setup run test test-all bench bench-storage bench-serve clean
+.PHONY: setup run test test-all bench bench-storage bench-serve bench-qc clean
 
 setup:
 	@bash scripts/setup.sh
@@ -31,6 +31,10 @@ bench-storage: setup
 ## Pipeline overhead: `chexmask serve` against `chexmask segment` on the same images.
 bench-serve: setup
 	$(PY) -m chexmask.ingest.bench
+
+## QC CPU per image against segmentation's in serve (target <= 1), and the QC validation numbers.
+bench-qc: setup
+	nice -n 10 $(PY) benchmarks/bench_qc.py
 
 clean:
 	rm -rf $(VENV) .chexmask .pytest_cache chexmask-out

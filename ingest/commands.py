@@ -85,6 +85,7 @@ def serve_command(inbox: Path, once: bool, dataset: str | None, release: str | N
     try:
         info = server.start()
         click.echo(f"model {info.version}; index {settings.database_url}; store {settings.store_url}")
+        click.echo(server.service.qc_state)
         if once:
             server.run_once()
         else:

@@ -192,6 +192,7 @@ class Segmentation(StorageModel, table=True):
     dice_rca_mean_h: float | None = None
     qc_status: QCStatus = Field(default=QCStatus.PENDING, sa_type=_enum(QCStatus), nullable=False)
     qc_flags: list[str] | None = Field(default=None, sa_type=JSONType)
+    qc_reason: str | None = Field(default=None, sa_type=sa.Text)  # why RCA was skipped or distrusted
     shape_outlier_score: float | None = None
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, nullable=False)
     object_keys: dict[str, str] = Field(default_factory=dict, sa_type=JSONType, nullable=False)

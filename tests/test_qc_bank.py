@@ -28,7 +28,7 @@ def bank(jsrt: Path, ids: list[str]) -> ReferenceBank:
 
 def test_build_holds_images_landmarks_and_shape_model(bank, jsrt, ids):
     assert bank.ids == ids and len(bank) == BANK_IDS
-    assert bank.images.shape == (BANK_IDS, 128, 128) and bank.images.dtype == np.uint8
+    assert bank.images.shape == (BANK_IDS, 96, 96) and bank.images.dtype == np.uint8
     assert bank.latents is None and bank.weights_sha256 == ""
     np.testing.assert_array_equal(bank.landmarks[1], load_landmarks(jsrt / "landmarks", ids[1]))
     full = cv2.imread(str(jsrt / "images" / f"{ids[0]}.png"), cv2.IMREAD_GRAYSCALE)

@@ -38,7 +38,7 @@ def test_build_bank_command(jsrt, split, tmp_path):
     out = tmp_path / "bank.npz"
     text = run("build-bank", "--images", str(jsrt / "images"), "--landmarks", str(jsrt / "landmarks"),
                "--ids-file", str(split), "--no-latents", "--out", str(out))
-    assert "5 references at 128x128, latents no" in text
+    assert "5 references at 96x96, latents no" in text
     assert ReferenceBank.load(out).ids == json.loads(split.read_text())["train"]
 
 

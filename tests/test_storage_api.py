@@ -123,7 +123,7 @@ def test_token_required_when_configured(seeded):
 def test_open_without_token(seeded):
     with client_for(*seeded) as client:
         assert client.get("/segmentations").status_code == 200
-        assert client.get("/health").json() == {"status": "ok", "schema_revision": "0001"}
+        assert client.get("/health").json() == {"status": "ok", "schema_revision": "0002"}
 
 
 @local_store_only

@@ -27,13 +27,13 @@ def test_migrations_match_models(index):
 
 def test_upgrade_on_existing_index_is_a_no_op(index, sample):
     _, seg = sample("a.png", dice_mean=0.8)
-    assert index.current_revision() == MaskIndex.head_revision() == "0001"
+    assert index.current_revision() == MaskIndex.head_revision() == "0002"
     before = _schema(index)
     index.upgrade()
     index.upgrade()
     assert _schema(index) == before
     assert index.get_segmentation(seg.id).dice_rca_mean == 0.8  # data untouched
-    assert index.current_revision() == "0001"
+    assert index.current_revision() == "0002"
 
 
 def test_fresh_database_has_no_revision_until_upgraded(tmp_path):

@@ -41,9 +41,10 @@ def worker_command(queues: str, concurrency: int | None, pool: str, beat: bool, 
     index = MaskIndex(settings.database_url)
     index.upgrade()  # a no-op when current; a fresh embedded home gets its schema
     index.close()
-    if SEGMENT_QUEUE in names and pool != "prefork":
-        from chexmask.worker.tasks import service
+    from chexmask.worker.tasks import service
 
+    click.echo(service().qc_state)  # reads the QC bank now: a bad one stops the worker, not every image
+    if SEGMENT_QUEUE in names and pool != "prefork":
         service().runner  # load the model now: bad weights stop the worker, not every image
     worker = app.Worker(queues=names, concurrency=concurrency or 2 * settings.batch_size, pool=pool,
                         beat=beat, loglevel=loglevel, hostname=hostname)

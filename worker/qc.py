@@ -82,7 +82,7 @@ def assess_batch(images: np.ndarray, landmarks: np.ndarray, latents: np.ndarray 
         for result, points, rows, carried in zip(results, landmarks, references, atlases):
             raw = rca.summarise(rca.dice_table(points, carried, cfg.dice_size))
             result.scores |= {f"raw_dice_rca_{key}": value for key, value in raw.items()}
-            estimate, reason = honest_estimates(result.flags, raw, bank)
+            estimate, reason = honest_estimates(result.flags, raw, bank.calibration, bank.flag_caps)
             _fill_rca(result, estimate)
             result.reason = reason
             result.references = [bank.ids[r] for r in rows]
@@ -92,11 +92,12 @@ def assess_batch(images: np.ndarray, landmarks: np.ndarray, latents: np.ndarray 
     return results
 
 
-def honest_estimates(flags: list[str], raw: dict[str, float], bank: ReferenceBank) -> tuple[dict[str, float], str]:
+def honest_estimates(flags: list[str], raw: dict[str, float], calibration: rca.Calibration | None,
+                     flag_caps: dict[str, float]) -> tuple[dict[str, float], str]:
     """Calibrated estimates, capped for a suspect input (the lowest cap of its flags),
     and why they were capped ('' when not)."""
-    estimate = raw if bank.calibration is None else bank.calibration.apply(raw)
-    caps = {flag: bank.flag_caps[flag] for flag in flags if flag in bank.flag_caps}
+    estimate = raw if calibration is None else calibration.apply(raw)
+    caps = {flag: flag_caps[flag] for flag in flags if flag in flag_caps}
     if not caps:
         return estimate, ""
     cap = min(caps.values())

@@ -280,20 +280,19 @@ def summarise(table: dict[str, np.ndarray]) -> dict[str, float]:
 
 def fit_isotonic(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Non-decreasing least-squares fit of y on x (pool adjacent violators), as knots
-    (x, y) of a piecewise-linear map: each pooled block spans its x range at its mean."""
+    (x, y) of a piecewise-linear map: each pooled block's mean x and mean y. Joining
+    block centres rather than holding each block's value keeps nearby estimates apart."""
     order = np.argsort(x, kind="stable")
     x, y = np.asarray(x, np.float64)[order], np.asarray(y, np.float64)[order]
-    blocks: list[list[float]] = []  # [sum of y, count, first x, last x]
+    blocks: list[list[float]] = []  # [sum of y, count, sum of x]
     for xi, yi in zip(x, y):
-        blocks.append([yi, 1, xi, xi])
+        blocks.append([yi, 1, xi])
         while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] >= blocks[-1][0] / blocks[-1][1]:
-            total, count, _, last = blocks.pop()
+            total, count, total_x = blocks.pop()
             blocks[-1][0] += total
             blocks[-1][1] += count
-            blocks[-1][3] = last
-    knots_x = np.array([edge for b in blocks for edge in (b[2], b[3])])
-    knots_y = np.array([b[0] / b[1] for b in blocks for _ in range(2)])
-    return knots_x, knots_y
+            blocks[-1][2] += total_x
+    return np.array([b[2] / b[1] for b in blocks]), np.array([b[0] / b[1] for b in blocks])
 
 
 @dataclass

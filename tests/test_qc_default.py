@@ -215,3 +215,36 @@ def test_inverted_real_samples_are_flagged(bank, samples_dir):
 def _frame_points() -> list[list[float]]:
     """A lung box over the middle of the frame (the check only uses the lungs' extent)."""
     return [[256 + 512 * (i % 2), 200 + 5 * i] for i in range(120)]
+
+
+# ---------------------------------------------------------------------------
+# serve says once at start what QC does, and stops on a bad bank
+
+
+def serve_once(tmp_path: Path, monkeypatch, qc_bank: str):
+    from click.testing import CliRunner
+
+    from chexmask.cli import cli
+
+    monkeypatch.setenv("CHEXMASK_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("CHEXMASK_QC_BANK", qc_bank)
+    for name in ("CHEXMASK_DATABASE_URL", "CHEXMASK_STORE_URL", "CHEXMASK_WEIGHTS"):
+        monkeypatch.delenv(name, raising=False)
+    return CliRunner().invoke(cli, ["serve", "--inbox", str(tmp_path / "inbox"), "--once"])
+
+
+def test_serve_says_once_that_qc_is_off(tmp_path, monkeypatch):
+    result = serve_once(tmp_path, monkeypatch, "none")
+    assert result.exit_code == 0, result.output
+    assert result.output.count("QC switched off (CHEXMASK_QC_BANK=none)") == 1
+
+
+def test_serve_stops_at_start_on_an_unreadable_bank(tmp_path, monkeypatch):
+    broken = tmp_path / "bank.npz"
+    broken.write_bytes(b"not a bank")
+    (tmp_path / "inbox").mkdir()
+    cv2.imwrite(str(tmp_path / "inbox" / "chest.png"), np.full((64, 64), 128, np.uint8))
+    result = serve_once(tmp_path, monkeypatch, str(broken))
+    # `chexmask` turns a ConfigError into "error: ..." and exit status 2 (cli.main).
+    assert isinstance(result.exception, ConfigError) and "is not readable" in str(result.exception)
+    assert not (tmp_path / "home" / "store").exists()  # stopped before any image was taken

@@ -51,9 +51,9 @@ def test_db_upgrade_and_current(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="db upgrade"):
         runner.invoke(cli, ["query"], catch_exceptions=False)
     assert "current: empty" in runner.invoke(cli, ["db", "current"]).output
-    assert runner.invoke(cli, ["db", "upgrade"]).output.strip() == "index schema: empty -> 0001"
-    assert runner.invoke(cli, ["db", "upgrade"]).output.strip() == "index schema: 0001 -> 0001"
-    assert runner.invoke(cli, ["db", "current"]).output.strip() == "current: 0001  head: 0001"
+    assert runner.invoke(cli, ["db", "upgrade"]).output.strip() == "index schema: empty -> 0002"
+    assert runner.invoke(cli, ["db", "upgrade"]).output.strip() == "index schema: 0002 -> 0002"
+    assert runner.invoke(cli, ["db", "current"]).output.strip() == "current: 0002  head: 0002"
 
 
 def test_query_formats(run):

@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 INBOX ?= inbox
 
-.PHONY: setup run test lint test-all bench bench-gpu bench-storage bench-serve bench-web bench-import clean
+.PHONY: setup run test lint test-all bench bench-gpu bench-qc bench-storage bench-serve bench-web bench-import clean
 
 setup:
 	@bash scripts/setup.sh
@@ -50,6 +50,10 @@ bench-import: setup
 ## Pipeline overhead: `chexmask serve` against `chexmask segment` on the same images.
 bench-serve: setup
 	$(PY) -m benchmarks.bench_serve
+
+## QC CPU per image against segmentation's in serve (target <= 1), and the QC validation numbers.
+bench-qc: setup
+	nice -n 10 $(PY) benchmarks/bench_qc.py
 
 clean:
 	rm -rf $(VENV) .chexmask .pytest_cache chexmask-out

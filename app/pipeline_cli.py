@@ -104,6 +104,7 @@ def serve_command(inbox: Path, once: bool, dataset: str | None, release: str | N
     try:
         info = server.start()
         click.echo(f"model {info.version}; index {mask_url(settings.database_url)}; store {mask_url(settings.store_url)}")
+        click.echo(server.service.qc_state)
         if once:
             server.run_once()
         else:
@@ -304,9 +305,10 @@ def worker_command(queues: str, concurrency: int | None, pool: str, beat: bool, 
     index = MaskIndex(settings.database_url)
     index.upgrade()  # a no-op when current; a fresh embedded home gets its schema
     index.close()
-    if SEGMENT_QUEUE in names and pool != "prefork":
-        from chexmask.worker.tasks import service
+    from chexmask.worker.tasks import service
 
+    click.echo(service().qc_state)  # reads the QC bank now: a bad one stops the worker, not every image
+    if SEGMENT_QUEUE in names and pool != "prefork":
         _ = service().segmenter  # load the model now: bad weights stop the worker, not every image
     _keep_our_logging(settings.log_format)
     stop_sweeping = _start_celery_sweeper(settings, app)

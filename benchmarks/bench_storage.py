@@ -108,7 +108,7 @@ class Synth:
             "dice_rca_max": max_, "dice_rca_mean": mean,
             "dice_rca_max_rl": max_, "dice_rca_max_ll": max_, "dice_rca_max_h": max_,
             "dice_rca_mean_rl": mean, "dice_rca_mean_ll": mean, "dice_rca_mean_h": mean,
-            "qc_status": "done", "qc_flags": None, "shape_outlier_score": None,
+            "qc_status": "done", "qc_flags": None, "qc_reason": None, "shape_outlier_score": None,
             "qc_lease_owner": None, "qc_lease_expires_at": None,
             "object_keys": "{}", "timings": None,
             "created_at": self.now - timedelta(seconds=i),

@@ -485,6 +485,7 @@ class MaskIndex:
         dice_rca_max_h: float | None = None,
         shape_outlier_score: float | None = None,
         flags: Sequence[str] | None = None,
+        reason: str | None = None,
     ) -> Segmentation:
         """Replace the QC results of a segmentation (all of them, so reruns are idempotent)."""
         scores = {
@@ -500,7 +501,7 @@ class MaskIndex:
                 sa.update(Segmentation)
                 .where(Segmentation.id == segmentation_id)
                 .values(**values, qc_status=QCStatus(status),
-                        qc_flags=None if flags is None else list(flags),
+                        qc_flags=None if flags is None else list(flags), qc_reason=reason or None,
                         qc_lease_owner=None, qc_lease_expires_at=None)
                 .returning(Segmentation)
             ).one_or_none()

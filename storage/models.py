@@ -202,6 +202,7 @@ class Segmentation(StorageModel, table=True):
     dice_rca_mean_h: float | None = None
     qc_status: QCStatus = Field(default=QCStatus.PENDING, sa_type=_enum(QCStatus), nullable=False)
     qc_flags: list[str] | None = Field(default=None, sa_type=JSONType)
+    qc_reason: str | None = Field(default=None, sa_type=sa.Text)  # why RCA was skipped or distrusted
     shape_outlier_score: float | None = None
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, nullable=False)
     # The holder of a pending QC and until when (see SourceImage.lease_owner).

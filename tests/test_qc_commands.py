@@ -37,7 +37,7 @@ def test_build_bank_command(jsrt, split, tmp_path):
     out = tmp_path / "bank.npz"
     text = run("build-bank", "--images", str(jsrt / "images"), "--landmarks", str(jsrt / "landmarks"),
                "--ids-file", str(split), "--no-latents", "--out", str(out))
-    assert "5 references at 128x128, latents no" in text
+    assert "5 references at 96x96, latents no" in text
     assert ReferenceBank.load(out).ids == json.loads(split.read_text())["train"]
 
 
@@ -69,15 +69,17 @@ def test_validate_command_end_to_end(jsrt, split, random_weights, tmp_path):
     run("build-bank", *common, "--weights", str(weights), "--out", str(bank), "--threads", "1")
     out = tmp_path / "val"
     text = run("validate", "--bank", str(bank), *common, "--weights", str(weights),
-               "--partial-weights", str(weights), "--out", str(out), "--threads", "1")
-    assert "dice_rca_max: pearson" in text and "ratio" in text
+               "--partial-weights", str(weights), "--out", str(out), "--threads", "1", "--folds", "2")
+    assert "dice_rca_max: pearson" in text and "ratio" in text and "inverted images:" in text
     with (out / "cases.csv").open() as fh:
         rows = list(csv.DictReader(fh))
-    assert len(rows) == 2 * 10  # every degradation for each held-out image
+    assert len(rows) == 2 * 15  # every landmark case and image degradation for each held-out image
+    assert {r["kind"] for r in rows} >= {"jpeg", "inverted", "occluded"}
     truth = [r for r in rows if r["kind"] == "truth"]
     assert all(float(r["true"]) == 1.0 and float(r["rca_max"]) > 0.8 for r in truth)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["images"] == 2 and summary["latents"] is True
+    assert summary["calibration"] == "cross-validated, 2 folds" and summary["inverted"]["n"] == 2
     assert summary["dice_rca_max"]["pearson"] > 0.8  # random masks (true ~0) against truth (1)
     assert summary["cost_ratio"] > 0
     assert (out / "scatter.png").stat().st_size > 10_000

@@ -6,6 +6,9 @@ organ areas and ratios, the heart's position relative to the lungs, and a
 shape-outlier score from a statistical shape model (PCA of Procrustes-aligned
 reference landmarks) that the reference bank carries.
 
+``check_image`` adds what the masks cannot tell: an inverted, occluded or
+non-frontal input image.
+
 Fixed ranges are wide on purpose: they bracket the JSRT ground truth (lung
 area 18-46 % of the frame, heart/lungs 0.18-0.52, left/right lung 0.54-1.00)
 with room for other populations, so that a flag means "anatomically
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import cv2
 import numpy as np
 
 from chexmask.anatomy import FRAME, ORGAN_ROWS
@@ -199,3 +203,52 @@ def check(landmarks: np.ndarray, shape_model: ShapeModel | None = None) -> Plaus
         if scores["shape_outlier"] > shape_model.threshold:
             flags.append("shape_outlier")
     return result
+
+
+# ---------------------------------------------------------------------------
+# Checks of the image itself: what RCA cannot see
+
+
+OCCLUSION_SIZE = 256      # working size of the occlusion check (area average of the 1024 frame)
+OCCLUDED_FRACTION = 0.45  # one grey level over this share of a lung's half of the lung box
+
+
+def check_image(image1024: np.ndarray, landmarks: np.ndarray, correlations: np.ndarray | None = None,
+                view_threshold: float = 0.0) -> Plausibility:
+    """Flags of the input image: ``inverted`` (grey levels reversed), ``not_frontal``
+    (like no frontal chest X-ray of the bank) and ``occluded`` (a uniform patch over a lung).
+
+    ``correlations``: the image thumbnail's signed correlations with the bank's
+    references (``ReferenceBank.correlations``); without them only occlusion is checked.
+    RCA registers with a sign-blind similarity and the model can follow a box's edge,
+    so both can agree on masks of an image that should not be trusted."""
+    result = Plausibility()
+    if correlations is not None:
+        best, worst = float(correlations.max()), float(correlations.min())
+        result.scores["view_correlation"] = max(best, -worst)
+        # Inverted: the image matches the references best with the sign reversed.
+        if -worst > max(best, view_threshold):
+            result.flags.append("inverted")
+        if max(best, -worst) < view_threshold:
+            result.flags.append("not_frontal")
+    result.scores["uniform_fraction"] = uniform_fraction(image1024, landmarks)
+    if result.scores["uniform_fraction"] > OCCLUDED_FRACTION:
+        result.flags.append("occluded")
+    return result
+
+
+def uniform_fraction(image1024: np.ndarray, landmarks: np.ndarray) -> float:
+    """The largest share of one grey level in either half of the box around both
+    predicted lungs, at 256 px. A pasted box or a shield is one level; lung tissue,
+    even burnt out or heavily JPEG-compressed, spreads over many (JSRT at most 0.30).
+    The box, not the lung contours: a model fooled by the patch draws lungs around it."""
+    small = cv2.resize(np.asarray(image1024), (OCCLUSION_SIZE, OCCLUSION_SIZE), interpolation=cv2.INTER_AREA)
+    lungs = np.asarray(landmarks, dtype=np.float64)[np.r_[ORGANS["RL"], ORGANS["LL"]]] * OCCLUSION_SIZE / 1024
+    (x0, y0), (x1, y1) = np.clip(np.floor(lungs.min(0)), 0, None).astype(int), np.ceil(lungs.max(0)).astype(int)
+    middle = (x0 + x1) // 2
+    shares = [0.0]
+    for left, right in ((x0, middle), (middle, x1)):
+        region = small[y0:y1, left:right]
+        if region.size:
+            shares.append(np.bincount(region.ravel(), minlength=256).max() / region.size)
+    return float(max(shares))

@@ -4,6 +4,11 @@
 bank is configured, the RCA estimate of the masks' Dice (CheXmask's "Dice RCA
 (Max)" and "(Mean)"). Without a bank the result says RCA was skipped and why;
 the plausibility flags are still computed.
+
+With a bank the estimates are made honest: the raw RCA values go through the
+bank's monotone calibration (raw -> true Dice on held-out cases), and an image
+flagged by ``plausibility.check_image`` (inverted, occluded, not frontal) has its
+estimates capped at the bank's cap for that flag; ``reason`` then says so.
 """
 
 from __future__ import annotations
@@ -60,24 +65,44 @@ def assess_batch(images: np.ndarray, landmarks: np.ndarray, latents: np.ndarray 
     started = time.perf_counter()
     shape_model = bank.shape_model if bank is not None else None
     results = []
-    for points in landmarks:
+    small = None if bank is None else np.stack([rca.working_image(image, bank.size) for image in images])
+    correlations = None if bank is None else bank.correlations(small)
+    for n, (image, points) in enumerate(zip(images, landmarks)):
         checks = plausibility.check(points, shape_model)
-        results.append(QCResult(status="skipped", flags=checks.flags, scores=checks.scores,
+        seen = plausibility.check_image(image, points, None if bank is None else correlations[n],
+                                        0.0 if bank is None else bank.view_threshold)
+        results.append(QCResult(status="skipped", flags=checks.flags + seen.flags, scores=checks.scores | seen.scores,
                                 shape_outlier_score=checks.scores.get("shape_outlier")))
     if bank is None:
         for result in results:
             result.reason = "no reference bank configured (CHEXMASK_QC_BANK)"
     else:
-        small = np.stack([rca.working_image(image, bank.size) for image in images])
         references = bank.nearest(small, latents, cfg.k)
         atlases = rca.carry_references(small, references, bank, cfg)
         for result, points, rows, carried in zip(results, landmarks, references, atlases):
-            _fill_rca(result, rca.summarise(rca.dice_table(points, carried, cfg.dice_size)))
+            raw = rca.summarise(rca.dice_table(points, carried, cfg.dice_size))
+            result.scores |= {f"raw_dice_rca_{key}": value for key, value in raw.items()}
+            estimate, reason = honest_estimates(result.flags, raw, bank.calibration, bank.flag_caps)
+            _fill_rca(result, estimate)
+            result.reason = reason
             result.references = [bank.ids[r] for r in rows]
     seconds = (time.perf_counter() - started) / len(results)
     for result in results:
         result.seconds = seconds
     return results
+
+
+def honest_estimates(flags: list[str], raw: dict[str, float], calibration: rca.Calibration | None,
+                     flag_caps: dict[str, float]) -> tuple[dict[str, float], str]:
+    """Calibrated estimates, capped for a suspect input (the lowest cap of its flags),
+    and why they were capped ('' when not)."""
+    estimate = raw if calibration is None else calibration.apply(raw)
+    caps = {flag: flag_caps[flag] for flag in flags if flag in flag_caps}
+    if not caps:
+        return estimate, ""
+    cap = min(caps.values())
+    reason = f"estimate capped at {cap:.2f}: suspect input ({', '.join(sorted(caps))})"
+    return {key: min(value, cap) for key, value in estimate.items()}, reason
 
 
 def _fill_rca(result: QCResult, summary: dict[str, float]) -> None:

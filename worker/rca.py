@@ -43,10 +43,12 @@ ORGAN_KEYS = ("rl", "ll", "lungs", "heart")  # right and left lung, both lungs, 
 
 @dataclass(frozen=True)
 class RCAConfig:
-    k: int = 5                                            # references per image
-    size: int = 128                                       # fine stage; bank images are stored at it
+    # Cost: k=5 at 128 px with 30 steps per stage cost 4.5x this on the 20 held-out JSRT
+    # images (6 degradations each) for Pearson 0.953 instead of 0.947 and MAE 0.025 vs 0.026.
+    k: int = 3                                            # references per image
+    size: int = 96                                        # fine stage; bank images are stored at it
     coarse_size: int = 64                                 # affine and coarse deformable stage
-    steps: tuple[int, int, int] = (30, 30, 30)            # Adam steps: affine, coarse, fine
+    steps: tuple[int, int, int] = (15, 15, 10)            # Adam steps: affine, coarse, fine
     lrs: tuple[float, float, float] = (0.01, 0.005, 0.003)
     grids: tuple[int, int] = (8, 16)                      # B-spline control points per side
     # LNCC windows (pixels): wide for the affine stage, whose capture range they set, then
@@ -269,3 +271,49 @@ def summarise(table: dict[str, np.ndarray]) -> dict[str, float]:
         out[f"max_{organ}"] = float(table[organ].max())
         out[f"mean_{organ}"] = float(table[organ].mean())
     return out
+
+
+# ---------------------------------------------------------------------------
+# Calibration
+
+
+def fit_isotonic(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Non-decreasing least-squares fit of y on x (pool adjacent violators), as knots
+    (x, y) of a piecewise-linear map: each pooled block's mean x and mean y. Joining
+    block centres rather than holding each block's value keeps nearby estimates apart."""
+    order = np.argsort(x, kind="stable")
+    x, y = np.asarray(x, np.float64)[order], np.asarray(y, np.float64)[order]
+    blocks: list[list[float]] = []  # [sum of y, count, sum of x]
+    for xi, yi in zip(x, y):
+        blocks.append([yi, 1, xi])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] >= blocks[-1][0] / blocks[-1][1]:
+            total, count, total_x = blocks.pop()
+            blocks[-1][0] += total
+            blocks[-1][1] += count
+            blocks[-1][2] += total_x
+    return np.array([b[2] / b[1] for b in blocks]), np.array([b[0] / b[1] for b in blocks])
+
+
+@dataclass
+class Calibration:
+    """Monotone maps from raw Dice RCA to the true Dice seen on held-out cases, one
+    per ``summarise`` key ('max', 'mean', 'max_rl', ...); keys without one pass through.
+    Beyond the fitted range the end values hold (np.interp)."""
+
+    knots: dict[str, tuple[np.ndarray, np.ndarray]]
+
+    @classmethod
+    def fit(cls, raw: dict[str, np.ndarray], true: dict[str, np.ndarray]) -> "Calibration":
+        return cls({key: fit_isotonic(raw[key], true[key]) for key in raw})
+
+    def apply(self, summary: dict[str, float]) -> dict[str, float]:
+        return {key: float(np.interp(value, *self.knots[key])) if key in self.knots else value
+                for key, value in summary.items()}
+
+    def to_arrays(self, prefix: str = "calibration_") -> dict[str, np.ndarray]:
+        return {f"{prefix}{key}": np.stack(knots) for key, knots in self.knots.items()}
+
+    @classmethod
+    def from_arrays(cls, arrays, prefix: str = "calibration_") -> "Calibration | None":
+        knots = {key[len(prefix):]: (arrays[key][0], arrays[key][1]) for key in arrays if key.startswith(prefix)}
+        return cls(knots) if knots else None

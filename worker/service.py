@@ -18,7 +18,6 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,6 +34,7 @@ from chexmask.storage.index import MaskIndex
 from chexmask.storage.models import Segmentation as SegmentationRow
 from chexmask.storage.models import SourceImage
 from chexmask.storage.objectstore import open_store, segmentation_keys
+from chexmask.worker import bank as qc_bank
 from chexmask.worker.bank import ReferenceBank
 from chexmask.worker.leases import Heartbeat, process_owner
 from chexmask.worker.pipeline import Prepared, Segmentation, Segmenter, prepare
@@ -75,10 +75,11 @@ class Service:
         # in ``chexmask segment``: more would only make them compete for the cores and caches.
         self._cpu = threading.BoundedSemaphore(settings.model_threads or os.cpu_count() or 1)
         self._model_lock = threading.Lock()
-        self._bank_lock = threading.Lock()
         self._segmenter: Segmenter | None = None
-        self._bank: ReferenceBank | None = None
-        self._bank_loaded = False
+        # The QC bank is read now: a bank that cannot be read is a ConfigError at start,
+        # not a failure of every image. ``qc_state`` says in one line what QC will do.
+        self._bank, self.qc_state = qc_bank.resolve(settings.qc_bank, self._weights_sha256())
+        log.info("%s", self.qc_state)
 
     def close(self) -> None:
         self.heartbeat.stop()
@@ -241,14 +242,10 @@ class Service:
 
     @property
     def bank(self) -> ReferenceBank | None:
-        """The QC reference bank (``CHEXMASK_QC_BANK``), or None: then only the
-        plausibility checks run and RCA is marked skipped."""
-        with self._bank_lock:
-            if not self._bank_loaded:
-                if self.settings.qc_bank:
-                    self._bank = ReferenceBank.load(Path(self.settings.qc_bank), self._weights_sha256())
-                self._bank_loaded = True
-            return self._bank
+        """The QC reference bank (``CHEXMASK_QC_BANK``, else the bundled one), or None:
+        then only the plausibility checks run and RCA is marked skipped, with ``qc_state``
+        as the reason."""
+        return self._bank
 
     def _weights_sha256(self) -> str | None:
         """The serving weights' identity, without loading the model (QC workers may have none)."""
@@ -281,9 +278,12 @@ class Service:
                 raise NotFound(f"no image with id {row.image_id}")
             image1024 = prepare(sources.read(image.uri), image.uri.rsplit("/", 1)[-1], self.settings.max_pixels).image
         latent = None if row.latent is None else np.asarray(row.latent, dtype=np.float32)
-        result = assess(image1024, np.asarray(row.landmarks_1024, dtype=np.float64), latent, self.bank)
+        with self._cpu:  # QC takes a core slot like a segmentation, so the two share the cores
+            result = assess(image1024, np.asarray(row.landmarks_1024, dtype=np.float64), latent, self.bank)
         status = QCStatus.DONE if result.status == "done" else QCStatus.SKIPPED
-        self.index.set_qc(segmentation_id, status=status, **{name: getattr(result, name) for name in QC_FIELDS})
+        reason = result.reason if self.bank is not None else self.qc_state
+        self.index.set_qc(segmentation_id, status=status, reason=reason,
+                          **{name: getattr(result, name) for name in QC_FIELDS})
         return status
 
 

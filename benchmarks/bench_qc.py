@@ -1,6 +1,6 @@
 """QC cost against segmentation in ``serve``, and the QC validation, in one run.
 
-Cost: the same distinct real images (``chexmask.ingest.bench.distinct_images``)
+Cost: the same distinct real images (``bench_serve.distinct_images``)
 go through an in-process ``serve`` twice, each time with a fresh index and
 store: with QC switched off (``CHEXMASK_QC_BANK=none``), then with the bundled
 bank. Both runs exclude the model load; the process CPU time (all threads) of
@@ -29,14 +29,14 @@ import time
 from pathlib import Path
 
 from chexmask.config import Settings
-from chexmask.ingest.bench import distinct_images
+from benchmarks.bench_serve import distinct_images
 
 FOLDS = 4
 
 
 def serve_cpu_seconds(images: list[Path], root: Path, qc_bank: str | None) -> float:
     """Process CPU seconds of serving the images once (model already loaded)."""
-    from chexmask.ingest.serve import Server
+    from chexmask.app.serve import Server
 
     inbox = root / "inbox"
     inbox.mkdir(parents=True)

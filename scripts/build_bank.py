@@ -26,7 +26,7 @@ import torch
 from chexmask.config import Settings
 from chexmask.worker import rca
 from chexmask.worker.bank import ReferenceBank
-from chexmask.worker.model import file_sha256
+from chexmask.worker.weights import file_sha256
 from chexmask.worker.qc_commands import fit_calibration, validation_cases
 from chexmask.worker.train import list_ids
 from chexmask.worker.weights import load

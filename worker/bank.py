@@ -37,7 +37,8 @@ import numpy as np
 
 from chexmask.anatomy import FRAME
 from chexmask.errors import ChexmaskError, ConfigError
-from chexmask.worker.model import HybridGNet, file_sha256, segment_batch
+from chexmask.worker.model import HybridGNet, segment_batch
+from chexmask.worker.weights import file_sha256
 from chexmask.worker.plausibility import ShapeModel
 from chexmask.worker.rca import Calibration, working_image
 from chexmask.worker.train import list_ids, load_landmarks

@@ -30,7 +30,7 @@ import numpy as np
 from chexmask.config import Settings
 from chexmask.worker import plausibility, rca
 from chexmask.worker.bank import ReferenceBank
-from chexmask.worker.postprocess import ORGANS
+from chexmask.anatomy import ORGAN_ROWS
 from chexmask.worker.train import list_ids, load_landmarks
 
 PERTURBATIONS = ("noise", "shift", "scale", "rotate", "swap")
@@ -145,7 +145,7 @@ def degrade_image(image: np.ndarray, kind: str, truth: np.ndarray, rng: np.rando
     if kind == "inverted":
         return 255 - image
     if kind == "occluded":  # a black box over most of one lung
-        lung = truth[ORGANS["RL"] if rng.random() < 0.5 else ORGANS["LL"]]
+        lung = truth[ORGAN_ROWS["RL"] if rng.random() < 0.5 else ORGAN_ROWS["LL"]]
         (x0, y0), (x1, y1) = lung.min(0), lung.max(0)
         top = y0 + (y1 - y0) * rng.uniform(0, 0.3)
         out = image.copy()

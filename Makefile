@@ -53,7 +53,7 @@ bench-serve: setup
 
 ## QC CPU per image against segmentation's in serve (target <= 1), and the QC validation numbers.
 bench-qc: setup
-	nice -n 10 $(PY) benchmarks/bench_qc.py
+	nice -n 10 $(PY) -m benchmarks.bench_qc
 
 clean:
 	rm -rf $(VENV) .chexmask .pytest_cache chexmask-out

@@ -21,11 +21,20 @@ COMMANDS = {
     "serve": ("chexmask.app.pipeline_cli", "All in one, no servers: watch an inbox, segment, store and index."),
     "worker": ("chexmask.app.pipeline_cli", "Run a Celery worker (ingest, segment and QC queues)."),
     "watch": ("chexmask.app.pipeline_cli", "Watch a folder and queue the images that arrive."),
-    "listen": ("chexmask.app.pipeline_cli", "Queue images announced by S3 (SQS) or MinIO (Redis list, webhook) events."),
-    "scan": ("chexmask.app.pipeline_cli", "Queue the new or changed images of a folder or S3 prefix (a dataset release)."),
+    "listen": (
+        "chexmask.app.pipeline_cli",
+        "Queue images announced by S3 (SQS) or MinIO (Redis list, webhook) events.",
+    ),
+    "scan": (
+        "chexmask.app.pipeline_cli",
+        "Queue the new or changed images of a folder or S3 prefix (a dataset release).",
+    ),
     "reprocess": ("chexmask.app.pipeline_cli", "Queue the images that lack a segmentation from a model."),
     "retry": ("chexmask.app.pipeline_cli", "Queue again stuck images and QCs, and with --failed every failed image."),
-    "query": ("chexmask.app.index_cli", "List segmentations matching the filters (--status refused|failed: those images)."),
+    "query": (
+        "chexmask.app.index_cli",
+        "List segmentations matching the filters (--status refused|failed: those images).",
+    ),
     "export": ("chexmask.app.index_cli", "Write a dataset's masks in the CheXmask CSV layout (or Parquet)."),
     "stats": ("chexmask.app.index_cli", "Counts by status and Dice RCA summaries per dataset and release."),
     "import-chexmask": ("chexmask.app.index_cli", "Import a published CheXmask CSV as a model's segmentations."),

@@ -55,12 +55,16 @@ def _filter_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 @click.command("query")
 @_filter_options
-@click.option("--sort", type=click.Choice(_SORT_CHOICES), default="id", show_default=True,
-              help="Sort key; a leading - sorts descending.")
+@click.option(
+    "--sort",
+    type=click.Choice(_SORT_CHOICES),
+    default="id",
+    show_default=True,
+    help="Sort key; a leading - sorts descending.",
+)
 @click.option("--limit", type=click.IntRange(min=1, max=2**62), default=100, show_default=True)
 @click.option("--offset", type=click.IntRange(min=0, max=2**62), default=0, show_default=True)
-@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table",
-              show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
 def query_command(sort: str, limit: int, offset: int, fmt: str, **filters: Any) -> None:
     """List segmentations matching the filters.
 
@@ -73,7 +77,9 @@ def query_command(sort: str, limit: int, offset: int, fmt: str, **filters: Any) 
         return
     rows = _open_index().query(
         QueryFilters(status=ImageStatus(status) if status else None, **filters),
-        sort=sort, limit=limit, offset=offset,
+        sort=sort,
+        limit=limit,
+        offset=offset,
     )
     _print_rows([{k: _plain(v) for k, v in asdict(row).items()} for row in rows], fmt)
 
@@ -87,13 +93,20 @@ def _print_problems(filters: dict[str, Any], status: ImageStatus, limit: int, of
 
     extra = sorted(k for k, v in filters.items() if v is not None and k not in _IMAGE_FILTERS)
     if extra:
-        raise click.UsageError(f"--status {status.value} lists images; it takes only --dataset, --release, "
-                               f"--id (not {', '.join('--' + e.replace('_', '-') for e in extra)})")
+        raise click.UsageError(
+            f"--status {status.value} lists images; it takes only --dataset, --release, "
+            f"--id (not {', '.join('--' + e.replace('_', '-') for e in extra)})"
+        )
     images = _open_index().images(
-        QueryFilters(status=status, **{k: filters[k] for k in _IMAGE_FILTERS}), limit=limit, offset=offset)
+        QueryFilters(status=status, **{k: filters[k] for k in _IMAGE_FILTERS}), limit=limit, offset=offset
+    )
     rows = [{name: _plain(getattr(image, name)) for name in PROBLEM_FIELDS} for image in images]
-    _print_rows(rows, fmt, columns=list(PROBLEM_FIELDS),
-                shown=["id", "dataset", "dataset_image_id", "status", "refusal_code", "attempts", "reason"])
+    _print_rows(
+        rows,
+        fmt,
+        columns=list(PROBLEM_FIELDS),
+        shown=["id", "dataset", "dataset_image_id", "status", "refusal_code", "attempts", "reason"],
+    )
 
 
 def _plain(value: Any) -> Any:
@@ -105,8 +118,9 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _print_rows(rows: list[dict[str, Any]], fmt: str, columns: list[str] | None = None,
-                shown: list[str] | None = None) -> None:
+def _print_rows(
+    rows: list[dict[str, Any]], fmt: str, columns: list[str] | None = None, shown: list[str] | None = None
+) -> None:
     columns = columns or list(SegmentationSummary.__dataclass_fields__)
     if fmt == "json":
         click.echo(json.dumps(rows, indent=2))
@@ -115,8 +129,17 @@ def _print_rows(rows: list[dict[str, Any]], fmt: str, columns: list[str] | None 
         writer.writeheader()
         writer.writerows(rows)
     else:
-        shown = shown or ["id", "dataset", "release", "dataset_image_id", "model_version",
-                          "dice_rca_mean", "dice_rca_max", "qc_status", "status"]
+        shown = shown or [
+            "id",
+            "dataset",
+            "release",
+            "dataset_image_id",
+            "model_version",
+            "dice_rca_mean",
+            "dice_rca_max",
+            "qc_status",
+            "status",
+        ]
         click.echo(_table(shown, [[_cell(row[c]) for c in shown] for row in rows]))
 
 
@@ -136,21 +159,39 @@ def _table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 @click.command("export")
 @click.option("--dataset", required=True, help="Dataset name or alias.")
 @click.option("--release")
-@click.option("--model", help="Model version (needed when the index holds several); "
-                                "a,b: one row per image, from the first model that has it.")
-@click.option("--resolution", type=click.Choice(["original", "1024"]), default="original",
-              show_default=True)
+@click.option(
+    "--model",
+    help="Model version (needed when the index holds several); "
+    "a,b: one row per image, from the first model that has it.",
+)
+@click.option("--resolution", type=click.Choice(["original", "1024"]), default="original", show_default=True)
 @click.option("--min-dice-mean", type=float)
 @click.option("--out", type=click.Path(dir_okay=False, writable=True), required=True)
-@click.option("--format", "fmt", type=click.Choice(["csv", "parquet"]),
-              help="Default: from the --out suffix (.parquet or CSV).")
-def export_command(dataset: str, release: str | None, model: str | None, resolution: str,
-                   min_dice_mean: float | None, out: str, fmt: str | None) -> None:
+@click.option(
+    "--format", "fmt", type=click.Choice(["csv", "parquet"]), help="Default: from the --out suffix (.parquet or CSV)."
+)
+def export_command(
+    dataset: str,
+    release: str | None,
+    model: str | None,
+    resolution: str,
+    min_dice_mean: float | None,
+    out: str,
+    fmt: str | None,
+) -> None:
     """Write a dataset's masks in the CheXmask CSV layout (or Parquet)."""
     from chexmask.storage.export import Resolution, export
 
-    count = export(_open_index(), out, dataset=dataset, release=release, model=model,
-                   resolution=Resolution(resolution), min_dice_mean=min_dice_mean, fmt=fmt)
+    count = export(
+        _open_index(),
+        out,
+        dataset=dataset,
+        release=release,
+        model=model,
+        resolution=Resolution(resolution),
+        min_dice_mean=min_dice_mean,
+        fmt=fmt,
+    )
     click.echo(f"wrote {count} rows to {out}", err=True)
 
 
@@ -158,12 +199,13 @@ def export_command(dataset: str, release: str | None, model: str | None, resolut
 @click.option("--dataset")
 @click.option("--release")
 @click.option("--model", help="Dice of this model version only (default: all models).")
-@click.option("--plot", type=click.Path(dir_okay=False, writable=True),
-              help="Also draw Dice RCA (Mean) histograms per dataset to this PNG.")
-@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
-              show_default=True)
-def stats_command(dataset: str | None, release: str | None, model: str | None,
-                  plot: str | None, fmt: str) -> None:
+@click.option(
+    "--plot",
+    type=click.Path(dir_okay=False, writable=True),
+    help="Also draw Dice RCA (Mean) histograms per dataset to this PNG.",
+)
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def stats_command(dataset: str | None, release: str | None, model: str | None, plot: str | None, fmt: str) -> None:
     """Counts by status and Dice RCA summaries per dataset and release."""
     from chexmask.storage.stats import compute_stats, plot_dice_histograms
 
@@ -179,18 +221,38 @@ def stats_command(dataset: str | None, release: str | None, model: str | None,
 
 def _stats_table(groups: list[GroupStats]) -> str:
     statuses = [s.value for s in ImageStatus]
-    columns = ["dataset", "release", *statuses, "segs", "metric", "n", "mean",
-               "q05", "q25", "q50", "q75", "q95", ">=0.7"]
+    columns = [
+        "dataset",
+        "release",
+        *statuses,
+        "segs",
+        "metric",
+        "n",
+        "mean",
+        "q05",
+        "q25",
+        "q50",
+        "q75",
+        "q95",
+        ">=0.7",
+    ]
     rows = []
     for g in groups:
         record = g.as_dict()
-        base = [g.dataset, g.release or "-", *(str(record["status_counts"][s]) for s in statuses),
-                str(g.segmentations)]
+        base = [g.dataset, g.release or "-", *(str(record["status_counts"][s]) for s in statuses), str(g.segmentations)]
         for metric, summary in (("mean", g.dice_mean), ("max", g.dice_max)):
-            numbers = ["-"] * 8 if summary is None else [
-                str(summary.n), *(f"{v:.3f}" for v in (summary.mean, summary.q05, summary.q25,
-                                                       summary.q50, summary.q75, summary.q95)),
-                f"{summary.frac_good:.1%}"]
+            numbers = (
+                ["-"] * 8
+                if summary is None
+                else [
+                    str(summary.n),
+                    *(
+                        f"{v:.3f}"
+                        for v in (summary.mean, summary.q05, summary.q25, summary.q50, summary.q75, summary.q95)
+                    ),
+                    f"{summary.frac_good:.1%}",
+                ]
+            )
             rows.append([*base, metric, *numbers])
     return _table(columns, rows)
 
@@ -211,8 +273,11 @@ def api_command(host: str, port: int) -> None:
 
     settings = Settings.from_env()
     if not settings.api_token and not _loopback(host):
-        click.echo(f"warning: serving on {host} without CHEXMASK_API_TOKEN: anyone who can reach "
-                   f"port {port} can read every segmentation", err=True)
+        click.echo(
+            f"warning: serving on {host} without CHEXMASK_API_TOKEN: anyone who can reach "
+            f"port {port} can read every segmentation",
+            err=True,
+        )
     uvicorn.run(create_app(settings), host=host, port=port)
 
 
@@ -277,13 +342,23 @@ def db_current() -> None:
 @click.argument("csv_file", type=click.Path(exists=True, dir_okay=False))
 @click.option("--dataset", required=True, help="Dataset name or alias the rows belong to.")
 @click.option("--release", help="Release tag recorded with every imported image.")
-@click.option("--model", default="hybridgnet-official", show_default=True,
-              help="Model version the published masks are stored under.")
-@click.option("--resolution", type=click.Choice([f.value for f in Frame]), default="auto", show_default=True,
-              help="Frame of the masks: auto tells it from the landmark text and Height/Width.")
+@click.option(
+    "--model",
+    default="hybridgnet-official",
+    show_default=True,
+    help="Model version the published masks are stored under.",
+)
+@click.option(
+    "--resolution",
+    type=click.Choice([f.value for f in Frame]),
+    default="auto",
+    show_default=True,
+    help="Frame of the masks: auto tells it from the landmark text and Height/Width.",
+)
 @click.option("--batch-size", type=click.IntRange(min=1), default=BATCH_SIZE, show_default=True)
-def import_chexmask_command(csv_file: str, dataset: str, release: str | None, model: str,
-                            resolution: str, batch_size: int) -> None:
+def import_chexmask_command(
+    csv_file: str, dataset: str, release: str | None, model: str, resolution: str, batch_size: int
+) -> None:
     """Import a published CheXmask CSV (gzip too) as a model's segmentations.
 
     Rows are keyed by the dataset's own image id; importing the same file again
@@ -297,19 +372,32 @@ def import_chexmask_command(csv_file: str, dataset: str, release: str | None, mo
     index = _open_index(upgraded=False)
     index.upgrade()
     with tqdm(desc=f"import {csv_file}", unit=" row", dynamic_ncols=True) as bar:
-        report = import_csv(index, csv_file, dataset=dataset, release=release, model=model,
-                            weights_sha256=_import_weights(index, model), frame=Frame(resolution),
-                            batch_size=batch_size, progress=bar.update)
+        report = import_csv(
+            index,
+            csv_file,
+            dataset=dataset,
+            release=release,
+            model=model,
+            weights_sha256=_import_weights(index, model),
+            frame=Frame(resolution),
+            batch_size=batch_size,
+            progress=bar.update,
+        )
     for line, reason in report.bad:
         click.echo(f"line {line}: {reason}", err=True)
     if report.skipped > len(report.bad):
         click.echo(f"... and {report.skipped - len(report.bad)} more bad rows", err=True)
     if report.mean_above_max:
-        click.echo(f"note: {report.mean_above_max} rows have Dice RCA (Mean) > (Max); the official writer "
-                   "swapped the two columns (SPEC 9.5), they were stored as named", err=True)
+        click.echo(
+            f"note: {report.mean_above_max} rows have Dice RCA (Mean) > (Max); the official writer "
+            "swapped the two columns (SPEC 9.5), they were stored as named",
+            err=True,
+        )
     frame = report.frame.value if report.frame else "-"
-    click.echo(f"{report.taken} taken, {report.updated} updated, {report.unchanged} unchanged, "
-               f"{report.skipped} skipped (frame {frame}, model {model})")
+    click.echo(
+        f"{report.taken} taken, {report.updated} updated, {report.unchanged} unchanged, "
+        f"{report.skipped} skipped (frame {frame}, model {model})"
+    )
 
 
 def _import_weights(index: MaskIndex, model: str) -> str:

@@ -20,14 +20,27 @@ from chexmask.files import image_files
 @click.command("segment")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("--weights", help="Checkpoint path or URL (default: CHEXMASK_WEIGHTS, then the bundled model).")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("chexmask-out"), show_default=True,
-              help="Folder for the JSON records, mask PNGs, overlays and segmentations.csv.")
-@click.option("--batch-size", type=int, default=None, help="Images in the model at once, shared by its threads (default: CHEXMASK_BATCH_SIZE or 2). "
-              "Results never depend on it.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="Default: CHEXMASK_DEVICE or auto.")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=Path("chexmask-out"),
+    show_default=True,
+    help="Folder for the JSON records, mask PNGs, overlays and segmentations.csv.",
+)
+@click.option(
+    "--batch-size",
+    type=int,
+    default=None,
+    help="Images in the model at once, shared by its threads (default: CHEXMASK_BATCH_SIZE or 2). "
+    "Results never depend on it.",
+)
+@click.option(
+    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="Default: CHEXMASK_DEVICE or auto."
+)
 @click.option("--dataset", default="", help="Dataset name; picks the CheXmask id column of the CSV (default image_id).")
-def segment_command(paths: tuple[Path, ...], weights: str | None, out: Path, batch_size: int | None,
-                    device: str | None, dataset: str) -> int:
+def segment_command(
+    paths: tuple[Path, ...], weights: str | None, out: Path, batch_size: int | None, device: str | None, dataset: str
+) -> int:
     """Segment chest X-rays (files or folders of DICOM, PNG or JPEG).
 
     Writes <name>.json (landmarks at 1024 and original resolution, latent,
@@ -52,8 +65,7 @@ def segment_command(paths: tuple[Path, ...], weights: str | None, out: Path, bat
     if not files:
         raise click.UsageError("no image files found in the given paths")
     out.mkdir(parents=True, exist_ok=True)
-    segmenter = Segmenter(model, info, batch_size or settings.batch_size, settings.model_threads,
-                          settings.max_pixels)
+    segmenter = Segmenter(model, info, batch_size or settings.batch_size, settings.model_threads, settings.max_pixels)
     # Regular files only: a FIFO would block the run, a device never end.
     sources = [(str(p.name), functools.partial(read_regular_file, p)) for p in files]
     refused = failed = 0
@@ -63,7 +75,9 @@ def segment_command(paths: tuple[Path, ...], weights: str | None, out: Path, bat
         for outcome in tqdm(outcomes, total=len(files), desc="segment", unit="image"):
             if outcome.refusal is not None:
                 refused += 1
-                tqdm.write(f"refused {outcome.name}: {outcome.refusal.code}: {outcome.refusal.message}", file=sys.stderr)
+                tqdm.write(
+                    f"refused {outcome.name}: {outcome.refusal.code}: {outcome.refusal.message}", file=sys.stderr
+                )
                 continue
             if not outcome.ok:
                 failed += 1
@@ -76,8 +90,10 @@ def segment_command(paths: tuple[Path, ...], weights: str | None, out: Path, bat
                 writer.writeheader()
             writer.writerow(row)
             fh.flush()  # rows already written survive whatever stops the run
-    click.echo(f"{len(files) - refused - failed} segmented, {refused} refused, {failed} failed; "
-               f"results in {out} (model {info.version})")
+    click.echo(
+        f"{len(files) - refused - failed} segmented, {refused} refused, {failed} failed; "
+        f"results in {out} (model {info.version})"
+    )
     return 1 if refused or failed else 0
 
 
@@ -88,8 +104,10 @@ def output_names(files: list[Path]) -> list[str]:
     common = Path(os.path.commonpath([f.parent for f in files]))
     stems = Counter(f.stem for f in files)
     names = Counter(f.name for f in files)
-    wanted = [f.stem if stems[f.stem] == 1 else f.name if names[f.name] == 1
-              else "__".join(f.relative_to(common).parts) for f in files]
+    wanted = [
+        f.stem if stems[f.stem] == 1 else f.name if names[f.name] == 1 else "__".join(f.relative_to(common).parts)
+        for f in files
+    ]
     seen: Counter[str] = Counter()
     unique = []
     for name in wanted:
@@ -99,10 +117,18 @@ def output_names(files: list[Path]) -> list[str]:
 
 
 @click.command("train")
-@click.option("--images", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Folder of <id>.png images in the 1024 frame.")
-@click.option("--landmarks", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Folder with RL/, LL/ and H/ subfolders of <id>.npy landmarks.")
+@click.option(
+    "--images",
+    required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Folder of <id>.png images in the 1024 frame.",
+)
+@click.option(
+    "--landmarks",
+    required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Folder with RL/, LL/ and H/ subfolders of <id>.npy landmarks.",
+)
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs/train"), show_default=True)
 @click.option("--epochs", type=int, default=100, show_default=True)
 @click.option("--batch-size", type=int, default=4, show_default=True)
@@ -111,19 +137,23 @@ def output_names(files: list[Path]) -> list[str]:
 @click.option("--val-fraction", type=float, default=0.1, show_default=True)
 @click.option("--seed", type=int, default=1234, show_default=True)
 @click.option("--resume", type=click.Path(path_type=Path), help="A last.ckpt to continue from.")
-@click.option("--init-weights", type=click.Path(exists=True, path_type=Path), help="Start from these weights (fine-tuning).")
+@click.option(
+    "--init-weights", type=click.Path(exists=True, path_type=Path), help="Start from these weights (fine-tuning)."
+)
 @click.option("--limit", type=int, help="Use only the first N images (a smoke run).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-def train_command(images, landmarks, out, epochs, batch_size, lr, lr_step, val_fraction, seed, resume,
-                  init_weights, limit, device) -> int:
+def train_command(
+    images, landmarks, out, epochs, batch_size, lr, lr_step, val_fraction, seed, resume, init_weights, limit, device
+) -> int:
     """Train HybridGNet on landmark-annotated chest X-rays (resumable).
 
     Writes out/last.ckpt every epoch (pass it to --resume), out/best.pt (compact
     inference weights for --weights) and out/history.json."""
     from chexmask.worker.train import TrainConfig, train
 
-    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, lr_step=lr_step,
-                      val_fraction=val_fraction, seed=seed, limit=limit)
+    cfg = TrainConfig(
+        epochs=epochs, batch_size=batch_size, lr=lr, lr_step=lr_step, val_fraction=val_fraction, seed=seed, limit=limit
+    )
     best = train(images, landmarks, out, cfg, resolve_device(device), resume, init_weights)
     click.echo(json.dumps({"best": best, "weights": str(out / "best.pt")}, indent=1))
     return 0
@@ -133,8 +163,11 @@ def train_command(images, landmarks, out, epochs, batch_size, lr, lr_step, val_f
 @click.option("--weights", help="Checkpoint to evaluate (default: CHEXMASK_WEIGHTS, then the bundled model).")
 @click.option("--images", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--landmarks", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--ids-file", type=click.Path(exists=True, path_type=Path),
-              help="A split.json from training; evaluates its --split part only.")
+@click.option(
+    "--ids-file",
+    type=click.Path(exists=True, path_type=Path),
+    help="A split.json from training; evaluates its --split part only.",
+)
 @click.option("--split", default="val", show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs/evaluate"), show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)

@@ -18,19 +18,36 @@ from chexmask.queues import QUEUES, SEGMENT_QUEUE
 
 def _dataset_options(command):
     command = click.option("--release", help="Release tag recorded with every image.")(command)
-    return click.option("--dataset", help="Dataset of every image (default: inferred from each path: "
-                                          "ChestX-ray8, CheXpert, MIMIC-CXR-JPG, PadChest, VinDr-CXR, else generic).")(command)
+    return click.option(
+        "--dataset",
+        help="Dataset of every image (default: inferred from each path: "
+        "ChestX-ray8, CheXpert, MIMIC-CXR-JPG, PadChest, VinDr-CXR, else generic).",
+    )(command)
 
 
 def _watch_options(command):
-    for option in reversed([
-        click.option("--polling", is_flag=True, help="Poll the folder instead of using OS events (network mounts)."),
-        click.option("--settle", type=float, default=DEFAULT_SETTLE_S, show_default=True,
-                     help="Seconds a file's size and mtime must stay still before it counts as complete "
-                          "(when no close event says so)."),
-        click.option("--reconcile-every", type=float, default=DEFAULT_RECONCILE_S, show_default=True,
-                     help="Seconds between full rescans that catch files whose events were missed."),
-    ]):
+    for option in reversed(
+        [
+            click.option(
+                "--polling", is_flag=True, help="Poll the folder instead of using OS events (network mounts)."
+            ),
+            click.option(
+                "--settle",
+                type=float,
+                default=DEFAULT_SETTLE_S,
+                show_default=True,
+                help="Seconds a file's size and mtime must stay still before it counts as complete "
+                "(when no close event says so).",
+            ),
+            click.option(
+                "--reconcile-every",
+                type=float,
+                default=DEFAULT_RECONCILE_S,
+                show_default=True,
+                help="Seconds between full rescans that catch files whose events were missed.",
+            ),
+        ]
+    ):
         command = option(command)
     return command
 
@@ -72,14 +89,26 @@ def _intake(settings: Settings):
 
 
 @click.command("serve")
-@click.option("--inbox", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Folder to watch (created if missing); subfolders included.")
+@click.option(
+    "--inbox",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder to watch (created if missing); subfolders included.",
+)
 @click.option("--once", is_flag=True, help="Process what is in the inbox now, then exit.")
 @_dataset_options
 @_watch_options
 @click.option("--threads", type=int, help="Images in flight (default: twice CHEXMASK_BATCH_SIZE).")
-def serve_command(inbox: Path, once: bool, dataset: str | None, release: str | None, polling: bool,
-                  settle: float, reconcile_every: float, threads: int | None) -> int:
+def serve_command(
+    inbox: Path,
+    once: bool,
+    dataset: str | None,
+    release: str | None,
+    polling: bool,
+    settle: float,
+    reconcile_every: float,
+    threads: int | None,
+) -> int:
     """Segment every chest X-ray that lands in INBOX, all in this process.
 
     No server needed: the index (CHEXMASK_DATABASE_URL, default SQLite) and the
@@ -98,12 +127,23 @@ def serve_command(inbox: Path, once: bool, dataset: str | None, release: str | N
             finished = sum(server.tally.counts.values())
             click.echo(f"[{finished}] {done.line()}")
 
-    server = Server(settings, inbox, dataset=dataset, release=release, polling=polling, threads=threads,
-                    settle=settle, reconcile_every=reconcile_every, on_done=report)
+    server = Server(
+        settings,
+        inbox,
+        dataset=dataset,
+        release=release,
+        polling=polling,
+        threads=threads,
+        settle=settle,
+        reconcile_every=reconcile_every,
+        on_done=report,
+    )
     finished = True
     try:
         info = server.start()
-        click.echo(f"model {info.version}; index {mask_url(settings.database_url)}; store {mask_url(settings.store_url)}")
+        click.echo(
+            f"model {info.version}; index {mask_url(settings.database_url)}; store {mask_url(settings.store_url)}"
+        )
         click.echo(server.service.qc_state)
         if once:
             server.run_once()
@@ -132,8 +172,9 @@ def serve_command(inbox: Path, once: bool, dataset: str | None, release: str | N
 @click.argument("folder", type=click.Path(file_okay=False, path_type=Path))
 @_dataset_options
 @_watch_options
-def watch_command(folder: Path, dataset: str | None, release: str | None, polling: bool, settle: float,
-                  reconcile_every: float) -> None:
+def watch_command(
+    folder: Path, dataset: str | None, release: str | None, polling: bool, settle: float, reconcile_every: float
+) -> None:
     """Watch FOLDER and queue each complete image for the workers (CHEXMASK_BROKER_URL).
 
     Workers read the files by path, so FOLDER must be mounted at the same path
@@ -157,14 +198,24 @@ def watch_command(folder: Path, dataset: str | None, release: str | None, pollin
 @click.command("listen")
 @click.option("--sqs-queue-url", help="SQS queue receiving the bucket's S3 event notifications.")
 @click.option("--redis-list", metavar="KEY", help="Redis list of MinIO's Redis notification target (format=access).")
-@click.option("--redis-url", help="Redis holding --redis-list (default: CHEXMASK_EVENTS_REDIS_URL, "
-                                 "else redis://localhost:6379/0).")
+@click.option(
+    "--redis-url",
+    help="Redis holding --redis-list (default: CHEXMASK_EVENTS_REDIS_URL, else redis://localhost:6379/0).",
+)
 @click.option("--webhook-port", type=int, help="Serve POST /events for MinIO's webhook target on this port.")
 @click.option("--webhook-host", default="0.0.0.0", show_default=True)
 @click.option("--webhook-token", help="Token MinIO sends (its webhook auth_token; default: CHEXMASK_WEBHOOK_TOKEN).")
 @_dataset_options
-def listen_command(sqs_queue_url: str | None, redis_list: str | None, redis_url: str | None, webhook_port: int | None,
-                   webhook_host: str, webhook_token: str | None, dataset: str | None, release: str | None) -> None:
+def listen_command(
+    sqs_queue_url: str | None,
+    redis_list: str | None,
+    redis_url: str | None,
+    webhook_port: int | None,
+    webhook_host: str,
+    webhook_token: str | None,
+    dataset: str | None,
+    release: str | None,
+) -> None:
     """Queue objects announced by bucket notifications (S3 via SQS, or MinIO).
 
     Give exactly one of --sqs-queue-url, --redis-list, --webhook-port. Only
@@ -220,15 +271,22 @@ def scan_command(uri: str, dataset: str | None, release: str | None, restart: bo
     settings = Settings.from_env()
     scanner = ReleaseScanner(_intake(settings), dataset=dataset, release=release, state_dir=settings.home / "scans")
     counts = scanner.scan(uri, resume=not restart)
-    click.echo(f"{counts.seen} seen, {counts.new} new, {counts.changed} changed, {counts.skipped} skipped, "
-               f"{counts.covered} already in an imported CheXmask set")
+    click.echo(
+        f"{counts.seen} seen, {counts.new} new, {counts.changed} changed, {counts.skipped} skipped, "
+        f"{counts.covered} already in an imported CheXmask set"
+    )
 
 
 @click.command("reprocess")
-@click.option("--model", help="Model version to complete (default: the one of CHEXMASK_WEIGHTS or the bundled weights).")
+@click.option(
+    "--model", help="Model version to complete (default: the one of CHEXMASK_WEIGHTS or the bundled weights)."
+)
 @_dataset_options
-@click.option("--sample", type=click.IntRange(min=1),
-              help="Queue only a random sample of this many (e.g. to compare with an imported set).")
+@click.option(
+    "--sample",
+    type=click.IntRange(min=1),
+    help="Queue only a random sample of this many (e.g. to compare with an imported set).",
+)
 def reprocess_command(model: str | None, dataset: str | None, release: str | None, sample: int | None) -> None:
     """Queue segmentation of every image lacking a result from the model (refused ones excepted).
 
@@ -273,18 +331,33 @@ def retry_command(failed: bool, dataset: str | None) -> None:
 
 
 @click.command("worker")
-@click.option("--queues", "-Q", default=",".join(QUEUES), show_default=True,
-              help="Comma-separated queues to consume: ingest, segment, qc.")
-@click.option("--concurrency", "-c", type=click.IntRange(min=1),
-              help="Tasks at once (default: twice CHEXMASK_BATCH_SIZE, so images wait ready while others are segmented).")
-@click.option("--pool", type=click.Choice(["threads", "prefork", "solo"]), default="threads", show_default=True,
-              help="threads: one model per worker, shared by all tasks; "
-                   "prefork: one model per child process (no batching across children).")
+@click.option(
+    "--queues",
+    "-Q",
+    default=",".join(QUEUES),
+    show_default=True,
+    help="Comma-separated queues to consume: ingest, segment, qc.",
+)
+@click.option(
+    "--concurrency",
+    "-c",
+    type=click.IntRange(min=1),
+    help="Tasks at once (default: twice CHEXMASK_BATCH_SIZE, so images wait ready while others are segmented).",
+)
+@click.option(
+    "--pool",
+    type=click.Choice(["threads", "prefork", "solo"]),
+    default="threads",
+    show_default=True,
+    help="threads: one model per worker, shared by all tasks; "
+    "prefork: one model per child process (no batching across children).",
+)
 @click.option("--beat", is_flag=True, help="Also run the scheduler for CHEXMASK_SCAN_PREFIXES (one per deployment).")
 @click.option("--loglevel", "-l", default="info", show_default=True)
 @click.option("--hostname", "-n", help="Worker name (default: celery@<host>).")
-def worker_command(queues: str, concurrency: int | None, pool: str, beat: bool, loglevel: str,
-                   hostname: str | None) -> int:
+def worker_command(
+    queues: str, concurrency: int | None, pool: str, beat: bool, loglevel: str, hostname: str | None
+) -> int:
     """Consume the ingest, segment and QC queues of CHEXMASK_BROKER_URL.
 
     Tasks are acknowledged only when done, so the work of a worker that dies is
@@ -312,8 +385,14 @@ def worker_command(queues: str, concurrency: int | None, pool: str, beat: bool, 
         _ = service().segmenter  # load the model now: bad weights stop the worker, not every image
     _keep_our_logging(settings.log_format)
     stop_sweeping = _start_celery_sweeper(settings, app)
-    worker = app.Worker(queues=names, concurrency=concurrency or 2 * settings.batch_size, pool=pool,
-                        beat=beat, loglevel=loglevel, hostname=_expand_hostname(hostname))
+    worker = app.Worker(
+        queues=names,
+        concurrency=concurrency or 2 * settings.batch_size,
+        pool=pool,
+        beat=beat,
+        loglevel=loglevel,
+        hostname=_expand_hostname(hostname),
+    )
     try:
         worker.start()
     finally:
@@ -345,6 +424,7 @@ def _start_celery_sweeper(settings: Settings, app) -> threading.Event:
         handoff_s=settings.visibility_timeout_s,
     )
     stop = threading.Event()
-    threading.Thread(target=sweeper.run, args=(stop, max(1.0, settings.lease_s / 2)), name="chexmask-sweep",
-                     daemon=True).start()
+    threading.Thread(
+        target=sweeper.run, args=(stop, max(1.0, settings.lease_s / 2)), name="chexmask-sweep", daemon=True
+    ).start()
     return stop

@@ -22,8 +22,15 @@ from chexmask.worker.celery_app import create_app
 from chexmask.worker.leases import Sweeper
 
 
-def reprocess(settings: Settings, model: str, *, dataset: str | None = None, release: str | None = None,
-              sample: int | None = None, seed: int = 0) -> int:
+def reprocess(
+    settings: Settings,
+    model: str,
+    *,
+    dataset: str | None = None,
+    release: str | None = None,
+    sample: int | None = None,
+    seed: int = 0,
+) -> int:
     """Queue every image of the filter without a segmentation by ``model`` (refused ones
     excepted; images left queued, processing or failed by earlier runs included).
     Workers segment with their configured weights, so ``model`` must be theirs.
@@ -35,7 +42,8 @@ def reprocess(settings: Settings, model: str, *, dataset: str | None = None, rel
     index.upgrade()
     try:
         images: Iterable[SourceImage] = index.images_missing_model(
-            model, QueryFilters(dataset=dataset, release=release))
+            model, QueryFilters(dataset=dataset, release=release)
+        )
         if sample is not None:
             images = reservoir(images, sample, random.Random(seed))
         ids = [image.id for image in tqdm(images, desc=f"reprocess {model}", unit=" image")]

@@ -64,7 +64,8 @@ class Done:
 
     def line(self) -> str:
         return f"{self.status:<9} {self.label}  {self.detail}".rstrip() + (
-            f"  ({self.seconds:.1f} s)" if self.status in ("segmented", "reused") else "")
+            f"  ({self.seconds:.1f} s)" if self.status in ("segmented", "reused") else ""
+        )
 
 
 @dataclass
@@ -84,10 +85,19 @@ class Tally:
 
 
 class Server:
-    def __init__(self, settings: Settings, inbox: Path, *, dataset: str | None = None,
-                 release: str | None = None, polling: bool = False, threads: int | None = None,
-                 settle: float = DEFAULT_SETTLE_S, reconcile_every: float = DEFAULT_RECONCILE_S,
-                 on_done: Callable[[Done], None] = lambda done: None):
+    def __init__(
+        self,
+        settings: Settings,
+        inbox: Path,
+        *,
+        dataset: str | None = None,
+        release: str | None = None,
+        polling: bool = False,
+        threads: int | None = None,
+        settle: float = DEFAULT_SETTLE_S,
+        reconcile_every: float = DEFAULT_RECONCILE_S,
+        on_done: Callable[[Done], None] = lambda done: None,
+    ):
         self.service = Service(settings)
         self.dataset, self.release = dataset, release
         self.on_done = on_done
@@ -105,8 +115,7 @@ class Server:
         self._sweep_thread = threading.Thread(target=self._sweep_loop, name="chexmask-sweep", daemon=True)
         self.registry = Registry(self.service.index)
         self.intake = Intake(self.registry, self)
-        self.watcher = FolderWatcher(inbox, self.offer, polling=polling, settle=settle,
-                                     reconcile_every=reconcile_every)
+        self.watcher = FolderWatcher(inbox, self.offer, polling=polling, settle=settle, reconcile_every=reconcile_every)
 
     def start(self) -> ModelInfo:
         """Migrate the index, load the model, and take up unfinished images."""
@@ -180,8 +189,11 @@ class Server:
         swept = self.sweeper.sweep()
         queued = self._pick_up_queued()
         if swept.total or queued:
-            log.warning("taking up %d unfinished image(s) and %d pending QC(s) from the index",
-                        swept.resegment + swept.retried + queued, swept.requalify)
+            log.warning(
+                "taking up %d unfinished image(s) and %d pending QC(s) from the index",
+                swept.resegment + swept.retried + queued,
+                swept.requalify,
+            )
 
     def _pick_up_queued(self) -> int:
         """Images in ``queued`` that this server is not already on (the index is the queue)."""
@@ -254,14 +266,14 @@ class Server:
                 if admitted.image_id in self._in_flight_ids:
                     return  # a sweep got to it first
                 self._in_flight_ids.add(admitted.image_id)
-            self._process_image(admitted.image_id, arrival.name, admitted.data, {"ingest": admitted.seconds},
-                                started)
+            self._process_image(admitted.image_id, arrival.name, admitted.data, {"ingest": admitted.seconds}, started)
         finally:
             with self._lock:
                 self._in_flight_uris.discard(arrival.uri)
 
-    def _process_image(self, image_id: int, label: str, data: bytes | None, timings: dict[str, float],
-                       started: float | None = None) -> None:
+    def _process_image(
+        self, image_id: int, label: str, data: bytes | None, timings: dict[str, float], started: float | None = None
+    ) -> None:
         """Segment and QC one image; the caller has put it in ``_in_flight_ids``.
         Service.segment logs the image's outcome line (Service.fail when it fails for good)."""
         started = started or time.monotonic()
@@ -293,8 +305,11 @@ class Server:
         if self._stop.is_set():
             raise Stopping()
         try:
-            return RETRY.run(work, on_retry=lambda exc, delay: log.warning(
-                "%s: %s; retrying in %.0f s", label, exc, delay), sleep=self._sleep)
+            return RETRY.run(
+                work,
+                on_retry=lambda exc, delay: log.warning("%s: %s; retrying in %.0f s", label, exc, delay),
+                sleep=self._sleep,
+            )
         except Stopping:
             raise
         except Exception as exc:
@@ -322,7 +337,9 @@ def _label(uri: str) -> str:
 
 def _done(label: str, result: Result, seconds: float) -> Done:
     if result.status is ImageStatus.DONE:
-        return Done(label, "reused" if result.reused else "segmented", f"segmentation {result.segmentation_id}", seconds)
+        return Done(
+            label, "reused" if result.reused else "segmented", f"segmentation {result.segmentation_id}", seconds
+        )
     if result.status is ImageStatus.REFUSED:
         return Done(label, "refused", f"{result.code}: {result.reason}")
     return Done(label, "failed", result.reason or "")

@@ -46,10 +46,13 @@ def fidelity(images: list[Path]) -> dict[str, float]:
     lm_together, _ = segment_batch(gpu, batch, together=True)
     device_px = np.abs(lm_gpu - lm_cpu).reshape(-1) * 1024
     together_px = np.abs(lm_together - lm_gpu).reshape(-1) * 1024
-    return {"latent_max_abs": float(np.abs(mu_gpu - mu_cpu).max()),
-            "device_vs_cpu_px_mean": float(device_px.mean()), "device_vs_cpu_px_p99": float(np.percentile(device_px, 99)),
-            "together_vs_one_by_one_px_mean": float(together_px.mean()),
-            "together_vs_one_by_one_px_p99": float(np.percentile(together_px, 99))}
+    return {
+        "latent_max_abs": float(np.abs(mu_gpu - mu_cpu).max()),
+        "device_vs_cpu_px_mean": float(device_px.mean()),
+        "device_vs_cpu_px_p99": float(np.percentile(device_px, 99)),
+        "together_vs_one_by_one_px_mean": float(together_px.mean()),
+        "together_vs_one_by_one_px_p99": float(np.percentile(together_px, 99)),
+    }
 
 
 def naive(images: list[Path], out: Path) -> float:
@@ -91,13 +94,16 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("bench_gpu needs a CUDA device")
     images = bench_images(args.images)
-    report: dict[str, object] = {"device": torch.cuda.get_device_name(), "images": len(images),
-                                 "fidelity": fidelity(images)}
+    report: dict[str, object] = {
+        "device": torch.cuda.get_device_name(),
+        "images": len(images),
+        "fidelity": fidelity(images),
+    }
     with tempfile.TemporaryDirectory() as tmp:
         Path(tmp, "naive").mkdir()
         report["naive"] = measured(naive, images, Path(tmp, "naive"))
         for batch in (1, 8, 16, 32):
-            for together in ((False,) if batch == 1 else (False, True)):
+            for together in (False,) if batch == 1 else (False, True):
                 folder = Path(tmp, f"b{batch}{'t' if together else ''}")
                 folder.mkdir()
                 key = f"pipeline_batch{batch}{'_together' if together else ''}"

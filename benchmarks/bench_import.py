@@ -25,6 +25,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from benchmarks.bench_storage import postgres_index, sqlite_index
 from chexmask.ingest.queue import Intake
 from chexmask.ingest.registry import Registry
 from chexmask.ingest.scanner import ReleaseScanner
@@ -34,8 +35,6 @@ from chexmask.storage.chexmask_import import import_csv, import_sha256, import_u
 from chexmask.storage.index import MaskIndex
 from chexmask.storage.layout import VALUE_COLUMNS, csv_line, numpy_text
 from chexmask.storage.models import SourceImage, utcnow
-
-from benchmarks.bench_storage import postgres_index, sqlite_index
 
 DATASET = "chestx-ray8"
 TARGET = 20_000.0
@@ -51,15 +50,26 @@ def write_csv(path: Path, rows: int, runs: int, seed: int = 0) -> None:
     rng = random.Random(seed)
     height, width = 2048, 2500
     pool_rle = [_rle(rng, runs, height * width) for _ in range(16)]
-    pool_points = [numpy_text([[rng.randrange(width), rng.randrange(height)] for _ in range(120)])
-                   for _ in range(16)]
+    pool_points = [numpy_text([[rng.randrange(width), rng.randrange(height)] for _ in range(120)]) for _ in range(16)]
     with path.open("w", encoding="utf-8", newline="") as f:
         f.write(csv_line(["Image Index", *VALUE_COLUMNS]))
         for i in range(rows):
             mean = round(rng.uniform(0.5, 0.95), 6)
-            f.write(csv_line([image_id(i), mean, round(mean + 0.02, 6), pool_points[i % 16],
-                              pool_rle[i % 16], pool_rle[(i + 5) % 16], pool_rle[(i + 9) % 16],
-                              height, width]))
+            f.write(
+                csv_line(
+                    [
+                        image_id(i),
+                        mean,
+                        round(mean + 0.02, 6),
+                        pool_points[i % 16],
+                        pool_rle[i % 16],
+                        pool_rle[(i + 5) % 16],
+                        pool_rle[(i + 9) % 16],
+                        height,
+                        width,
+                    ]
+                )
+            )
 
 
 def _rle(rng: random.Random, runs: int, pixels: int) -> str:
@@ -72,13 +82,14 @@ def bench_import(index: MaskIndex, csv_path: Path, rows: int) -> list[str]:
     lines = []
     for label in ("first import", "re-import (unchanged)"):
         start, cpu = time.perf_counter(), time.process_time()
-        report = import_csv(index, csv_path, dataset=DATASET, model="hybridgnet-official",
-                            weights_sha256="b7" * 32)
+        report = import_csv(index, csv_path, dataset=DATASET, model="hybridgnet-official", weights_sha256="b7" * 32)
         wall, cpu = time.perf_counter() - start, time.process_time() - cpu
         verdict = "ok" if rows / wall >= TARGET else "MISSED"
-        lines.append(f"  {label}: {rows:,} rows in {wall:.1f} s = {rows / wall:,.0f} rows/s "
-                     f"({rows / cpu:,.0f} per CPU second of this process; taken {report.taken:,}, "
-                     f"unchanged {report.unchanged:,}, skipped {report.skipped})  {verdict}")
+        lines.append(
+            f"  {label}: {rows:,} rows in {wall:.1f} s = {rows / wall:,.0f} rows/s "
+            f"({rows / cpu:,.0f} per CPU second of this process; taken {report.taken:,}, "
+            f"unchanged {report.unchanged:,}, skipped {report.skipped})  {verdict}"
+        )
     return lines
 
 
@@ -107,9 +118,19 @@ def bench_scan(index: MaskIndex, objects: int) -> list[str]:
     """Objects whose number is not a multiple of 100 are in the published set: 1% are new."""
     published = [i for i in range(objects) if i % 100]
     now = utcnow()
-    rows = ({"uri": import_uri(DATASET, image_id(i)), "sha256": import_sha256(DATASET, image_id(i)),
-             "dataset": DATASET, "dataset_image_id": image_id(i), "status": ImageStatus.DONE,
-             "attempts": 0, "first_seen": now, "updated_at": now} for i in published)
+    rows = (
+        {
+            "uri": import_uri(DATASET, image_id(i)),
+            "sha256": import_sha256(DATASET, image_id(i)),
+            "dataset": DATASET,
+            "dataset_image_id": image_id(i),
+            "status": ImageStatus.DONE,
+            "attempts": 0,
+            "first_seen": now,
+            "updated_at": now,
+        }
+        for i in published
+    )
     start = time.perf_counter()
     with index.engine.begin() as connection:
         batch: list[dict] = []
@@ -133,17 +154,20 @@ def bench_scan(index: MaskIndex, objects: int) -> list[str]:
     expected = {image_id(i) for i in range(0, objects, 100)}
     queued = {a.dataset_image_id for a in queue.arrivals}
     verdict = "exactly the new ones" if queued == expected and len(queue.arrivals) == len(expected) else "WRONG"
-    return [f"  scan of {objects:,} listed objects ({len(published):,} imported beforehand in {setup:.1f} s): "
-            f"{wall:.1f} s = {objects / wall:,.0f} objects/s; new {counts.new:,}, covered "
-            f"{counts.covered:,}; queued {len(queue.arrivals):,}: {verdict}"]
+    return [
+        f"  scan of {objects:,} listed objects ({len(published):,} imported beforehand in {setup:.1f} s): "
+        f"{wall:.1f} s = {objects / wall:,.0f} objects/s; new {counts.new:,}, covered "
+        f"{counts.covered:,}; queued {len(queue.arrivals):,}: {verdict}"
+    ]
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=200_000)
     parser.add_argument("--objects", type=int, default=1_000_000)
-    parser.add_argument("--rle-runs", type=int, default=64,
-                        help="runs per synthetic RLE string (real lungs at 2048 px: ~1500)")
+    parser.add_argument(
+        "--rle-runs", type=int, default=64, help="runs per synthetic RLE string (real lungs at 2048 px: ~1500)"
+    )
     parser.add_argument("--backends", default="sqlite,postgresql")
     parser.add_argument("--pg-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/test")
     parser.add_argument("--workdir", type=Path)
@@ -162,12 +186,17 @@ def main(argv: list[str] | None = None) -> None:
                 opened = sqlite_index(workdir) if backend == "sqlite" else postgres_index(args.pg_url)
                 with opened as index:
                     index.upgrade()
-                    result = (bench_import(index, csv_path, args.rows) if part == "import"
-                              else bench_scan(index, args.objects))
+                    result = (
+                        bench_import(index, csv_path, args.rows)
+                        if part == "import"
+                        else bench_scan(index, args.objects)
+                    )
                 lines += [f"{backend} {part}:", *result]
-                print("\n".join(lines[-len(result) - 1:]), flush=True)
-    print(f"machine: {os.cpu_count()} CPUs, 1-min load average {load_before:.1f} at start, "
-          f"{os.getloadavg()[0]:.1f} at end")
+                print("\n".join(lines[-len(result) - 1 :]), flush=True)
+    print(
+        f"machine: {os.cpu_count()} CPUs, 1-min load average {load_before:.1f} at start, "
+        f"{os.getloadavg()[0]:.1f} at end"
+    )
     print("\n".join(lines))
 
 

@@ -28,8 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from chexmask.config import Settings
 from benchmarks.bench_serve import distinct_images
+from chexmask.config import Settings
 
 FOLDS = 4
 
@@ -74,8 +74,10 @@ def main() -> None:
         segmentation = serve_cpu_seconds(images, Path(tmp) / "off", "none") / len(images)
         with_qc = serve_cpu_seconds(images, Path(tmp) / "on", None) / len(images)
     qc = with_qc - segmentation
-    print(f"serve, {len(images)} images, {os.cpu_count()} cores, CPU s per image: segmentation {segmentation:.3f}, "
-          f"QC {qc:.3f}, ratio {qc / segmentation:.2f} (target <= 1.0)")
+    print(
+        f"serve, {len(images)} images, {os.cpu_count()} cores, CPU s per image: segmentation {segmentation:.3f}, "
+        f"QC {qc:.3f}, ratio {qc / segmentation:.2f} (target <= 1.0)"
+    )
 
     summary = validation(args.jsrt, args.out)
     if summary is None:
@@ -83,20 +85,28 @@ def main() -> None:
         return
     degraded, inverted = summary["image_degradations"], summary["inverted"]
     stats = degraded["dice_rca_max"]
-    print(f"validation ({summary['calibration']}), {summary['images']} held-out images, the model's masks of clean and degraded images "
-          f"({degraded['cases']} cases): Dice RCA (Max) Pearson {stats['pearson']:.3f} (target >= 0.92), "
-          f"MAE {stats['mae']:.3f} (target <= 0.035), bias {stats['bias']:+.3f}")
+    print(
+        f"validation ({summary['calibration']}), {summary['images']} held-out images, the model's masks of clean and degraded images "
+        f"({degraded['cases']} cases): Dice RCA (Max) Pearson {stats['pearson']:.3f} (target >= 0.92), "
+        f"MAE {stats['mae']:.3f} (target <= 0.035), bias {stats['bias']:+.3f}"
+    )
     for label, part in (("all cases", summary), ("true >= 0.5", summary["true_ge_0.5"])):
         s = part["dice_rca_max"]
         print(f"  {label} ({part['cases']}): Pearson {s['pearson']:.3f}, MAE {s['mae']:.3f}, bias {s['bias']:+.3f}")
-    print(f"  inverted: {inverted['flagged']}/{inverted['n']} flagged, {inverted['within_0.05']}/{inverted['n']} "
-          f"within 0.05 (target >= 3/4 flagged)")
+    print(
+        f"  inverted: {inverted['flagged']}/{inverted['n']} flagged, {inverted['within_0.05']}/{inverted['n']} "
+        f"within 0.05 (target >= 3/4 flagged)"
+    )
     for kind, row in summary["by_kind"].items():
         flags = ", ".join(f"{flag} {n}" for flag, n in row["flagged"].items() if n)
-        print(f"  {kind:<13} n {row['n']:>3}  true {row['true']:.3f}  estimate {row['rca_max']:.3f}  "
-              f"raw {row['raw_max']:.3f}  MAE {row['mae_max']:.3f}  {flags}")
-    print(f"  validation CPU s per image: segmentation forward {summary['seconds_per_image']['segmentation']:.3f}, "
-          f"QC {summary['seconds_per_image']['qc']:.3f}; wrote {args.out}/summary.json, cases.csv, scatter.png")
+        print(
+            f"  {kind:<13} n {row['n']:>3}  true {row['true']:.3f}  estimate {row['rca_max']:.3f}  "
+            f"raw {row['raw_max']:.3f}  MAE {row['mae_max']:.3f}  {flags}"
+        )
+    print(
+        f"  validation CPU s per image: segmentation forward {summary['seconds_per_image']['segmentation']:.3f}, "
+        f"QC {summary['seconds_per_image']['qc']:.3f}; wrote {args.out}/summary.json, cases.csv, scatter.png"
+    )
 
 
 def validation(jsrt: Path, out: Path) -> dict | None:

@@ -27,8 +27,8 @@ import torch
 
 from chexmask.config import Settings
 from chexmask.errors import RefusedInput
-from chexmask.worker import cpu_kernels
 from chexmask.files import image_files
+from chexmask.worker import cpu_kernels
 from chexmask.worker.memory import keep_freed_memory
 from chexmask.worker.model import HybridGNet, HybridGNetConfig, segment_batch
 from chexmask.worker.pipeline import Outcome, Segmentation, Segmenter, prepare, write_outputs
@@ -89,9 +89,14 @@ def run_mode(mode: str, images: list[Path], weights: str | None, out: Path, batc
     seconds = time.perf_counter() - started
     cpu_seconds = time.process_time() - cpu_started
     np.savez(out / "results.npz", **results)
-    return {"mode": mode, "images": len(images), "seconds": seconds, "images_per_second": len(images) / seconds,
-            "cpu_seconds_per_image": cpu_seconds / len(images),
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {
+        "mode": mode,
+        "images": len(images),
+        "seconds": seconds,
+        "images_per_second": len(images) / seconds,
+        "cpu_seconds_per_image": cpu_seconds / len(images),
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
 
 
 def _keep(results: dict, outcome: Outcome) -> None:
@@ -108,9 +113,15 @@ def identical(a: Path, b: Path) -> bool:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=24, help="number of images (the mixed set is cycled)")
-    parser.add_argument("--weights", default=None, help="checkpoint (default: CHEXMASK_WEIGHTS or bundled); 'random' for untrained")
-    parser.add_argument("--batch-size", type=int, default=Settings.from_env().batch_size,
-                        help="images in the model at once in the pipelined mode (as `chexmask segment`)")
+    parser.add_argument(
+        "--weights", default=None, help="checkpoint (default: CHEXMASK_WEIGHTS or bundled); 'random' for untrained"
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=Settings.from_env().batch_size,
+        help="images in the model at once in the pipelined mode (as `chexmask segment`)",
+    )
     parser.add_argument("--repeat", type=int, default=3, help="runs per mode; the median is reported")
     parser.add_argument("--mode", choices=[*NAIVE_MODES, "pipelined"], help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -124,24 +135,41 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(args.repeat):  # interleaved, so both modes see the same machine noise
             for mode in runs:
-                cmd = [sys.executable, "-m", "benchmarks.bench_segment", "--mode", mode, "--images", str(args.images),
-                       "--batch-size", str(args.batch_size), "--out", f"{tmp}/{mode}"]
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "benchmarks.bench_segment",
+                    "--mode",
+                    mode,
+                    "--images",
+                    str(args.images),
+                    "--batch-size",
+                    str(args.batch_size),
+                    "--out",
+                    f"{tmp}/{mode}",
+                ]
                 if args.weights:
                     cmd += ["--weights", args.weights]
                 runs[mode].append(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout))
-            same &= all(identical(Path(tmp, "naive", "results.npz"), Path(tmp, mode, "results.npz"))
-                        for mode in ("naive-tuned", "pipelined"))
+            same &= all(
+                identical(Path(tmp, "naive", "results.npz"), Path(tmp, mode, "results.npz"))
+                for mode in ("naive-tuned", "pipelined")
+            )
     rows = {mode: _median_run(r) for mode, r in runs.items()}
     print(f"median of {args.repeat} interleaved runs per mode; {torch.get_num_threads()} CPU threads")
     print(f"{'mode':<12} {'images':>6} {'seconds':>8} {'img/s':>7} {'CPU s/img':>10} {'peak RSS MiB':>13}")
     for r in rows.values():
-        print(f"{r['mode']:<12} {r['images']:>6} {r['seconds']:>8.1f} {r['images_per_second']:>7.2f} "
-              f"{r['cpu_seconds_per_image']:>10.2f} {r['peak_rss_mib']:>13.0f}")
+        print(
+            f"{r['mode']:<12} {r['images']:>6} {r['seconds']:>8.1f} {r['images_per_second']:>7.2f} "
+            f"{r['cpu_seconds_per_image']:>10.2f} {r['peak_rss_mib']:>13.0f}"
+        )
     speed = {mode: r["images_per_second"] for mode, r in rows.items()}
-    print(f"throughput ratio pipelined/naive: {speed['pipelined'] / speed['naive']:.2f}x "
-          f"(allocator alone: {speed['naive-tuned'] / speed['naive']:.2f}x, "
-          f"fast kernels and parallel images on top: {speed['pipelined'] / speed['naive-tuned']:.2f}x); "
-          f"outputs identical: {same}")
+    print(
+        f"throughput ratio pipelined/naive: {speed['pipelined'] / speed['naive']:.2f}x "
+        f"(allocator alone: {speed['naive-tuned'] / speed['naive']:.2f}x, "
+        f"fast kernels and parallel images on top: {speed['pipelined'] / speed['naive-tuned']:.2f}x); "
+        f"outputs identical: {same}"
+    )
 
 
 def _median_run(runs: list[dict]) -> dict:

@@ -68,8 +68,13 @@ def time_serve(images: list[Path], env: dict[str, str], home: Path) -> float:
     inbox = home / "inbox"
     home.mkdir(parents=True, exist_ok=True)
     log = (home / "serve.log").open("w")
-    server = subprocess.Popen([sys.executable, "-m", "chexmask.app.cli", "serve", "--inbox", str(inbox)],
-                              env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "chexmask.app.cli", "serve", "--inbox", str(inbox)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         _wait(lambda: "watching" in (home / "serve.log").read_text() or server.poll() is not None, 600)
         if server.poll() is not None:
@@ -107,8 +112,12 @@ def main() -> None:
     parser.add_argument("--images", type=int, help="number of distinct images (default: all of the set)")
     parser.add_argument("--weights", help="checkpoint (default: CHEXMASK_WEIGHTS or bundled); 'random' for untrained")
     parser.add_argument("--batch-size", type=int, default=Settings.from_env().batch_size)
-    parser.add_argument("--repeat", type=int, default=3, help="rounds; each run's best time counts "
-                        "(the least disturbed by other load on the machine)")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="rounds; each run's best time counts (the least disturbed by other load on the machine)",
+    )
     args = parser.parse_args()
     images = distinct_images(args.images)
     rows: dict[str, list[float]] = {"segment": [], "segment (model in a thread)": [], "serve": []}
@@ -132,8 +141,9 @@ def main() -> None:
             out = Path(tmp, f"round{round_}")
             rows["segment"].append(time_segment(images, weights, out / "segment", args.batch_size))
             threaded: list[float] = []
-            thread = threading.Thread(target=_timed_into, args=(threaded, images, weights, out / "segment-thread",
-                                                                  args.batch_size))
+            thread = threading.Thread(
+                target=_timed_into, args=(threaded, images, weights, out / "segment-thread", args.batch_size)
+            )
             thread.start()
             thread.join()
             rows["segment (model in a thread)"].append(threaded[0])
@@ -145,8 +155,10 @@ def main() -> None:
     for name, times in rows.items():
         print(f"{name:<28} {n:>6} {best[name]:>7.1f} {n / best[name]:>6.2f}  {' '.join(f'{t:.1f}' for t in times)}")
     like_for_like = best["serve"] / best["segment (model in a thread)"] - 1
-    print(f"serve overhead: {like_for_like:+.1%} against segment with the model in a thread "
-          f"({best['serve'] / best['segment'] - 1:+.1%} against segment as run); target <= +15%")
+    print(
+        f"serve overhead: {like_for_like:+.1%} against segment with the model in a thread "
+        f"({best['serve'] / best['segment'] - 1:+.1%} against segment as run); target <= +15%"
+    )
 
 
 if __name__ == "__main__":

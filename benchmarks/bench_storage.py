@@ -29,12 +29,12 @@ from typing import Any
 import sqlalchemy as sa
 
 from chexmask.status import ImageStatus
-from chexmask.storage.export import export
 from chexmask.storage.engine import engine_url, json_dumps
+from chexmask.storage.export import export
 from chexmask.storage.index import MaskIndex
-from chexmask.storage.queries import QueryFilters
 from chexmask.storage.layout import numpy_text
 from chexmask.storage.models import Segmentation, SourceImage
+from chexmask.storage.queries import QueryFilters
 
 DATASETS = ("chestx-ray8", "chexpert", "mimic-cxr-jpg", "padchest", "vindr-cxr")
 MODEL = "hybridgnet-bench"
@@ -81,36 +81,70 @@ class Synth:
         dataset = DATASETS[i % len(DATASETS)]
         seen = self.now - timedelta(seconds=i)
         return {
-            "id": i + 1, "uri": f"s3://bench/{dataset}/{i:08d}.png", "etag_or_version": f"e{i}",
-            "sha256": _sha(i), "size": 500_000 + i % 1000, "dataset": dataset,
-            "release": f"r{i % 3}", "dataset_image_id": f"{dataset}_{i:08d}.png",
-            "height": 2048, "width": 2048, "modality": "CR", "view_position": "PA",
-            "first_seen": seen, "updated_at": seen, "status": status.value,
+            "id": i + 1,
+            "uri": f"s3://bench/{dataset}/{i:08d}.png",
+            "etag_or_version": f"e{i}",
+            "sha256": _sha(i),
+            "size": 500_000 + i % 1000,
+            "dataset": dataset,
+            "release": f"r{i % 3}",
+            "dataset_image_id": f"{dataset}_{i:08d}.png",
+            "height": 2048,
+            "width": 2048,
+            "modality": "CR",
+            "view_position": "PA",
+            "first_seen": seen,
+            "updated_at": seen,
+            "status": status.value,
             "refusal_code": "wrong_modality" if status is ImageStatus.REFUSED else None,
-            "reason": None, "attempts": 1,
-            "lease_owner": None, "lease_expires_at": None, "retry_at": None, "failing_since": None,
+            "reason": None,
+            "attempts": 1,
+            "lease_owner": None,
+            "lease_expires_at": None,
+            "retry_at": None,
+            "failing_since": None,
         }
 
     def segmentation(self, i: int) -> dict[str, Any]:
         mean, max_ = self.dice()
         rle = self.rles
         return {
-            "id": i + 1, "image_id": i + 1, "image_sha256": _sha(i),
-            "dataset": DATASETS[i % len(DATASETS)], "is_current": True, "model_version": MODEL,
-            "weights_sha256": WEIGHTS, "pipeline_version": "1",
+            "id": i + 1,
+            "image_id": i + 1,
+            "image_sha256": _sha(i),
+            "dataset": DATASETS[i % len(DATASETS)],
+            "is_current": True,
+            "model_version": MODEL,
+            "weights_sha256": WEIGHTS,
+            "pipeline_version": "1",
             "landmarks_1024": self.landmarks[i % 500],
             "landmarks_original": self.landmarks[(i + 7) % 500],
             "landmarks_original_str": self.landmarks_text[(i + 7) % 500],
-            "latent": None, "height": 2048, "width": 2048,
-            "rle_right_lung": rle[i % 200], "rle_left_lung": rle[(i + 1) % 200],
-            "rle_heart": rle[(i + 2) % 200], "rle_right_lung_1024": rle[(i + 3) % 200],
-            "rle_left_lung_1024": rle[(i + 4) % 200], "rle_heart_1024": rle[(i + 5) % 200],
-            "dice_rca_max": max_, "dice_rca_mean": mean,
-            "dice_rca_max_rl": max_, "dice_rca_max_ll": max_, "dice_rca_max_h": max_,
-            "dice_rca_mean_rl": mean, "dice_rca_mean_ll": mean, "dice_rca_mean_h": mean,
-            "qc_status": "done", "qc_flags": None, "qc_reason": None, "shape_outlier_score": None,
-            "qc_lease_owner": None, "qc_lease_expires_at": None,
-            "object_keys": "{}", "timings": None,
+            "latent": None,
+            "height": 2048,
+            "width": 2048,
+            "rle_right_lung": rle[i % 200],
+            "rle_left_lung": rle[(i + 1) % 200],
+            "rle_heart": rle[(i + 2) % 200],
+            "rle_right_lung_1024": rle[(i + 3) % 200],
+            "rle_left_lung_1024": rle[(i + 4) % 200],
+            "rle_heart_1024": rle[(i + 5) % 200],
+            "dice_rca_max": max_,
+            "dice_rca_mean": mean,
+            "dice_rca_max_rl": max_,
+            "dice_rca_max_ll": max_,
+            "dice_rca_max_h": max_,
+            "dice_rca_mean_rl": mean,
+            "dice_rca_mean_ll": mean,
+            "dice_rca_mean_h": mean,
+            "qc_status": "done",
+            "qc_flags": None,
+            "qc_reason": None,
+            "shape_outlier_score": None,
+            "qc_lease_owner": None,
+            "qc_lease_expires_at": None,
+            "object_keys": "{}",
+            "timings": None,
             "created_at": self.now - timedelta(seconds=i),
         }
 
@@ -135,8 +169,7 @@ def load(index: MaskIndex, synth: Synth, rows: int) -> None:
     """Bulk-insert ``rows`` segmented images plus some images in other states."""
     index.register_model(MODEL, WEIGHTS, "synthetic rows for the benchmark")
     extra = int(rows * EXTRA_IMAGES)
-    images = (synth.image(i, ImageStatus.DONE if i < rows else OTHER_STATUSES[i % 4])
-              for i in range(rows + extra))
+    images = (synth.image(i, ImageStatus.DONE if i < rows else OTHER_STATUSES[i % 4]) for i in range(rows + extra))
     segmentations = (synth.segmentation(i) for i in range(rows))
     insert = _copy_rows if index.dialect == "postgresql" else _executemany_rows
     insert(index, SourceImage.__table__, images)
@@ -144,8 +177,7 @@ def load(index: MaskIndex, synth: Synth, rows: int) -> None:
     with index.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
         if index.dialect == "postgresql":
             for table in ("source_image", "segmentation"):  # ids were given, not drawn
-                connection.exec_driver_sql(
-                    f"SELECT setval('{table}_id_seq', (SELECT max(id) FROM {table}))")
+                connection.exec_driver_sql(f"SELECT setval('{table}_id_seq', (SELECT max(id) FROM {table}))")
             connection.exec_driver_sql("VACUUM ANALYZE")
         else:
             connection.exec_driver_sql("ANALYZE")
@@ -167,9 +199,7 @@ def _copy_rows(index: MaskIndex, table: sa.Table, rows: Iterator[dict[str, Any]]
     columns = [c.name for c in table.columns]
     raw = index.engine.raw_connection()
     try:
-        with raw.cursor() as cursor, cursor.copy(
-            f"COPY {table.name} ({', '.join(columns)}) FROM STDIN"
-        ) as copy:
+        with raw.cursor() as cursor, cursor.copy(f"COPY {table.name} ({', '.join(columns)}) FROM STDIN") as copy:
             for row in rows:
                 copy.write_row([row[c] for c in columns])
         raw.commit()
@@ -212,8 +242,9 @@ def queries(rows: int, rng: random.Random) -> dict[str, Callable[[MaskIndex], An
         return index.query(filters, sort="id", limit=100, offset=rng.choice(pages))
 
     def model_dice(index: MaskIndex) -> Any:
-        return index.query(QueryFilters(model=MODEL, min_dice_mean=0.7), sort="-dice_rca_mean",
-                           limit=100, offset=rng.choice(pages))
+        return index.query(
+            QueryFilters(model=MODEL, min_dice_mean=0.7), sort="-dice_rca_mean", limit=100, offset=rng.choice(pages)
+        )
 
     def by_status(index: MaskIndex) -> Any:
         status = rng.choice((ImageStatus.DONE, *OTHER_STATUSES))
@@ -227,8 +258,7 @@ def queries(rows: int, rng: random.Random) -> dict[str, Callable[[MaskIndex], An
 
     def by_id_prefix(index: MaskIndex) -> Any:
         i = rng.randrange(rows)
-        return index.query(QueryFilters(id_pattern=f"{DATASETS[i % len(DATASETS)]}_{i // 100:06d}*"),
-                           limit=100)
+        return index.query(QueryFilters(id_pattern=f"{DATASETS[i % len(DATASETS)]}_{i // 100:06d}*"), limit=100)
 
     return {
         "dataset + dice>=0.7, by dice desc": dataset_dice,
@@ -318,8 +348,10 @@ def run_backend(backend: str, args: argparse.Namespace, workdir: Path) -> Result
 def report(results: list[Result]) -> str:
     lines = []
     for r in results:
-        lines.append(f"\n{r.backend}: {r.rows:,} segmentations, load {r.load_s:.1f} s "
-                     f"({r.rows / r.load_s:,.0f} rows/s), {r.bytes_per_row:,.0f} bytes/row on disk")
+        lines.append(
+            f"\n{r.backend}: {r.rows:,} segmentations, load {r.load_s:.1f} s "
+            f"({r.rows / r.load_s:,.0f} rows/s), {r.bytes_per_row:,.0f} bytes/row on disk"
+        )
         lines.append(f"  {'query (page of 100)':<38}{'p50 ms':>9}{'p95 ms':>9}{'max ms':>9}  target")
         for name, samples in r.latencies_ms.items():
             p50 = statistics.median(samples)
@@ -328,8 +360,10 @@ def report(results: list[Result]) -> str:
             lines.append(f"  {name:<38}{p50:>9.2f}{p95:>9.2f}{max(samples):>9.2f}  {verdict}")
         for resolution, (count, wall, cpu) in r.exports.items():
             verdict = "ok" if count / wall >= EXPORT_TARGET else "MISSED"
-            lines.append(f"  export {count:,} rows at {resolution} resolution (CSV): {wall:.1f} s, "
-                         f"{count / wall:,.0f} rows/s ({count / cpu:,.0f} per CPU second)  {verdict}")
+            lines.append(
+                f"  export {count:,} rows at {resolution} resolution (CSV): {wall:.1f} s, "
+                f"{count / wall:,.0f} rows/s ({count / cpu:,.0f} per CPU second)  {verdict}"
+            )
     return "\n".join(lines)
 
 
@@ -337,11 +371,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=100_000, help="segmentations to load")
     parser.add_argument("--backends", default="sqlite,postgresql")
-    parser.add_argument("--pg-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/test",
-                        help="a server where a scratch database may be created")
+    parser.add_argument(
+        "--pg-url",
+        default="postgresql+psycopg://postgres@127.0.0.1:5432/test",
+        help="a server where a scratch database may be created",
+    )
     parser.add_argument("--repeats", type=int, default=200, help="timed calls per query")
-    parser.add_argument("--rle-runs", type=int, default=64,
-                        help="runs per synthetic RLE string (real lungs at 2048 px: ~1500)")
+    parser.add_argument(
+        "--rle-runs", type=int, default=64, help="runs per synthetic RLE string (real lungs at 2048 px: ~1500)"
+    )
     parser.add_argument("--workdir", type=Path, help="where the SQLite file and export go")
     args = parser.parse_args(argv)
 
@@ -349,8 +387,10 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         results = [run_backend(b.strip(), args, Path(tmp)) for b in args.backends.split(",")]
     # Other work on the machine slows every number here; say how busy it was.
-    print(f"machine: {os.cpu_count()} CPUs, 1-min load average {load_before:.1f} at start, "
-          f"{os.getloadavg()[0]:.1f} at end")
+    print(
+        f"machine: {os.cpu_count()} CPUs, 1-min load average {load_before:.1f} at start, "
+        f"{os.getloadavg()[0]:.1f} at end"
+    )
     print(report(results))
 
 

@@ -35,33 +35,39 @@ class Settings(BaseSettings):
         env_prefix=ENV_PREFIX,
         env_file=".env",
         env_file_encoding="utf-8",
-        env_ignore_empty=True,    # CHEXMASK_X= (empty) means "not set", as it always did
-        extra="ignore",           # other variables in .env are none of our business
+        env_ignore_empty=True,  # CHEXMASK_X= (empty) means "not set", as it always did
+        extra="ignore",  # other variables in .env are none of our business
         frozen=True,
     )
 
-    home: Path = Path(".chexmask")      # CHEXMASK_HOME: the embedded index, store, broker and caches
-    weights: str | None = None          # CHEXMASK_WEIGHTS: path or URL; None = bundled default
-    weights_sha256: str | None = None   # CHEXMASK_WEIGHTS_SHA256: pin for weights given by URL/path
-    database_url: str = ""              # CHEXMASK_DATABASE_URL (default: SQLite under home)
-    store_url: str = ""                 # CHEXMASK_STORE_URL: file:///path or s3://bucket/prefix (default: home/store)
-    broker_url: str = ""                # CHEXMASK_BROKER_URL (default: an SQLite file under home)
+    home: Path = Path(".chexmask")  # CHEXMASK_HOME: the embedded index, store, broker and caches
+    weights: str | None = None  # CHEXMASK_WEIGHTS: path or URL; None = bundled default
+    weights_sha256: str | None = None  # CHEXMASK_WEIGHTS_SHA256: pin for weights given by URL/path
+    database_url: str = ""  # CHEXMASK_DATABASE_URL (default: SQLite under home)
+    store_url: str = ""  # CHEXMASK_STORE_URL: file:///path or s3://bucket/prefix (default: home/store)
+    broker_url: str = ""  # CHEXMASK_BROKER_URL (default: an SQLite file under home)
     s3_endpoint_url: str | None = None  # CHEXMASK_S3_ENDPOINT_URL: S3-compatible server (else boto3's AWS_ENDPOINT_URL)
-    qc_bank: str | None = None          # CHEXMASK_QC_BANK: reference bank file for RCA
-    device: str = "auto"                # CHEXMASK_DEVICE: auto, cpu, cuda
-    batch_size: int = 2                 # CHEXMASK_BATCH_SIZE: images in the model at once, over its threads
-    model_threads: int = 0              # CHEXMASK_MODEL_THREADS: images inferred at once; 0 = one per core
+    qc_bank: str | None = None  # CHEXMASK_QC_BANK: reference bank file for RCA
+    device: str = "auto"  # CHEXMASK_DEVICE: auto, cpu, cuda
+    batch_size: int = 2  # CHEXMASK_BATCH_SIZE: images in the model at once, over its threads
+    model_threads: int = 0  # CHEXMASK_MODEL_THREADS: images inferred at once; 0 = one per core
     api_token: SecretStr | None = None  # CHEXMASK_API_TOKEN: bearer token for the HTTP API
-    visibility_timeout_s: int = _env("VISIBILITY_TIMEOUT", 3600)  # CHEXMASK_VISIBILITY_TIMEOUT: longer than the longest task
-    scan_prefixes: str = ""             # CHEXMASK_SCAN_PREFIXES: "URI [DATASET [RELEASE]]; ..." for beat
+    visibility_timeout_s: int = _env(
+        "VISIBILITY_TIMEOUT", 3600
+    )  # CHEXMASK_VISIBILITY_TIMEOUT: longer than the longest task
+    scan_prefixes: str = ""  # CHEXMASK_SCAN_PREFIXES: "URI [DATASET [RELEASE]]; ..." for beat
     scan_interval_s: int = _env("SCAN_INTERVAL", 3600)  # CHEXMASK_SCAN_INTERVAL: seconds between beat scans
     events_redis_url: str = "redis://localhost:6379/0"  # CHEXMASK_EVENTS_REDIS_URL: `chexmask listen --redis-list`
     webhook_token: SecretStr | None = None  # CHEXMASK_WEBHOOK_TOKEN: token MinIO's webhook sends
     log_format: Literal["text", "json"] = "text"  # CHEXMASK_LOG_FORMAT: json = one JSON object per line
-    max_pixels: int = 100_000_000       # CHEXMASK_MAX_PIXELS: larger images are refused from their header
-    fault: str | None = None            # CHEXMASK_FAULT: a test hook, see faults.py (unset in production)
-    lease_s: int = Field(60, ge=1, validation_alias=AliasChoices(ENV_PREFIX + "LEASE"))  # CHEXMASK_LEASE: seconds a dead worker's image or QC stays held
-    retry_failed_for_s: int = _env("RETRY_FAILED_FOR", 86_400)  # CHEXMASK_RETRY_FAILED_FOR: seconds a transient failure is retried
+    max_pixels: int = 100_000_000  # CHEXMASK_MAX_PIXELS: larger images are refused from their header
+    fault: str | None = None  # CHEXMASK_FAULT: a test hook, see faults.py (unset in production)
+    lease_s: int = Field(
+        60, ge=1, validation_alias=AliasChoices(ENV_PREFIX + "LEASE")
+    )  # CHEXMASK_LEASE: seconds a dead worker's image or QC stays held
+    retry_failed_for_s: int = _env(
+        "RETRY_FAILED_FOR", 86_400
+    )  # CHEXMASK_RETRY_FAILED_FOR: seconds a transient failure is retried
 
     def __init__(self, **values: Any):
         # Keyword arguments go by field name, also for the fields read under another
@@ -75,7 +81,7 @@ class Settings(BaseSettings):
             raise ConfigError(_describe(exc)) from None
 
     @classmethod
-    def from_env(cls) -> "Settings":
+    def from_env(cls) -> Settings:
         """The settings of this process: environment, then ``.env``, then defaults."""
         return cls()
 
@@ -91,7 +97,7 @@ class Settings(BaseSettings):
         return "broker_url" in self.model_fields_set and bool(self.broker_url)
 
     @model_validator(mode="after")
-    def _derived_defaults(self) -> "Settings":
+    def _derived_defaults(self) -> Settings:
         # The one place the embedded defaults are spelled out; an explicit value
         # (even "", as tests give broker_url="") is kept.
         derived = {
@@ -106,8 +112,11 @@ class Settings(BaseSettings):
 
 
 # field name -> the variable it is read from, where that is not CHEXMASK_<FIELD>
-_RENAMED = {name: str(info.validation_alias.choices[0]) for name, info in Settings.model_fields.items()
-            if isinstance(info.validation_alias, AliasChoices)}
+_RENAMED = {
+    name: str(info.validation_alias.choices[0])
+    for name, info in Settings.model_fields.items()
+    if isinstance(info.validation_alias, AliasChoices)
+}
 
 
 def _variable(field: str) -> str:

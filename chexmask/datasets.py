@@ -89,7 +89,7 @@ def _chexpert(path: PurePosixPath) -> str | None:
     for i, part in enumerate(parts):
         if _CHEXPERT_ROOT.fullmatch(part):
             # The CSV's Path column names the full-size release whichever copy was read.
-            return "/".join(("CheXpert-v1.0", *parts[i + 1:]))
+            return "/".join(("CheXpert-v1.0", *parts[i + 1 :]))
     tail = "/".join(parts[-4:])
     return f"CheXpert-v1.0/{tail}" if _CHEXPERT_TAIL.fullmatch(tail) else None
 

@@ -131,8 +131,9 @@ class _Handler(logging.StreamHandler):
         self.__dict__["_stream"] = value
 
 
-def configure(verbosity: int = 0, fmt: str = "text", *, level: int | str | None = None,
-              stream: TextIO | None = None) -> logging.Handler:
+def configure(
+    verbosity: int = 0, fmt: str = "text", *, level: int | str | None = None, stream: TextIO | None = None
+) -> logging.Handler:
     """Log to ``stream`` (stderr) at the level of ``verbosity`` (or ``level``) in
     ``fmt`` (text or json), with the image context on every line."""
     handler = _Handler(stream)
@@ -142,6 +143,9 @@ def configure(verbosity: int = 0, fmt: str = "text", *, level: int | str | None 
     for old in [h for h in root.handlers if isinstance(h, _Handler)]:
         root.removeHandler(old)
     root.addHandler(handler)
-    root.setLevel(level_for(verbosity) if level is None else
-                  (logging.getLevelName(level.upper()) if isinstance(level, str) else level))
+    root.setLevel(
+        level_for(verbosity)
+        if level is None
+        else (logging.getLevelName(level.upper()) if isinstance(level, str) else level)
+    )
     return handler

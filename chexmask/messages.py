@@ -27,25 +27,34 @@ class Arrival:
     size: int | None = None
 
     @classmethod
-    def for_file(cls, path: Path, dataset: str | None = None, release: str | None = None,
-                 stat: os.stat_result | None = None) -> "Arrival":
+    def for_file(
+        cls, path: Path, dataset: str | None = None, release: str | None = None, stat: os.stat_result | None = None
+    ) -> Arrival:
         path = path.absolute()
         stat = stat or path.stat()
         found = identify(printable(path.as_posix()), dataset)
         return cls(file_uri(path), found.dataset, found.image_id, release, file_etag(stat), stat.st_size)
 
     @classmethod
-    def for_object(cls, bucket: str, key: str, etag: str | None, size: int | None,
-                   dataset: str | None = None, release: str | None = None) -> "Arrival":
+    def for_object(
+        cls,
+        bucket: str,
+        key: str,
+        etag: str | None,
+        size: int | None,
+        dataset: str | None = None,
+        release: str | None = None,
+    ) -> Arrival:
         found = identify(key, dataset)
-        return cls(f"s3://{bucket}/{key}", found.dataset, found.image_id, release,
-                   etag.strip('"') if etag else None, size)
+        return cls(
+            f"s3://{bucket}/{key}", found.dataset, found.image_id, release, etag.strip('"') if etag else None, size
+        )
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Arrival":
+    def from_dict(cls, data: dict) -> Arrival:
         return cls(**data)
 
     @property

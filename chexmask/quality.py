@@ -13,7 +13,8 @@ GOOD_DICE = 0.7
 
 QC_ORGANS = ("rl", "ll", "h")
 DICE_FIELDS: tuple[str, ...] = (
-    "dice_rca_mean", "dice_rca_max",
+    "dice_rca_mean",
+    "dice_rca_max",
     *(f"dice_rca_mean_{organ}" for organ in QC_ORGANS),
     *(f"dice_rca_max_{organ}" for organ in QC_ORGANS),
 )

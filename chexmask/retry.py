@@ -24,7 +24,7 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    transient_retries: int = 5   # TransientError: a storage or network hiccup
+    transient_retries: int = 5  # TransientError: a storage or network hiccup
     unexpected_retries: int = 2  # any other error but a refusal or a missing record
     backoff_s: float = 5.0
     backoff_max_s: float = 600.0  # stays under the broker's visibility timeout
@@ -39,14 +39,18 @@ class RetryPolicy:
 
     def delay(self, retry: int) -> float:
         """Seconds before retry number ``retry`` (0-based)."""
-        return min(self.backoff_max_s, self.backoff_s * 2 ** retry) * random.uniform(0.5, 1.0)
+        return min(self.backoff_max_s, self.backoff_s * 2**retry) * random.uniform(0.5, 1.0)
 
     def next_delay(self, exc: BaseException, retries_done: int) -> float | None:
         """Seconds to wait before trying again after ``exc``, or None to give up."""
         return self.delay(retries_done) if retries_done < self.retries_for(exc) else None
 
-    def run(self, work: Callable[[], T], on_retry: Callable[[BaseException, float], None] = lambda e, d: None,
-            sleep: Callable[[float], object] = time.sleep) -> T:
+    def run(
+        self,
+        work: Callable[[], T],
+        on_retry: Callable[[BaseException, float], None] = lambda e, d: None,
+        sleep: Callable[[float], object] = time.sleep,
+    ) -> T:
         """``work()`` in this thread, waiting and trying again as the policy says;
         the last error is raised once the retries are spent."""
         retries = 0
@@ -67,8 +71,20 @@ RETRY = RetryPolicy()
 
 # A full or read-only disk, a flaky network filesystem, a database or store that is
 # down: failures that a later try may not meet, unlike a bug or a bad input.
-_TRANSIENT_ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EIO, errno.EAGAIN,
-                               errno.ETIMEDOUT, errno.ESTALE, errno.EBUSY, errno.ENOMEM})
+_TRANSIENT_ERRNOS = frozenset(
+    {
+        errno.ENOSPC,
+        errno.EROFS,
+        errno.EDQUOT,
+        errno.EACCES,
+        errno.EIO,
+        errno.EAGAIN,
+        errno.ETIMEDOUT,
+        errno.ESTALE,
+        errno.EBUSY,
+        errno.ENOMEM,
+    }
+)
 
 
 def transient_cause(exc: BaseException | None) -> bool:
@@ -85,8 +101,13 @@ def transient_cause(exc: BaseException | None) -> bool:
     return False
 
 
-def next_failed_retry(failing_since: datetime | None, now: datetime, retry_for_s: float,
-                      min_delay_s: float = 60.0, max_delay_s: float = 3600.0) -> datetime | None:
+def next_failed_retry(
+    failing_since: datetime | None,
+    now: datetime,
+    retry_for_s: float,
+    min_delay_s: float = 60.0,
+    max_delay_s: float = 3600.0,
+) -> datetime | None:
     """When a failed image with a transient cause is tried again: after as long as it
     has been failing (so the waits double), within [min, max]; None once it has been
     failing for ``retry_for_s``."""

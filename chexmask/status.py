@@ -4,11 +4,11 @@ from enum import Enum
 
 
 class ImageStatus(str, Enum):
-    QUEUED = "queued"          # noticed and enqueued, not yet picked up
+    QUEUED = "queued"  # noticed and enqueued, not yet picked up
     PROCESSING = "processing"  # a worker holds it
-    DONE = "done"              # segmented (QC may still be pending)
-    REFUSED = "refused"        # bad input; refusal_code/reason say why; never retried
-    FAILED = "failed"          # an unexpected error after retries; reason says what
+    DONE = "done"  # segmented (QC may still be pending)
+    REFUSED = "refused"  # bad input; refusal_code/reason say why; never retried
+    FAILED = "failed"  # an unexpected error after retries; reason says what
 
     @property
     def final(self) -> bool:

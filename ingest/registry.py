@@ -78,20 +78,39 @@ class Registry:
         by_dataset: dict[str, list[str]] = {}
         for a in arrivals:
             by_dataset.setdefault(a.dataset, []).append(a.dataset_image_id)
-        return {(dataset, image_id) for dataset, ids in by_dataset.items()
-                for image_id in imported_ids(self.index, dataset, ids)}
+        return {
+            (dataset, image_id)
+            for dataset, ids in by_dataset.items()
+            for image_id in imported_ids(self.index, dataset, ids)
+        }
 
     def record_covered(self, arrivals: Sequence[Arrival]) -> None:
         """Register covered arrivals as done, in one statement (see ``triage``)."""
-        self.index.register_linked([
-            {"uri": a.uri, "dataset": a.dataset, "dataset_image_id": a.dataset_image_id,
-             "release": a.release, "etag_or_version": a.etag, "size": a.size} for a in arrivals])
+        self.index.register_linked(
+            [
+                {
+                    "uri": a.uri,
+                    "dataset": a.dataset,
+                    "dataset_image_id": a.dataset_image_id,
+                    "release": a.release,
+                    "etag_or_version": a.etag,
+                    "size": a.size,
+                }
+                for a in arrivals
+            ]
+        )
 
     def record(self, arrivals: Iterable[Arrival]) -> None:
         """Register arrivals (status queued; a changed one goes back to queued)."""
         for a in arrivals:
-            self.index.register_image(uri=a.uri, dataset=a.dataset, dataset_image_id=a.dataset_image_id,
-                                      release=a.release, etag_or_version=a.etag, size=a.size)
+            self.index.register_image(
+                uri=a.uri,
+                dataset=a.dataset,
+                dataset_image_id=a.dataset_image_id,
+                release=a.release,
+                etag_or_version=a.etag,
+                size=a.size,
+            )
 
     def admit(self, arrival: Arrival, keep_bytes: bool = False) -> Admitted | None:
         """Read and hash the source and register it; ``None`` when there is nothing to do
@@ -106,9 +125,13 @@ class Registry:
             log.warning("%s", exc)
             return None
         registration = self.index.register_image(
-            uri=arrival.uri, dataset=arrival.dataset, dataset_image_id=arrival.dataset_image_id,
-            release=arrival.release, etag_or_version=arrival.etag,
-            sha256=hashlib.sha256(data).hexdigest(), size=len(data),
+            uri=arrival.uri,
+            dataset=arrival.dataset,
+            dataset_image_id=arrival.dataset_image_id,
+            release=arrival.release,
+            etag_or_version=arrival.etag,
+            sha256=hashlib.sha256(data).hexdigest(),
+            size=len(data),
         )
         # A known image still queued was registered by a producer, or by an admission
         # that died before handing it on: either way it still needs segmenting.

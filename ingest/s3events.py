@@ -22,8 +22,8 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
 from pathlib import PurePosixPath
+from typing import Any
 from urllib.parse import unquote_plus
 
 from fastapi import FastAPI, Header, HTTPException, Request
@@ -83,14 +83,16 @@ def _records(records: Iterable[dict]) -> list[ObjectCreated]:
             continue
         s3 = record["s3"]
         obj = s3["object"]
-        events.append(ObjectCreated(
-            bucket=s3["bucket"]["name"],
-            key=unquote_plus(obj["key"]),
-            etag=(obj.get("eTag") or obj.get("etag") or "").strip('"') or None,
-            version_id=obj.get("versionId") or None,
-            sequencer=obj.get("sequencer") or None,
-            size=obj.get("size"),
-        ))
+        events.append(
+            ObjectCreated(
+                bucket=s3["bucket"]["name"],
+                key=unquote_plus(obj["key"]),
+                etag=(obj.get("eTag") or obj.get("etag") or "").strip('"') or None,
+                version_id=obj.get("versionId") or None,
+                sequencer=obj.get("sequencer") or None,
+                size=obj.get("size"),
+            )
+        )
     return events
 
 
@@ -126,8 +128,9 @@ class Deduper:
 class Listener:
     """Turns notification messages into queued arrivals."""
 
-    def __init__(self, intake: Intake, *, dataset: str | None = None, release: str | None = None,
-                 deduper: Deduper | None = None):
+    def __init__(
+        self, intake: Intake, *, dataset: str | None = None, release: str | None = None, deduper: Deduper | None = None
+    ):
         self.intake = intake
         self.dataset = dataset
         self.release = release
@@ -166,14 +169,17 @@ class SqsListener:
 
     def poll(self) -> int:
         """One receive; the messages are deleted only after their objects are queued."""
-        response = self.client.receive_message(QueueUrl=self.queue_url, MaxNumberOfMessages=10,
-                                               WaitTimeSeconds=self.wait_s)
+        response = self.client.receive_message(
+            QueueUrl=self.queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=self.wait_s
+        )
         messages = response.get("Messages", [])
         if not messages:
             return 0
         self.listener.handle([m["Body"] for m in messages])
-        self.client.delete_message_batch(QueueUrl=self.queue_url, Entries=[
-            {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(messages)])
+        self.client.delete_message_batch(
+            QueueUrl=self.queue_url,
+            Entries=[{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(messages)],
+        )
         return len(messages)
 
     def run(self, stop: threading.Event) -> None:

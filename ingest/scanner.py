@@ -70,8 +70,16 @@ class ScanState:
 
 
 class ReleaseScanner:
-    def __init__(self, intake: Intake, *, dataset: str | None = None, release: str | None = None,
-                 state_dir: Path | None = None, page_size: int = DEFAULT_PAGE, progress: bool = True):
+    def __init__(
+        self,
+        intake: Intake,
+        *,
+        dataset: str | None = None,
+        release: str | None = None,
+        state_dir: Path | None = None,
+        page_size: int = DEFAULT_PAGE,
+        progress: bool = True,
+    ):
         self.intake = intake
         self.dataset = dataset
         self.release = release
@@ -94,8 +102,7 @@ class ReleaseScanner:
                 if state:
                     state.save(page[-1][0])
                 bar.update(len(page))
-                bar.set_postfix(new=counts.new, changed=counts.changed, skipped=counts.skipped,
-                                covered=counts.covered)
+                bar.set_postfix(new=counts.new, changed=counts.changed, skipped=counts.skipped, covered=counts.covered)
         if state:
             state.clear()  # complete: the next scan starts from the beginning
         return counts
@@ -117,10 +124,9 @@ class ReleaseScanner:
         for page in paginator.paginate(**params):
             for obj in page.get("Contents", []):
                 key = obj["Key"]
-                if key.endswith("/") or ignored_name(PurePosixPath(key[len(prefix):].lstrip("/"))):
+                if key.endswith("/") or ignored_name(PurePosixPath(key[len(prefix) :].lstrip("/"))):
                     continue
-                yield key, Arrival.for_object(bucket, key, obj.get("ETag"), obj.get("Size"),
-                                              self.dataset, self.release)
+                yield key, Arrival.for_object(bucket, key, obj.get("ETag"), obj.get("Size"), self.dataset, self.release)
 
     def _files(self, root: Path, start_after: str | None) -> Iterator[tuple[str, Arrival]]:
         # walk() goes folder by folder in name order, so keys compare part by part.

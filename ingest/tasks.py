@@ -37,8 +37,9 @@ def ingest(self: Task, arrival: dict) -> int | None:
             log.debug("%s: already handled or no longer there", arrival_.name)
             return None
         bind(image_id=admitted.image_id)
-        app.send_task(SEGMENT_TASK, args=[admitted.image_id, {"ingest": admitted.seconds}, time.time()],
-                      queue=SEGMENT_QUEUE)
+        app.send_task(
+            SEGMENT_TASK, args=[admitted.image_id, {"ingest": admitted.seconds}, time.time()], queue=SEGMENT_QUEUE
+        )
         log.debug("%s registered; segmentation queued", arrival_.name)
         return admitted.image_id
 
@@ -49,6 +50,7 @@ def scan(self: Task, uri: str, dataset: str | None = None, release: str | None =
     with image_context(dataset=dataset, task_id=self.request.id):
         s = service()
         intake = Intake(Registry(s.index), CeleryQueue(app))
-        scanner = ReleaseScanner(intake, dataset=dataset, release=release,
-                                 state_dir=s.settings.home / "scans", progress=False)
+        scanner = ReleaseScanner(
+            intake, dataset=dataset, release=release, state_dir=s.settings.home / "scans", progress=False
+        )
         return asdict(attempt(self, lambda: scanner.scan(uri)))

@@ -17,9 +17,9 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path, PurePath
+from pathlib import Path
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
@@ -45,9 +45,16 @@ class _Pending:
 class FolderWatcher:
     """Calls ``on_files(paths)`` with complete files, from one thread, in batches."""
 
-    def __init__(self, root: Path, on_files: Callable[[list[Path]], None], *, polling: bool = False,
-                 settle: float = DEFAULT_SETTLE_S, reconcile_every: float = DEFAULT_RECONCILE_S,
-                 poll_interval: float = 1.0):
+    def __init__(
+        self,
+        root: Path,
+        on_files: Callable[[list[Path]], None],
+        *,
+        polling: bool = False,
+        settle: float = DEFAULT_SETTLE_S,
+        reconcile_every: float = DEFAULT_RECONCILE_S,
+        poll_interval: float = 1.0,
+    ):
         self.root = root.absolute()
         self.on_files = on_files
         self.settle = settle
@@ -61,7 +68,7 @@ class FolderWatcher:
 
     # --- lifecycle --------------------------------------------------------------------
 
-    def start(self) -> "FolderWatcher":
+    def start(self) -> FolderWatcher:
         self.root.mkdir(parents=True, exist_ok=True)
         # Events first, then the scan: a file landing in between is seen at least once.
         self._observer.schedule(_Handler(self), str(self.root), recursive=True)
@@ -76,7 +83,7 @@ class FolderWatcher:
         if self._thread.is_alive():
             self._thread.join()
 
-    def __enter__(self) -> "FolderWatcher":
+    def __enter__(self) -> FolderWatcher:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

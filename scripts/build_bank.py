@@ -26,10 +26,9 @@ import torch
 from chexmask.config import Settings
 from chexmask.worker import rca
 from chexmask.worker.bank import ReferenceBank
-from chexmask.worker.weights import file_sha256
 from chexmask.worker.qc_commands import fit_calibration, validation_cases
 from chexmask.worker.train import list_ids
-from chexmask.worker.weights import load
+from chexmask.worker.weights import file_sha256, load
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "chexmask" / "weights"
 
@@ -47,15 +46,24 @@ def main(jsrt: Path, name: str) -> None:
     target = WEIGHTS / f"{name}.npz"
     bank.save(target)
     entry = {
-        "name": name, "file": target.name, "sha256": file_sha256(target),
-        "references": len(bank), "size": bank.size, "latents": False,
-        "calibration_ids": validation, "calibration_cases": len(rows), "calibration_model": info.version,
-        "flag_caps": bank.flag_caps, "view_threshold": bank.view_threshold,
+        "name": name,
+        "file": target.name,
+        "sha256": file_sha256(target),
+        "references": len(bank),
+        "size": bank.size,
+        "latents": False,
+        "calibration_ids": validation,
+        "calibration_cases": len(rows),
+        "calibration_model": info.version,
+        "flag_caps": bank.flag_caps,
+        "view_threshold": bank.view_threshold,
         "command": f"python scripts/build_bank.py --jsrt ../shared/data/jsrt --name {name}",
     }
     (WEIGHTS / "qc_bank.json").write_text(json.dumps(entry, indent=1) + "\n")
-    print(f"{target}: {len(bank)} references, {len(rows)} calibration cases, caps {bank.flag_caps}, "
-          f"{target.stat().st_size / 1e6:.1f} MB ({time.perf_counter() - started:.0f} s)")
+    print(
+        f"{target}: {len(bank)} references, {len(rows)} calibration cases, caps {bank.flag_caps}, "
+        f"{target.stat().st_size / 1e6:.1f} MB ({time.perf_counter() - started:.0f} s)"
+    )
 
 
 if __name__ == "__main__":

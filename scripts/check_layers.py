@@ -37,8 +37,10 @@ class Violation:
     imported_layer: str
 
     def __str__(self) -> str:
-        return (f"{self.path.relative_to(ROOT)}:{self.line}: {self.importer_layer} imports "
-                f"{self.imported} ({self.imported_layer}, a higher layer)")
+        return (
+            f"{self.path.relative_to(ROOT)}:{self.line}: {self.importer_layer} imports "
+            f"{self.imported} ({self.imported_layer}, a higher layer)"
+        )
 
 
 def layer_of(module: str) -> int | None:
@@ -60,8 +62,12 @@ def imports(path: Path) -> list[tuple[int, str]]:
             found += [(node.lineno, alias.name) for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             # "from chexmask import storage" names a subpackage, not a core symbol.
-            found += [(node.lineno, f"{node.module}.{alias.name}") if node.module == "chexmask"
-                      else (node.lineno, node.module) for alias in node.names]
+            found += [
+                (node.lineno, f"{node.module}.{alias.name}")
+                if node.module == "chexmask"
+                else (node.lineno, node.module)
+                for alias in node.names
+            ]
     return found
 
 
@@ -77,8 +83,10 @@ def violations(root: Path = ROOT) -> list[Violation]:
 
 
 def main() -> int:
-    print("layers (each imports only itself and those before it): "
-          + " <- ".join(f"{name} ({folder}/)" for name, folder, _ in LAYERS))
+    print(
+        "layers (each imports only itself and those before it): "
+        + " <- ".join(f"{name} ({folder}/)" for name, folder, _ in LAYERS)
+    )
     found = violations()
     for violation in found:
         print(violation)

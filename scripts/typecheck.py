@@ -32,8 +32,16 @@ def link_tree(out: Path) -> Path:
 
 def main() -> int:
     tree = link_tree(ROOT / "build" / "typecheck")
-    command = [sys.executable, "-m", "mypy", "--config-file", str(ROOT / "pyproject.toml"),
-               "-p", "chexmask", *sys.argv[1:]]
+    command = [
+        sys.executable,
+        "-m",
+        "mypy",
+        "--config-file",
+        str(ROOT / "pyproject.toml"),
+        "-p",
+        "chexmask",
+        *sys.argv[1:],
+    ]
     return subprocess.run(command, cwd=tree).returncode
 
 

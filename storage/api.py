@@ -76,8 +76,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             revision = index.current_revision()
         except Exception as exc:  # any database failure makes us unhealthy, never a 500
             # The driver's message names the host, port and user: for the log, not the client.
-            log.warning("health: index %s unreachable: %s", mask_url(settings.database_url),
-                        _without_secrets(str(exc), settings.database_url))
+            log.warning(
+                "health: index %s unreachable: %s",
+                mask_url(settings.database_url),
+                _without_secrets(str(exc), settings.database_url),
+            )
             raise HTTPException(HTTPStatus.SERVICE_UNAVAILABLE, "index unreachable") from exc
         return {"status": "ok", "schema_revision": revision}
 
@@ -90,19 +93,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     ) -> Page:
         # One extra row tells whether a next page exists without a COUNT(*) over the set.
         rows = index.query(filters, sort=sort, limit=limit + 1, offset=offset)
-        return Page(items=rows[:limit], limit=limit, offset=offset,
-                    next_offset=offset + limit if len(rows) > limit else None)
+        return Page(
+            items=rows[:limit], limit=limit, offset=offset, next_offset=offset + limit if len(rows) > limit else None
+        )
 
     @app.get("/segmentations/{segmentation_id}", dependencies=guarded)
-    def get_segmentation(segmentation_id: Annotated[int, PathParam(ge=1, le=MAX_ID)],
-                         request: Request) -> dict[str, Any]:
+    def get_segmentation(
+        segmentation_id: Annotated[int, PathParam(ge=1, le=MAX_ID)], request: Request
+    ) -> dict[str, Any]:
         segmentation = index.get_segmentation(segmentation_id)
         if segmentation is None:
             raise HTTPException(HTTPStatus.NOT_FOUND, "no such segmentation")
         record = segmentation.model_dump(mode="json")
         record["objects"] = {
-            name: str(request.url_for("get_object", key=key))
-            for name, key in segmentation.object_keys.items()
+            name: str(request.url_for("get_object", key=key)) for name, key in segmentation.object_keys.items()
         }
         return record
 
@@ -120,9 +124,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return StreamingResponse(chunks, media_type=media_type)
 
     @app.get("/stats", dependencies=guarded)
-    def stats(
-        dataset: str | None = None, release: str | None = None, model: str | None = None
-    ) -> list[dict[str, Any]]:
+    def stats(dataset: str | None = None, release: str | None = None, model: str | None = None) -> list[dict[str, Any]]:
         groups = compute_stats(index, dataset=dataset, release=release, model=model)
         return [group.as_dict() for group in groups]
 
@@ -144,10 +146,17 @@ def _filters(
     id_pattern: str | None = None,
 ) -> QueryFilters:
     return QueryFilters(
-        dataset=dataset, release=release, model=model, status=status,
-        min_dice_mean=min_dice_mean, max_dice_mean=max_dice_mean,
-        min_dice_max=min_dice_max, max_dice_max=max_dice_max,
-        created_after=created_after, created_before=created_before, id_pattern=id_pattern,
+        dataset=dataset,
+        release=release,
+        model=model,
+        status=status,
+        min_dice_mean=min_dice_mean,
+        max_dice_mean=max_dice_mean,
+        min_dice_max=min_dice_max,
+        max_dice_max=max_dice_max,
+        created_after=created_after,
+        created_before=created_before,
+        id_pattern=id_pattern,
     )
 
 

@@ -172,8 +172,7 @@ def _frame_of(frame: Frame, landmarks: str, has_size: bool) -> Frame:
     return Frame.ORIGINAL if landmarks.lstrip().startswith("[") else Frame.R1024
 
 
-def _parse(line: int, image_id: str, fields: dict[str, str], frame: Frame,
-           report: ImportReport) -> ParsedRow:
+def _parse(line: int, image_id: str, fields: dict[str, str], frame: Frame, report: ImportReport) -> ParsedRow:
     if not image_id:
         raise BadRow("empty image id")
     height, width = _size(fields, frame)
@@ -200,8 +199,7 @@ def _parse(line: int, image_id: str, fields: dict[str, str], frame: Frame,
     values.update({f"rle_{organ}{other}": "" for organ in rle})
     if frame is Frame.ORIGINAL:
         # Verbatim: the export writes this text back byte for byte.
-        values.update(landmarks_original=points, landmarks_original_str=fields["Landmarks"],
-                      landmarks_1024=[])
+        values.update(landmarks_original=points, landmarks_original_str=fields["Landmarks"], landmarks_1024=[])
     else:
         values.update(landmarks_1024=points, landmarks_original=[], landmarks_original_str="")
     digest = hashlib.sha1("\x1f".join([image_id, frame.value, *fields.values()]).encode()).hexdigest()
@@ -336,27 +334,42 @@ def _known(connection: sa.Connection, uris: list[str]) -> dict[str, tuple[int, s
     found: dict[str, tuple[int, str | None]] = {}
     for start in range(0, len(uris), 500):  # under every backend's parameter limit
         statement = sa.select(SourceImage.uri, SourceImage.id, SourceImage.etag_or_version).where(
-            SourceImage.uri.in_(uris[start:start + 500]))
+            SourceImage.uri.in_(uris[start : start + 500])
+        )
         found.update((uri, (image_id, etag)) for uri, image_id, etag in connection.execute(statement))
     return found
 
 
 def _image_values(context: _Context, uri: str, row: ParsedRow, now: Any) -> dict[str, Any]:
     return {
-        "uri": uri, "etag_or_version": context.etag(row),
-        "sha256": import_sha256(context.dataset, row.image_id), "size": None,
-        "dataset": context.dataset, "release": context.release, "dataset_image_id": row.image_id,
-        "height": row.height, "width": row.width, "updated_at": now,
-        "status": ImageStatus.DONE, "refusal_code": None, "reason": None, "attempts": 0,
+        "uri": uri,
+        "etag_or_version": context.etag(row),
+        "sha256": import_sha256(context.dataset, row.image_id),
+        "size": None,
+        "dataset": context.dataset,
+        "release": context.release,
+        "dataset_image_id": row.image_id,
+        "height": row.height,
+        "width": row.width,
+        "updated_at": now,
+        "status": ImageStatus.DONE,
+        "refusal_code": None,
+        "reason": None,
+        "attempts": 0,
     }
 
 
 def _segmentation_values(context: _Context, image_id: int, row: ParsedRow, now: Any) -> dict[str, Any]:
     return {
         **row.values,
-        "image_id": image_id, "image_sha256": import_sha256(context.dataset, row.image_id),
-        "dataset": context.dataset, "is_current": True, "model_version": context.model,
-        "weights_sha256": context.weights_sha256, "created_at": now, "object_keys": {},
+        "image_id": image_id,
+        "image_sha256": import_sha256(context.dataset, row.image_id),
+        "dataset": context.dataset,
+        "is_current": True,
+        "model_version": context.model,
+        "weights_sha256": context.weights_sha256,
+        "created_at": now,
+        "object_keys": {},
     }
 
 
@@ -365,8 +378,11 @@ def _upsert(index: MaskIndex) -> Any:
 
     insert = (postgresql if index.dialect == "postgresql" else sqlite).insert(Segmentation)
     # Everything the file decides is replaced; id and created_at stay, so the export keeps its order.
-    replaced = [c.name for c in Segmentation.__table__.columns
-                if c.name not in ("id", "image_sha256", "model_version", "created_at")]
+    replaced = [
+        c.name
+        for c in Segmentation.__table__.columns
+        if c.name not in ("id", "image_sha256", "model_version", "created_at")
+    ]
     return insert.on_conflict_do_update(
         index_elements=["image_sha256", "model_version"],
         set_={name: insert.excluded[name] for name in replaced},
@@ -380,7 +396,7 @@ def imported_ids(index: MaskIndex, dataset: str, image_ids: Iterable[str]) -> se
     with index.engine.connect() as connection:
         for start in range(0, len(wanted), 500):
             statement = sa.select(SourceImage.dataset_image_id, SourceImage.uri).where(
-                SourceImage.dataset_image_id.in_(wanted[start:start + 500]),
+                SourceImage.dataset_image_id.in_(wanted[start : start + 500]),
                 SourceImage.dataset == canonical(dataset),
             )
             found.update(i for i, uri in connection.execute(statement) if is_imported_uri(uri))

@@ -44,8 +44,10 @@ def _resolve_models(index: MaskIndex, model: str | Sequence[str] | None) -> list
         return [m for m in names if m]
     names = [m.name for m in index.models()]
     if len(names) > 1:
-        raise ConfigError(f"the index holds several models ({', '.join(names)}); choose one with --model, "
-                          "or several in order of precedence (--model a,b)")
+        raise ConfigError(
+            f"the index holds several models ({', '.join(names)}); choose one with --model, "
+            "or several in order of precedence (--model a,b)"
+        )
     return names[:1] or [None]
 
 
@@ -64,8 +66,9 @@ def _source(segmentation: Any, model: str | None, imported: bool) -> list[Any]:
 def _sources(index: MaskIndex, dataset: str, models: list[str | None]) -> list[tuple[str | None, bool]]:
     """(model, imported) in precedence order: each model's published rows before its own.
     Without imports in the dataset there is one source per model (and no dedup cost)."""
-    any_import = sa.exists().where(Segmentation.dataset == canonical(dataset),
-                                   Segmentation.pipeline_version.in_(IMPORT_PIPELINES))
+    any_import = sa.exists().where(
+        Segmentation.dataset == canonical(dataset), Segmentation.pipeline_version.in_(IMPORT_PIPELINES)
+    )
     with index.engine.connect() as connection:
         has_imports = connection.execute(sa.select(any_import)).scalar()
     if not has_imports:
@@ -89,12 +92,12 @@ def iter_rows(
     resolution = Resolution(resolution)
     sources = _sources(index, dataset, _resolve_models(index, model))
     if len(sources) == 1:  # the common case: one model, nothing imported, no dedup
-        yield from _rows_of(index, dataset, release, sources[0][0], None, [], resolution,
-                            min_dice_mean, batch_size)
+        yield from _rows_of(index, dataset, release, sources[0][0], None, [], resolution, min_dice_mean, batch_size)
         return
     for position, (name, imported) in enumerate(sources):
-        yield from _rows_of(index, dataset, release, name, imported, sources[:position], resolution,
-                            min_dice_mean, batch_size)
+        yield from _rows_of(
+            index, dataset, release, name, imported, sources[:position], resolution, min_dice_mean, batch_size
+        )
 
 
 def _rows_of(
@@ -114,8 +117,7 @@ def _rows_of(
         landmarks = Segmentation.landmarks_original_str
         size: tuple[Any, ...] = (Segmentation.height, Segmentation.width)
     else:
-        masks = (Segmentation.rle_left_lung_1024, Segmentation.rle_right_lung_1024,
-                 Segmentation.rle_heart_1024)
+        masks = (Segmentation.rle_left_lung_1024, Segmentation.rle_right_lung_1024, Segmentation.rle_heart_1024)
         # the JSON text, undecoded: reformatting it is far cheaper than decoding it
         landmarks, size = sa.cast(Segmentation.landmarks_1024, sa.Text), ()
     statement = index.select_segmentations(
@@ -136,9 +138,7 @@ def _rows_of(
     statement = statement.order_by(Segmentation.id)
 
     if resolution is Resolution.ORIGINAL:
-        for name, uri, mean, max_, text, left, right, heart, height, width in index.stream(
-            statement, batch_size
-        ):
+        for name, uri, mean, max_, text, left, right, heart, height, width in index.stream(statement, batch_size):
             yield (name or uri, mean, max_, text, left, right, heart, height, width)
     else:
         for name, uri, mean, max_, points, left, right, heart in index.stream(statement, batch_size):
@@ -221,8 +221,17 @@ def _write_parquet(path: Path, columns: list[str], rows: Iterator[tuple[Any, ...
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    types = [pa.string(), pa.float64(), pa.float64(), pa.string(), pa.string(), pa.string(),
-             pa.string(), pa.int64(), pa.int64()]
+    types = [
+        pa.string(),
+        pa.float64(),
+        pa.float64(),
+        pa.string(),
+        pa.string(),
+        pa.string(),
+        pa.string(),
+        pa.int64(),
+        pa.int64(),
+    ]
     schema = pa.schema(list(zip(columns, types, strict=True)))
     count = 0
     with pq.ParquetWriter(path, schema) as writer:

@@ -127,9 +127,7 @@ class MaskIndex:
         with self._session() as session:
             return list(session.scalars(select(ModelVersion).order_by(ModelVersion.id)))
 
-    def _ensure_model(
-        self, session: Session, name: str, weights_sha256: str, description: str = ""
-    ) -> ModelVersion:
+    def _ensure_model(self, session: Session, name: str, weights_sha256: str, description: str = "") -> ModelVersion:
         session.execute(
             self._insert(ModelVersion)
             .values(name=name, weights_sha256=weights_sha256, description=description, created_at=utcnow())
@@ -167,17 +165,27 @@ class MaskIndex:
         goes back to ``queued`` with no attempts. Otherwise the given fields only
         fill in or update descriptive metadata.
         """
-        content = {"etag_or_version": etag_or_version, "sha256": sha256, "size": size,
-                   "height": height, "width": width}
-        described = {"dataset": canonical(dataset), "release": release,
-                     "dataset_image_id": dataset_image_id, "modality": modality,
-                     "view_position": view_position}
+        content = {"etag_or_version": etag_or_version, "sha256": sha256, "size": size, "height": height, "width": width}
+        described = {
+            "dataset": canonical(dataset),
+            "release": release,
+            "dataset_image_id": dataset_image_id,
+            "modality": modality,
+            "view_position": view_position,
+        }
         now = utcnow()
         with self._session() as session:
             new_id = session.execute(
                 self._insert(SourceImage)
-                .values(uri=uri, **content, **described, first_seen=now, updated_at=now,
-                        status=ImageStatus.QUEUED, attempts=0)
+                .values(
+                    uri=uri,
+                    **content,
+                    **described,
+                    first_seen=now,
+                    updated_at=now,
+                    status=ImageStatus.QUEUED,
+                    attempts=0,
+                )
                 .on_conflict_do_nothing(index_elements=["uri"])
                 .returning(SourceImage.id)
             ).scalar_one_or_none()
@@ -185,15 +193,20 @@ class MaskIndex:
                 session.commit()
                 return Registration(session.get_one(SourceImage, new_id), created=True, changed=False)
 
-            image = session.scalars(
-                select(SourceImage).where(SourceImage.uri == uri).with_for_update()
-            ).one()
+            image = session.scalars(select(SourceImage).where(SourceImage.uri == uri).with_for_update()).one()
             changed = _content_changed(image, content)
             updates = {k: v for k, v in {**content, **described}.items() if v is not None}
             if changed:
                 # Whatever was known about the old bytes no longer holds.
-                updates.update(content, status=ImageStatus.QUEUED, attempts=0,
-                               refusal_code=None, reason=None, retry_at=None, failing_since=None)
+                updates.update(
+                    content,
+                    status=ImageStatus.QUEUED,
+                    attempts=0,
+                    refusal_code=None,
+                    reason=None,
+                    retry_at=None,
+                    failing_since=None,
+                )
             if _assign(image, updates):
                 image.updated_at = now
                 _sync_segmentations(session, image)
@@ -209,13 +222,23 @@ class MaskIndex:
         if not images:
             return 0
         now = utcnow()
-        rows = [{"uri": i["uri"], "dataset": canonical(i["dataset"]), "release": i.get("release"),
-                 "dataset_image_id": i["dataset_image_id"], "etag_or_version": i.get("etag_or_version"),
-                 "size": i.get("size"), "first_seen": now, "updated_at": now,
-                 "status": ImageStatus.DONE, "attempts": 0} for i in images]
+        rows = [
+            {
+                "uri": i["uri"],
+                "dataset": canonical(i["dataset"]),
+                "release": i.get("release"),
+                "dataset_image_id": i["dataset_image_id"],
+                "etag_or_version": i.get("etag_or_version"),
+                "size": i.get("size"),
+                "first_seen": now,
+                "updated_at": now,
+                "status": ImageStatus.DONE,
+                "attempts": 0,
+            }
+            for i in images
+        ]
         with self.engine.begin() as connection:
-            result = connection.execute(
-                self._insert(SourceImage).on_conflict_do_nothing(index_elements=["uri"]), rows)
+            result = connection.execute(self._insert(SourceImage).on_conflict_do_nothing(index_elements=["uri"]), rows)
             return max(result.rowcount, 0)
 
     def update_image(
@@ -230,8 +253,14 @@ class MaskIndex:
         view_position: str | None = None,
     ) -> SourceImage:
         """Record what reading the image revealed; ``None`` leaves a field as it is."""
-        given = {"sha256": sha256, "size": size, "height": height, "width": width,
-                 "modality": modality, "view_position": view_position}
+        given = {
+            "sha256": sha256,
+            "size": size,
+            "height": height,
+            "width": width,
+            "modality": modality,
+            "view_position": view_position,
+        }
         values = {k: v for k, v in given.items() if v is not None}
         return self._update_image(image_id, values, sync=sha256 is not None)
 
@@ -258,16 +287,20 @@ class MaskIndex:
         if status is ImageStatus.REFUSED and not code:
             raise ValueError("a refused image needs a refusal code")
         now = utcnow()
-        values: dict[str, Any] = {"status": status, "refusal_code": code, "reason": reason,
-                                  "lease_owner": None, "lease_expires_at": None}
+        values: dict[str, Any] = {
+            "status": status,
+            "refusal_code": code,
+            "reason": reason,
+            "lease_owner": None,
+            "lease_expires_at": None,
+        }
         if status is ImageStatus.PROCESSING:
             # Incremented in SQL so concurrent workers never lose a count.
             values["attempts"] = SourceImage.attempts + 1
             values.update(lease_owner=owner, lease_expires_at=now + timedelta(seconds=lease_s))
         if status is ImageStatus.FAILED:
             values["retry_at"] = retry_at
-            values["failing_since"] = (sa.func.coalesce(SourceImage.failing_since, now)
-                                       if retry_at is not None else None)
+            values["failing_since"] = sa.func.coalesce(SourceImage.failing_since, now) if retry_at is not None else None
         if status in (ImageStatus.DONE, ImageStatus.REFUSED):
             values.update(retry_at=None, failing_since=None)
         return self._update_image(image_id, values)
@@ -298,25 +331,19 @@ class MaskIndex:
         with self._session() as session:
             # Chunked so the IN list stays under every backend's parameter limit.
             for start in range(0, len(wanted), 500):
-                chunk = wanted[start:start + 500]
+                chunk = wanted[start : start + 500]
                 found.update(
                     (image.uri, image)
                     for image in session.scalars(select(SourceImage).where(SourceImage.uri.in_(chunk)))
                 )
         return found
 
-    def images(
-        self, filters: QueryFilters = QueryFilters(), limit: int = 100, offset: int = 0
-    ) -> list[SourceImage]:
+    def images(self, filters: QueryFilters = QueryFilters(), limit: int = 100, offset: int = 0) -> list[SourceImage]:
         """A page of images in id order; only the image-level filters may be set."""
         if filters.segmentation_level:
             raise ValueError("images() takes only dataset, release, status and id_pattern filters")
         statement = (
-            select(SourceImage)
-            .where(*image_conditions(filters))
-            .order_by(SourceImage.id)
-            .limit(limit)
-            .offset(offset)
+            select(SourceImage).where(*image_conditions(filters)).order_by(SourceImage.id).limit(limit).offset(offset)
         )
         with self._session() as session:
             return list(session.scalars(statement))
@@ -349,8 +376,13 @@ class MaskIndex:
         )
         statement = (
             select(SourceImage)
-            .where(*image_conditions(filters), SourceImage.status != ImageStatus.REFUSED, ~done,
-                   ~SourceImage.uri.like(f"{IMPORT_SCHEME}%"), ~imported)
+            .where(
+                *image_conditions(filters),
+                SourceImage.status != ImageStatus.REFUSED,
+                ~done,
+                ~SourceImage.uri.like(f"{IMPORT_SCHEME}%"),
+                ~imported,
+            )
             .order_by(SourceImage.id)
             .execution_options(yield_per=batch_size)
         )
@@ -461,10 +493,12 @@ class MaskIndex:
     def segmentation_for(self, image_sha256: str, model_version: str) -> Segmentation | None:
         """The segmentation of this content by this model, if there is one."""
         with self._session() as session:
-            return session.scalars(select(Segmentation).where(
-                Segmentation.image_sha256 == image_sha256,
-                Segmentation.model_version == model_version,
-            )).one_or_none()
+            return session.scalars(
+                select(Segmentation).where(
+                    Segmentation.image_sha256 == image_sha256,
+                    Segmentation.model_version == model_version,
+                )
+            ).one_or_none()
 
     def get_segmentation(self, segmentation_id: int) -> Segmentation | None:
         with self._session() as session:
@@ -489,10 +523,14 @@ class MaskIndex:
     ) -> Segmentation:
         """Replace the QC results of a segmentation (all of them, so reruns are idempotent)."""
         scores = {
-            "dice_rca_mean": dice_rca_mean, "dice_rca_max": dice_rca_max,
-            "dice_rca_mean_rl": dice_rca_mean_rl, "dice_rca_mean_ll": dice_rca_mean_ll,
-            "dice_rca_mean_h": dice_rca_mean_h, "dice_rca_max_rl": dice_rca_max_rl,
-            "dice_rca_max_ll": dice_rca_max_ll, "dice_rca_max_h": dice_rca_max_h,
+            "dice_rca_mean": dice_rca_mean,
+            "dice_rca_max": dice_rca_max,
+            "dice_rca_mean_rl": dice_rca_mean_rl,
+            "dice_rca_mean_ll": dice_rca_mean_ll,
+            "dice_rca_mean_h": dice_rca_mean_h,
+            "dice_rca_max_rl": dice_rca_max_rl,
+            "dice_rca_max_ll": dice_rca_max_ll,
+            "dice_rca_max_h": dice_rca_max_h,
             "shape_outlier_score": shape_outlier_score,
         }
         values = {k: None if v is None else float(v) for k, v in scores.items()}
@@ -500,9 +538,14 @@ class MaskIndex:
             segmentation = session.scalars(
                 sa.update(Segmentation)
                 .where(Segmentation.id == segmentation_id)
-                .values(**values, qc_status=QCStatus(status),
-                        qc_flags=None if flags is None else list(flags), qc_reason=reason or None,
-                        qc_lease_owner=None, qc_lease_expires_at=None)
+                .values(
+                    **values,
+                    qc_status=QCStatus(status),
+                    qc_flags=None if flags is None else list(flags),
+                    qc_reason=reason or None,
+                    qc_lease_owner=None,
+                    qc_lease_expires_at=None,
+                )
                 .returning(Segmentation)
             ).one_or_none()
             if segmentation is None:
@@ -566,18 +609,25 @@ class MaskIndex:
         """Take an image over from ``lease`` (it is still held as it says: nobody took it
         meanwhile) and put it back to ``queued``, held by ``owner`` for ``lease_s``;
         whether this caller won it."""
-        values: dict[str, Any] = {"status": ImageStatus.QUEUED, "lease_owner": owner,
-                                  "lease_expires_at": utcnow() + timedelta(seconds=lease_s),
-                                  "updated_at": utcnow()}
+        values: dict[str, Any] = {
+            "status": ImageStatus.QUEUED,
+            "lease_owner": owner,
+            "lease_expires_at": utcnow() + timedelta(seconds=lease_s),
+            "updated_at": utcnow(),
+        }
         if reset_attempts:
             values["attempts"] = 0
-        same_holder = (SourceImage.lease_owner.is_(None) if lease.owner is None
-                       else SourceImage.lease_owner == lease.owner)
+        same_holder = (
+            SourceImage.lease_owner.is_(None) if lease.owner is None else SourceImage.lease_owner == lease.owner
+        )
         with self._session() as session:
             won = session.execute(
                 sa.update(SourceImage)
-                .where(SourceImage.id == lease.id, same_holder,
-                       SourceImage.status.in_([ImageStatus.PROCESSING, ImageStatus.FAILED]))
+                .where(
+                    SourceImage.id == lease.id,
+                    same_holder,
+                    SourceImage.status.in_([ImageStatus.PROCESSING, ImageStatus.FAILED]),
+                )
                 .values(**values)
             ).rowcount
             session.commit()
@@ -588,8 +638,11 @@ class MaskIndex:
         (only if still held as it says), or unconditionally given a bare id; whether it was."""
         condition = [Segmentation.qc_status == QCStatus.PENDING]
         if isinstance(lease, Lease):
-            condition.append(Segmentation.qc_lease_owner.is_(None) if lease.owner is None
-                             else Segmentation.qc_lease_owner == lease.owner)
+            condition.append(
+                Segmentation.qc_lease_owner.is_(None)
+                if lease.owner is None
+                else Segmentation.qc_lease_owner == lease.owner
+            )
         segmentation_id = lease.id if isinstance(lease, Lease) else lease
         with self._session() as session:
             won = session.execute(
@@ -607,10 +660,18 @@ class MaskIndex:
             for start in range(0, len(image_ids), 500):
                 session.execute(
                     sa.update(SourceImage)
-                    .where(SourceImage.id.in_(image_ids[start:start + 500]),
-                           SourceImage.status != ImageStatus.PROCESSING)
-                    .values(status=ImageStatus.QUEUED, attempts=0, lease_owner=None, lease_expires_at=None,
-                            retry_at=None, failing_since=None, updated_at=utcnow())
+                    .where(
+                        SourceImage.id.in_(image_ids[start : start + 500]), SourceImage.status != ImageStatus.PROCESSING
+                    )
+                    .values(
+                        status=ImageStatus.QUEUED,
+                        attempts=0,
+                        lease_owner=None,
+                        lease_expires_at=None,
+                        retry_at=None,
+                        failing_since=None,
+                        updated_at=utcnow(),
+                    )
                 )
             session.commit()
 
@@ -618,13 +679,22 @@ class MaskIndex:
         """Put every failed image of the filter back to ``queued`` with fresh attempts
         (``chexmask retry``); their ids."""
         with self._session() as session:
-            ids = list(session.scalars(
-                sa.update(SourceImage)
-                .where(SourceImage.status == ImageStatus.FAILED, *image_conditions(filters))
-                .values(status=ImageStatus.QUEUED, attempts=0, retry_at=None, failing_since=None,
-                        lease_owner=None, lease_expires_at=None, updated_at=utcnow())
-                .returning(SourceImage.id)
-            ))
+            ids = list(
+                session.scalars(
+                    sa.update(SourceImage)
+                    .where(SourceImage.status == ImageStatus.FAILED, *image_conditions(filters))
+                    .values(
+                        status=ImageStatus.QUEUED,
+                        attempts=0,
+                        retry_at=None,
+                        failing_since=None,
+                        lease_owner=None,
+                        lease_expires_at=None,
+                        updated_at=utcnow(),
+                    )
+                    .returning(SourceImage.id)
+                )
+            )
             session.commit()
         return sorted(ids)
 
@@ -644,10 +714,7 @@ class MaskIndex:
         never overlap.
         """
         statement = (
-            self.select_segmentations(filters, *SUMMARY_COLUMNS)
-            .order_by(*order_by(sort))
-            .limit(limit)
-            .offset(offset)
+            self.select_segmentations(filters, *SUMMARY_COLUMNS).order_by(*order_by(sort)).limit(limit).offset(offset)
         )
         with self.engine.connect() as connection:
             return [SegmentationSummary(**row._mapping) for row in connection.execute(statement)]
@@ -673,9 +740,7 @@ class MaskIndex:
         """Rows of ``statement`` fetched ``batch_size`` at a time (a server-side cursor
         on PostgreSQL), so a result of any size runs in constant memory."""
         with self.engine.connect() as connection:
-            result = connection.execution_options(stream_results=True, yield_per=batch_size).execute(
-                statement
-            )
+            result = connection.execution_options(stream_results=True, yield_per=batch_size).execute(statement)
             yield from result
 
     # --- helpers ------------------------------------------------------------------
@@ -733,5 +798,3 @@ def _organs(rle: Mapping[str, str]) -> dict[str, str]:
     if set(rle) != set(ORGANS):
         raise ValueError(f"RLE must give exactly {', '.join(ORGANS)}; got {sorted(rle)}")
     return {organ: str(rle[organ]) for organ in ORGANS}
-
-

@@ -27,16 +27,16 @@ NAMING_CONVENTION = {
 # Built NULLS FIRST on PostgreSQL by the migrations (so a missing Dice sorts lowest in
 # both directions from one index); declared plainly here because autogenerate cannot
 # express a per-dialect NULL order.
-NULLS_FIRST_INDEXES = frozenset({
-    "ix_segmentation_dataset_dice_rca_mean",
-    "ix_segmentation_model_version_dice_rca_mean",
-    "ix_segmentation_dice_rca_mean",
-})
+NULLS_FIRST_INDEXES = frozenset(
+    {
+        "ix_segmentation_dataset_dice_rca_mean",
+        "ix_segmentation_model_version_dice_rca_mean",
+        "ix_segmentation_dice_rca_mean",
+    }
+)
 
 
-def include_in_autogenerate(
-    obj: object, name: str | None, type_: str, reflected: bool, compare_to: object
-) -> bool:
+def include_in_autogenerate(obj: object, name: str | None, type_: str, reflected: bool, compare_to: object) -> bool:
     """Alembic ``include_object`` hook: leave the per-dialect Dice indexes alone."""
     return not (type_ == "index" and name in NULLS_FIRST_INDEXES)
 
@@ -227,7 +227,6 @@ class Segmentation(StorageModel, table=True):
         """The three RLE strings by organ, at ``original`` or ``1024`` resolution."""
         suffix = {"original": "", "1024": "_1024"}[resolution]
         return {organ: getattr(self, f"rle_{organ}{suffix}") for organ in ORGANS}
-
 
 
 GRADE_COLUMNS = ("overall", *ORGANS)  # the 1-5 grades of a review

@@ -133,8 +133,14 @@ def _fsync_dir(path: Path) -> None:
 
 # S3 error codes that mean "try again later" rather than "this request is wrong".
 _TRANSIENT_S3_CODES = {
-    "InternalError", "RequestTimeout", "RequestTimeTooSkewed", "ServiceUnavailable",
-    "SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded",
+    "InternalError",
+    "RequestTimeout",
+    "RequestTimeTooSkewed",
+    "ServiceUnavailable",
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestLimitExceeded",
 }
 
 
@@ -168,9 +174,7 @@ class S3Store(ObjectStore):
     def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
         # One PutObject is atomic in S3: the object appears complete or not at all.
         with _s3_errors(key):
-            self.client.put_object(
-                Bucket=self.bucket, Key=self._key(key), Body=data, ContentType=content_type
-            )
+            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, ContentType=content_type)
 
     def get(self, key: str) -> bytes:
         with _s3_errors(key):
@@ -197,7 +201,7 @@ class S3Store(ObjectStore):
         with _s3_errors(prefix):
             for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
                 for item in page.get("Contents", []):
-                    yield item["Key"][len(self.prefix):]
+                    yield item["Key"][len(self.prefix) :]
 
 
 def _iter_body(body, key: str, chunk_size: int) -> Iterator[bytes]:

@@ -10,11 +10,11 @@ from typing import Any
 
 import numpy as np
 
-from chexmask.status import ImageStatus
 from chexmask.quality import GOOD_DICE
+from chexmask.status import ImageStatus
 from chexmask.storage.index import MaskIndex
-from chexmask.storage.queries import QueryFilters
 from chexmask.storage.models import Segmentation, SourceImage
+from chexmask.storage.queries import QueryFilters
 
 QUANTILES = (0.05, 0.25, 0.50, 0.75, 0.95)
 
@@ -40,7 +40,11 @@ class DiceSummary:
         return cls(
             n=int(values.size),
             mean=float(values.mean()),
-            q05=q05, q25=q25, q50=q50, q75=q75, q95=q95,
+            q05=q05,
+            q25=q25,
+            q50=q50,
+            q75=q75,
+            q95=q95,
             frac_good=float(np.mean(values >= GOOD_DICE)),
         )
 

@@ -162,7 +162,9 @@ def golden_weights(shared_dir: Path) -> dict:
     keys = json.loads((shared_dir / "reference" / "hybridgnet_state_dict.json").read_text())["keys"]
     return {
         k["key"]: torch.from_numpy(
-            np.random.RandomState(1000 + k["index"]).normal(k["rule"]["mean"], k["rule"]["std"], k["shape"]).astype(np.float32)
+            np.random.RandomState(1000 + k["index"])
+            .normal(k["rule"]["mean"], k["rule"]["std"], k["shape"])
+            .astype(np.float32)
         )
         for k in keys
     }

@@ -258,15 +258,27 @@ def add_sample(
 
     sha = hashlib.sha256(f"{dataset}/{name}".encode()).hexdigest()
     image = index.register_image(
-        uri=f"file:///data/{dataset}/{name}", dataset=dataset, release=release,
-        dataset_image_id=name, sha256=sha, height=height, width=width,
+        uri=f"file:///data/{dataset}/{name}",
+        dataset=dataset,
+        release=release,
+        dataset_image_id=name,
+        sha256=sha,
+        height=height,
+        width=width,
     ).image
     points = [[i, 2 * i] for i in range(120)]
     masks = {"right_lung": "1 2", "left_lung": "10 3", "heart": "20 4"}
     segmentation, _ = index.add_segmentation(
-        image_id=image.id, image_sha256=sha, model_version=model, weights_sha256="ab" * 32,
-        landmarks_1024=landmarks_1024 or points, landmarks_original=landmarks_original or points,
-        height=height, width=width, rle=rle or masks, rle_1024=rle_1024 or masks,
+        image_id=image.id,
+        image_sha256=sha,
+        model_version=model,
+        weights_sha256="ab" * 32,
+        landmarks_1024=landmarks_1024 or points,
+        landmarks_original=landmarks_original or points,
+        height=height,
+        width=width,
+        rle=rle or masks,
+        rle_1024=rle_1024 or masks,
         object_keys=object_keys,
     )
     if dice_mean is not None or dice_max is not None:

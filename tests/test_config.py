@@ -11,7 +11,6 @@ from chexmask.config import Settings, mask_url
 from chexmask.errors import ConfigError
 
 
-
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch, tmp_path):
     """No CHEXMASK_* variable of the caller's, and no .env but the test's own."""
@@ -68,7 +67,11 @@ def test_keyword_arguments_win_and_keep_explicit_values(tmp_path, monkeypatch):
     monkeypatch.setenv("CHEXMASK_BATCH_SIZE", "8")
     settings = Settings(home=tmp_path, broker_url="", scan_interval_s=900, visibility_timeout_s=60, batch_size=3)
     assert (settings.broker_url, settings.scan_interval_s, settings.visibility_timeout_s, settings.batch_size) == (
-        "", 900, 60, 3)
+        "",
+        900,
+        60,
+        3,
+    )
     assert settings.database_url == f"sqlite:///{tmp_path.resolve() / 'index.db'}"
 
 
@@ -87,12 +90,15 @@ def test_dotenv_file(tmp_path, monkeypatch):
     assert Settings.from_env().batch_size == 6
 
 
-@pytest.mark.parametrize(("name", "value"), [
-    ("CHEXMASK_SCAN_INTERVAL", "soon"),
-    ("CHEXMASK_VISIBILITY_TIMEOUT", "1h"),
-    ("CHEXMASK_BATCH_SIZE", "two"),
-    ("CHEXMASK_LOG_FORMAT", "xml"),
-])
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("CHEXMASK_SCAN_INTERVAL", "soon"),
+        ("CHEXMASK_VISIBILITY_TIMEOUT", "1h"),
+        ("CHEXMASK_BATCH_SIZE", "two"),
+        ("CHEXMASK_LOG_FORMAT", "xml"),
+    ],
+)
 def test_malformed_values_name_the_variable(monkeypatch, name, value):
     monkeypatch.setenv(name, value)
     with pytest.raises(ConfigError, match=name) as raised:
@@ -124,16 +130,19 @@ def test_secrets_are_not_shown():
     assert settings.api_token.get_secret_value() == "t0p-secret"
 
 
-@pytest.mark.parametrize(("url", "masked"), [
-    ("postgresql://chexmask:s3cret@db:5432/index", "postgresql://chexmask:***@db:5432/index"),
-    ("postgresql+psycopg://u:p%40ss@db/x?sslmode=require", "postgresql+psycopg://u:***@db/x?sslmode=require"),
-    ("redis://:s3cret@redis:6379/0", "redis://:***@redis:6379/0"),
-    ("amqp://guest:guest@rabbit//", "amqp://guest:***@rabbit//"),
-    ("postgresql://chexmask@db/index", "postgresql://chexmask@db/index"),
-    ("sqlite:////data/index.db", "sqlite:////data/index.db"),
-    ("s3://bucket/prefix", "s3://bucket/prefix"),
-    ("", ""),
-])
+@pytest.mark.parametrize(
+    ("url", "masked"),
+    [
+        ("postgresql://chexmask:s3cret@db:5432/index", "postgresql://chexmask:***@db:5432/index"),
+        ("postgresql+psycopg://u:p%40ss@db/x?sslmode=require", "postgresql+psycopg://u:***@db/x?sslmode=require"),
+        ("redis://:s3cret@redis:6379/0", "redis://:***@redis:6379/0"),
+        ("amqp://guest:guest@rabbit//", "amqp://guest:***@rabbit//"),
+        ("postgresql://chexmask@db/index", "postgresql://chexmask@db/index"),
+        ("sqlite:////data/index.db", "sqlite:////data/index.db"),
+        ("s3://bucket/prefix", "s3://bucket/prefix"),
+        ("", ""),
+    ],
+)
 def test_mask_url(url, masked):
     assert mask_url(url) == masked
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from chexmask.worker import cpu_kernels
-from chexmask.worker.decode import decode_path
 from chexmask.worker.cpu_kernels import add_relu_pool
+from chexmask.worker.decode import decode_path
 from chexmask.worker.model import HybridGNet, HybridGNetConfig, segment_batch
 from chexmask.worker.preprocess import preprocess
 
@@ -55,6 +55,7 @@ def test_kernel_is_exact_on_this_kind_of_machine():
 
 def test_probes_tell_a_pairwise_sum_and_an_unfused_multiply_add_apart(monkeypatch):
     """The check would catch a kernel that sums in another order or rounds twice."""
+
     def pairwise(x, weight, bias, eps):
         mean = x.double().mean((0, 2, 3)).float()
         var = ((x - mean[:, None, None]) ** 2).double().mean((0, 2, 3)).float()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-
 import hashlib
 import io
 import json
@@ -17,13 +16,13 @@ from PIL import Image
 from pydicom.encaps import encapsulate
 from pydicom.uid import (
     JPEG2000,
+    MPEG2MPML,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGLosslessSV1,
     JPEGLSLossless,
-    MPEG2MPML,
     RLELossless,
 )
 
@@ -32,10 +31,25 @@ from chexmask.worker.decode import decode_image, decode_path
 
 SIIM_UID = "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819"
 CR_CHEST_PA = {"modality": "CR", "view_position": "PA", "body_part": "CHEST"}
-SITK = {"photometric_interpretation": "MONOCHROME1", "bits_stored": 10, "height": 2140, "width": 1760,
-        "modality": "CR", "body_part": "CHEST", "presentation_lut_shape": "INVERSE", "inverted": True}
-RG1 = {"photometric_interpretation": "MONOCHROME1", "bits_stored": 15, "height": 1955, "width": 1841,
-       "voi": "window", "inverted": True, **CR_CHEST_PA}
+SITK = {
+    "photometric_interpretation": "MONOCHROME1",
+    "bits_stored": 10,
+    "height": 2140,
+    "width": 1760,
+    "modality": "CR",
+    "body_part": "CHEST",
+    "presentation_lut_shape": "INVERSE",
+    "inverted": True,
+}
+RG1 = {
+    "photometric_interpretation": "MONOCHROME1",
+    "bits_stored": 15,
+    "height": 1955,
+    "width": 1841,
+    "voi": "window",
+    "inverted": True,
+    **CR_CHEST_PA,
+}
 
 # Expected provenance (a subset) of every file in data/samples that decodes.
 SAMPLES = {
@@ -48,13 +62,26 @@ SAMPLES = {
     "covid-19-pneumonia-58-prior.jpg": {"format": "jpeg", "channels": 3, "height": 2373, "width": 2373},
     "utils_example1.jpg": {"format": "jpeg", "channels": 1, "height": 899, "width": 786},
     "siim_cr_jpeg_baseline_mono2.dcm": {
-        "format": "dicom", "transfer_syntax": JPEGBaseline8Bit, "photometric_interpretation": "MONOCHROME2",
-        "bits_stored": 8, "height": 1024, "width": 1024, "sop_instance_uid": SIIM_UID, "voi": "none",
-        "inverted": False, **CR_CHEST_PA,
+        "format": "dicom",
+        "transfer_syntax": JPEGBaseline8Bit,
+        "photometric_interpretation": "MONOCHROME2",
+        "bits_stored": 8,
+        "height": 1024,
+        "width": 1024,
+        "sop_instance_uid": SIIM_UID,
+        "voi": "none",
+        "inverted": False,
+        **CR_CHEST_PA,
     },
     "Fake_MONOHR1.dcm": {
-        "format": "dicom", "transfer_syntax": JPEGBaseline8Bit, "photometric_interpretation": "MONOCHROME1",
-        "bits_stored": 8, "height": 1024, "width": 1024, "sop_instance_uid": SIIM_UID, "inverted": True,
+        "format": "dicom",
+        "transfer_syntax": JPEGBaseline8Bit,
+        "photometric_interpretation": "MONOCHROME1",
+        "bits_stored": 8,
+        "height": 1024,
+        "width": 1024,
+        "sop_instance_uid": SIIM_UID,
+        "inverted": True,
         **CR_CHEST_PA,
     },
     "cr_jpeg_lossless_mono1_inverse.dcm": {"format": "dicom", "transfer_syntax": JPEGLosslessSV1, **SITK},
@@ -62,9 +89,16 @@ SAMPLES = {
     "sitk_cxr_RLE.dcm": {"format": "dicom", "transfer_syntax": RLELossless, **SITK},
     "sitk_cxr_ExplicitLE.dcm": {"format": "dicom", "transfer_syntax": ExplicitVRLittleEndian, **SITK},
     "cr_mono1_acr_nema_no_preamble.dcm": {
-        "format": "dicom", "transfer_syntax": ImplicitVRLittleEndian, "transfer_syntax_inferred": True,
-        "photometric_interpretation": "MONOCHROME1", "bits_stored": 10, "height": 440, "width": 440,
-        "voi": "window", "inverted": True, **CR_CHEST_PA,
+        "format": "dicom",
+        "transfer_syntax": ImplicitVRLittleEndian,
+        "transfer_syntax_inferred": True,
+        "photometric_interpretation": "MONOCHROME1",
+        "bits_stored": 10,
+        "height": 440,
+        "width": 440,
+        "voi": "window",
+        "inverted": True,
+        **CR_CHEST_PA,
     },
 }
 # Samples refused on purpose, with the reason.
@@ -194,9 +228,7 @@ def edited_dicom(source: Path, tmp_path: Path, edit) -> bytes:
         ("Fake_MONOHR1.dcm", "Fake_MONOHR1.dcm"),
     ],
 )
-def test_presentation_lut_shape_inverse(
-    name: str, looks_like: str, samples_dir: Path, tmp_path: Path, decoded
-) -> None:
+def test_presentation_lut_shape_inverse(name: str, looks_like: str, samples_dir: Path, tmp_path: Path, decoded) -> None:
     def edit(ds):
         ds.PresentationLUTShape = "INVERSE"
 

@@ -101,8 +101,9 @@ def rle_frame(segments: int) -> bytes:
     return header + b"\x81\x00" * segments
 
 
-def dicom_claiming(rows: int, columns: int, syntax: str = RLELossless, *, frames: int = 1, samples: int = 1,
-                   bits: int = 16) -> bytes:
+def dicom_claiming(
+    rows: int, columns: int, syntax: str = RLELossless, *, frames: int = 1, samples: int = 1, bits: int = 16
+) -> bytes:
     """A CR chest DICOM whose header declares ``rows`` x ``columns`` but holds a few bytes of pixels."""
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
@@ -216,8 +217,7 @@ def test_hostile_headers_refused_with_bounded_memory(tmp_path: Path) -> None:
     for name, (make, _) in HOSTILE.items():
         paths.append(tmp_path / name)
         paths[-1].write_bytes(make())
-    run = subprocess.run([sys.executable, "-c", MEASURE, *map(str, paths)], capture_output=True, text=True,
-                         timeout=120)
+    run = subprocess.run([sys.executable, "-c", MEASURE, *map(str, paths)], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     report = json.loads(run.stdout)
     print(json.dumps(report, indent=1))  # the numbers, with pytest -s

@@ -12,9 +12,8 @@ import pytest
 from chexmask.config import Settings
 from chexmask.worker.metrics import landmark_scores
 from chexmask.worker.model import segment_batch
-from chexmask.worker.weights import file_sha256
 from chexmask.worker.train import load_landmarks
-from chexmask.worker.weights import default_weights, load
+from chexmask.worker.weights import default_weights, file_sha256, load
 
 found = default_weights()
 pytestmark = pytest.mark.skipif(found is None, reason="this checkout has no bundled default weights")

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 from chexmask.config import Settings
-from chexmask.messages import Arrival
 from chexmask.ingest.queue import CeleryQueue
+from chexmask.messages import Arrival
 from chexmask.status import ImageStatus
 from chexmask.storage.index import MaskIndex
 from chexmask.storage.models import SourceImage
@@ -52,16 +52,17 @@ class Process:
     def __init__(self, code: str, args: list[str], env: dict[str, str], log: Path):
         self.log = log
         self._file = log.open("wb")
-        self.popen = subprocess.Popen([sys.executable, "-c", code, *args], env=env,
-                                      stdout=self._file, stderr=subprocess.STDOUT)
+        self.popen = subprocess.Popen(
+            [sys.executable, "-c", code, *args], env=env, stdout=self._file, stderr=subprocess.STDOUT
+        )
 
     @classmethod
-    def cli(cls, args: list[str], env: dict[str, str], log: Path) -> "Process":
+    def cli(cls, args: list[str], env: dict[str, str], log: Path) -> Process:
         """``chexmask ARGS`` as installed."""
         return cls("from chexmask.app.cli import main; main()", args, env, log)
 
     @classmethod
-    def ingest_command(cls, name: str, args: list[str], env: dict[str, str], log: Path) -> "Process":
+    def ingest_command(cls, name: str, args: list[str], env: dict[str, str], log: Path) -> Process:
         """One ingest command on its own: the CLI group also imports the model's subsystems,
         which watchers and listeners do not need (seconds of startup on this CPU)."""
         return cls(f"from chexmask.app.pipeline_cli import {name}_command as c; c()", args, env, log)
@@ -70,8 +71,9 @@ class Process:
         return self.log.read_text(errors="replace")
 
     def wait_output(self, text: str, timeout: float = WORKER_START_S) -> None:
-        wait_for(f"{text!r} in {self.log.name}", lambda: text in self.output() or self.popen.poll() is not None,
-                 timeout)
+        wait_for(
+            f"{text!r} in {self.log.name}", lambda: text in self.output() or self.popen.poll() is not None, timeout
+        )
         assert text in self.output(), self.output()[-3000:]
 
     def stop(self) -> int:
@@ -125,7 +127,6 @@ class Stack:
 
 def empty_redis_databases(count: int) -> list[str]:
     import redis
-
     from services import redis_url, require_redis
 
     base = require_redis(redis_url()).rsplit("/", 1)[0]
@@ -145,9 +146,15 @@ def stack(tmp_path_factory, random_weights) -> Iterator[Stack]:
         for name, value in aws.items():
             mp.setenv(name, value)
         s3_client(endpoint).create_bucket(Bucket="masks")
-        env = {**os.environ, **aws, "CHEXMASK_HOME": str(tmp / "home"), "CHEXMASK_DATABASE_URL": database_url,
-               "CHEXMASK_STORE_URL": "s3://masks/v1", "CHEXMASK_WEIGHTS": str(random_weights),
-               "PYTHONUNBUFFERED": "1"}
+        env = {
+            **os.environ,
+            **aws,
+            "CHEXMASK_HOME": str(tmp / "home"),
+            "CHEXMASK_DATABASE_URL": database_url,
+            "CHEXMASK_STORE_URL": "s3://masks/v1",
+            "CHEXMASK_WEIGHTS": str(random_weights),
+            "PYTHONUNBUFFERED": "1",
+        }
         index = MaskIndex(database_url)
         index.upgrade()
         yield Stack(env, index, endpoint, tmp)
@@ -165,8 +172,11 @@ def broker(stack) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def worker(stack, broker) -> Iterator[Process]:
-    process = Process.cli(["worker", "--queues", "ingest,segment,qc", "--concurrency", "4"],
-                          stack.with_broker(broker), stack.tmp / "worker.log")
+    process = Process.cli(
+        ["worker", "--queues", "ingest,segment,qc", "--concurrency", "4"],
+        stack.with_broker(broker),
+        stack.tmp / "worker.log",
+    )
     process.wait_output(" ready.")
     yield process
     assert process.stop() == 0, process.output()[-3000:]
@@ -175,7 +185,9 @@ def worker(stack, broker) -> Iterator[Process]:
 def store_keys(stack: Stack, sha256: str) -> list[str]:
     from services import s3_client
 
-    listing = s3_client(stack.endpoint).list_objects_v2(Bucket="masks", Prefix=f"v1/segmentations/{sha256[:2]}/{sha256}/")
+    listing = s3_client(stack.endpoint).list_objects_v2(
+        Bucket="masks", Prefix=f"v1/segmentations/{sha256[:2]}/{sha256}/"
+    )
     return sorted(item["Key"].rsplit("/", 1)[1] for item in listing.get("Contents", []))
 
 
@@ -230,17 +242,29 @@ def test_bucket_object_announced_three_times_gives_one_result(stack, broker, wor
     s3.create_bucket(Bucket=bucket)
     url = sqs.create_queue(QueueName=f"events-{uuid.uuid4().hex[:8]}")["QueueUrl"]
     arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
-    s3.put_bucket_notification_configuration(Bucket=bucket, NotificationConfiguration={
-        "QueueConfigurations": [{"QueueArn": arn, "Events": ["s3:ObjectCreated:*"]}]})
-    listener = Process.ingest_command("listen", ["--sqs-queue-url", url], stack.with_broker(broker),
-                                      stack.tmp / "listen.log")
+    s3.put_bucket_notification_configuration(
+        Bucket=bucket,
+        NotificationConfiguration={"QueueConfigurations": [{"QueueArn": arn, "Events": ["s3:ObjectCreated:*"]}]},
+    )
+    listener = Process.ingest_command(
+        "listen", ["--sqs-queue-url", url], stack.with_broker(broker), stack.tmp / "listen.log"
+    )
     key = "CheXpert-v1.0/train/patient00001/study1/view1_frontal.jpg"
     try:
         listener.wait_output("listening")
         etag = s3.put_object(Bucket=bucket, Key=key, Body=(samples_dir / "16747_3_1.jpg").read_bytes())["ETag"]
         # At-least-once delivery: the same notification twice more.
-        duplicate = {"Records": [{"eventName": "ObjectCreated:Put", "s3": {
-            "bucket": {"name": bucket}, "object": {"key": key.replace("/", "%2F"), "eTag": etag.strip('"'), "size": 1}}}]}
+        duplicate = {
+            "Records": [
+                {
+                    "eventName": "ObjectCreated:Put",
+                    "s3": {
+                        "bucket": {"name": bucket},
+                        "object": {"key": key.replace("/", "%2F"), "eTag": etag.strip('"'), "size": 1},
+                    },
+                }
+            ]
+        }
         for _ in range(2):
             sqs.send_message(QueueUrl=url, MessageBody=json.dumps(duplicate))
         uri = f"s3://{bucket}/{key}"
@@ -274,8 +298,11 @@ def test_a_killed_worker_has_its_task_redelivered(stack, samples_dir):
         first = Process.cli(["worker", "--concurrency", "2"], env, stack.tmp / "worker-killed.log")
         first.wait_output(" ready.")
         stack.queue(broker).put([Arrival.for_file(source)])
-        wait_for("the segmentation to start", lambda: (i := stack.image(uri)) and i.status is ImageStatus.PROCESSING,
-                 timeout=120)
+        wait_for(
+            "the segmentation to start",
+            lambda: (i := stack.image(uri)) and i.status is ImageStatus.PROCESSING,
+            timeout=120,
+        )
         first.kill()
         image = stack.image(uri)
         assert image.status is ImageStatus.PROCESSING and not stack.segmentations(image.sha256)

@@ -20,6 +20,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from test_e2e_celery import CORRUPT_PNG, Process, wait_for
 
 from chexmask.config import Settings
 from chexmask.ingest.queue import CeleryQueue, Intake
@@ -29,7 +30,6 @@ from chexmask.status import ImageStatus, QCStatus
 from chexmask.storage.index import MaskIndex
 from chexmask.storage.queries import QueryFilters
 from chexmask.worker.celery_app import create_app
-from test_e2e_celery import CORRUPT_PNG, Process, wait_for
 
 # One real image of each format the product reads.
 PNG, JPEG, DICOM = "00000001_000.png", "16747_3_1.jpg", "siim_cr_jpeg_baseline_mono2.dcm"
@@ -45,8 +45,9 @@ def embedded_env(home: Path, weights: Path | None = None) -> dict[str, str]:
 
 
 def chexmask(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "chexmask.app.cli", *args], env=env, capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "chexmask.app.cli", *args], env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 def bundled_model() -> str:
@@ -128,7 +129,9 @@ def test_serve_once(tmp_path, samples_dir):
         index.close()
 
     again = chexmask(["serve", "--inbox", str(inbox), "--once"], env)
-    assert again.returncode == 0 and again.stdout.splitlines()[-1].startswith("nothing to do, 4 unchanged"), again.stdout
+    assert again.returncode == 0 and again.stdout.splitlines()[-1].startswith("nothing to do, 4 unchanged"), (
+        again.stdout
+    )
 
 
 def test_worker_round_trip_on_the_embedded_sqlite_broker(tmp_path, samples_dir):
@@ -143,8 +146,9 @@ def test_worker_round_trip_on_the_embedded_sqlite_broker(tmp_path, samples_dir):
     worker = Process.cli(["worker", "--concurrency", "2"], embedded_env(home), tmp_path / "worker.log")
     try:
         worker.wait_output(" ready.")
-        settings = Settings(home=home, database_url=f"sqlite:///{home / 'index.db'}",
-                            broker_url=f"sqla+sqlite:///{home / 'broker.db'}")
+        settings = Settings(
+            home=home, database_url=f"sqlite:///{home / 'index.db'}", broker_url=f"sqla+sqlite:///{home / 'broker.db'}"
+        )
         index = MaskIndex(settings.database_url)  # the worker created and migrated it
         try:
             intake = Intake(Registry(index), CeleryQueue(create_app(settings)))
@@ -154,6 +158,7 @@ def test_worker_round_trip_on_the_embedded_sqlite_broker(tmp_path, samples_dir):
             def finished():
                 images = index.images()
                 return all(i.status.final for i in images) and {Path(i.uri).name: i for i in images}
+
             images = wait_for("both arrivals final", finished, timeout=300)
             assert set(images) == {JPEG, "corrupt.png"}
             assert images["corrupt.png"].status is ImageStatus.REFUSED and images["corrupt.png"].refusal_code
@@ -161,8 +166,9 @@ def test_worker_round_trip_on_the_embedded_sqlite_broker(tmp_path, samples_dir):
             assert image.status is ImageStatus.DONE and image.attempts == 1
             # The QC task comes after the image is marked done.
             [row] = index.query(QueryFilters(status=ImageStatus.DONE))
-            wait_for("QC recorded", lambda: index.get_segmentation(row.id).qc_status is not QCStatus.PENDING,
-                     timeout=120)
+            wait_for(
+                "QC recorded", lambda: index.get_segmentation(row.id).qc_status is not QCStatus.PENDING, timeout=120
+            )
             check_stored(home, index, image)
         finally:
             index.close()
@@ -182,8 +188,18 @@ def test_serve_takes_up_images_a_previous_run_left_unfinished(tmp_path, random_w
     earlier = tmp_path / "earlier" / "covid-19-pneumonia-58-prior.jpg"
     earlier.parent.mkdir()
     earlier.write_bytes((samples_dir / earlier.name).read_bytes())
-    scan = subprocess.run([sys.executable, "-c", "from chexmask.app.pipeline_cli import scan_command; scan_command()",
-                           str(earlier.parent)], env=env, capture_output=True, text=True, timeout=300)
+    scan = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from chexmask.app.pipeline_cli import scan_command; scan_command()",
+            str(earlier.parent),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert "1 new" in scan.stdout, scan.stderr
 
     inbox.mkdir()
@@ -220,17 +236,22 @@ def test_worker_with_periodic_scans_on_the_embedded_sqlite_broker(tmp_path, rand
     release.mkdir()
     (release / "00000001_000.png").write_bytes((samples_dir / "00000001_000.png").read_bytes())
     (release / "corrupt.png").write_bytes(CORRUPT_PNG)
-    env = {**embedded_env(home, random_weights), "CHEXMASK_SCAN_PREFIXES": f"{release} nih test",
-           "CHEXMASK_SCAN_INTERVAL": "2"}
+    env = {
+        **embedded_env(home, random_weights),
+        "CHEXMASK_SCAN_PREFIXES": f"{release} nih test",
+        "CHEXMASK_SCAN_INTERVAL": "2",
+    }
 
     worker = Process.cli(["worker", "--concurrency", "2", "--beat"], env, tmp_path / "worker.log")
     try:
         worker.wait_output(" ready.")
         index = MaskIndex(f"sqlite:///{home / 'index.db'}")
         try:
+
             def finished():
                 images = index.images()
                 return len(images) == 2 and all(i.status.final for i in images) and images
+
             images = {Path(i.uri).name: i for i in wait_for("both images final", finished)}
             assert images["00000001_000.png"].status is ImageStatus.DONE
             assert images["corrupt.png"].status is ImageStatus.REFUSED

@@ -34,16 +34,20 @@ class ListQueue:
 def published(path: Path, rows: list[tuple[str, float, str, str]]) -> Path:
     """A 10x10-pixel CheXmask CSV: (id, Dice RCA mean, right lung RLE, left lung RLE)."""
     lines = [csv_line(["Image Index", *VALUE_COLUMNS])]
-    lines += [csv_line([i, mean, mean, numpy_text(POINTS), left, right, "", 10, 10])
-              for i, mean, right, left in rows]
+    lines += [csv_line([i, mean, mean, numpy_text(POINTS), left, right, "", 10, 10]) for i, mean, right, left in rows]
     path.write_text("".join(lines))
     return path
 
 
 def test_scan_queues_only_images_new_since_the_published_set(index, tmp_path):
     ids = ["00000001_000.png", "00000001_001.png"]
-    import_csv(index, published(tmp_path / "p.csv", [(i, 0.9, "1 5", "") for i in ids]), dataset="nih",
-               model="hybridgnet-official", weights_sha256="b7" * 32)
+    import_csv(
+        index,
+        published(tmp_path / "p.csv", [(i, 0.9, "1 5", "") for i in ids]),
+        dataset="nih",
+        model="hybridgnet-official",
+        weights_sha256="b7" * 32,
+    )
     root = tmp_path / "release"
     for name in ("images_001/00000001_000.png", "images_001/00000001_001.png", "images_002/00000002_000.png"):
         (root / name).parent.mkdir(parents=True, exist_ok=True)
@@ -54,16 +58,14 @@ def test_scan_queues_only_images_new_since_the_published_set(index, tmp_path):
     assert scanner.scan(str(root)) == ScanCounts(seen=3, new=1, covered=2)
     assert [a.dataset_image_id for a in queue.arrivals] == ["00000002_000.png"]
     # the covered files are registered as done and linked to the import by dataset image id
-    linked = {i.dataset_image_id: i for i in index.images(QueryFilters(dataset="nih"))
-              if i.uri.startswith("file:")}
+    linked = {i.dataset_image_id: i for i in index.images(QueryFilters(dataset="nih")) if i.uri.startswith("file:")}
     assert linked["00000001_000.png"].status == ImageStatus.DONE and linked["00000001_000.png"].sha256 is None
     assert scanner.scan(str(root)) == ScanCounts(seen=3, skipped=3)  # known URIs now
     assert len(queue.arrivals) == 1
     # our model can still be asked for them: their files are known, the imported rows are not queued
     missing = sorted(i.uri.rsplit("/", 1)[1] for i in index.images_missing_model("ours"))
     assert missing == ["00000001_000.png", "00000001_001.png", "00000002_000.png"]
-    assert [i.uri.rsplit("/", 1)[1] for i in index.images_missing_model("hybridgnet-official")] == [
-        "00000002_000.png"]
+    assert [i.uri.rsplit("/", 1)[1] for i in index.images_missing_model("hybridgnet-official")] == ["00000002_000.png"]
 
 
 def test_compare_on_a_tiny_case_with_known_dice(index, tmp_path):
@@ -71,17 +73,31 @@ def test_compare_on_a_tiny_case_with_known_dice(index, tmp_path):
     # Ours: right lung = rows 0-3, left lung = row 6; no heart in either.
     names = ["00000001_000.png", "00000002_000.png", "00000003_000.png"]
     ours_rca = [0.85, 0.75, 0.5]
-    import_csv(index, published(tmp_path / "p.csv", [(n, m, "1 50", "51 10") for n, m in
-                                                      zip(names, [0.9, 0.8, 0.7], strict=True)]),
-               dataset="nih", model="hybridgnet-official", weights_sha256="b7" * 32)
+    import_csv(
+        index,
+        published(tmp_path / "p.csv", [(n, m, "1 50", "51 10") for n, m in zip(names, [0.9, 0.8, 0.7], strict=True)]),
+        dataset="nih",
+        model="hybridgnet-official",
+        weights_sha256="b7" * 32,
+    )
     for name, rca in zip(names, ours_rca, strict=True):
         sha = hashlib.sha256(name.encode()).hexdigest()
-        image = index.register_image(uri=f"file:///nih/{name}", dataset="nih", dataset_image_id=name,
-                                     sha256=sha, height=10, width=10).image
+        image = index.register_image(
+            uri=f"file:///nih/{name}", dataset="nih", dataset_image_id=name, sha256=sha, height=10, width=10
+        ).image
         masks = {"right_lung": "1 40", "left_lung": "61 10", "heart": ""}
-        seg, _ = index.add_segmentation(image_id=image.id, image_sha256=sha, model_version="ours",
-                                        weights_sha256="0" * 64, landmarks_1024=POINTS, landmarks_original=POINTS,
-                                        height=10, width=10, rle=masks, rle_1024=masks)
+        seg, _ = index.add_segmentation(
+            image_id=image.id,
+            image_sha256=sha,
+            model_version="ours",
+            weights_sha256="0" * 64,
+            landmarks_1024=POINTS,
+            landmarks_original=POINTS,
+            height=10,
+            width=10,
+            rle=masks,
+            rle_1024=masks,
+        )
         index.set_qc(seg.id, dice_rca_mean=rca, dice_rca_max=rca)
 
     result = compare(index, "nih", "hybridgnet-official", "ours")

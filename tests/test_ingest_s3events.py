@@ -10,7 +10,6 @@ import uuid
 import pytest
 
 from chexmask.ingest.queue import Intake
-from chexmask.messages import Arrival
 from chexmask.ingest.registry import Registry
 from chexmask.ingest.s3events import (
     Deduper,
@@ -18,22 +17,33 @@ from chexmask.ingest.s3events import (
     ObjectCreated,
     RedisListListener,
     SqsListener,
-    parse,
     _sqs_region,
+    parse,
     webhook_app,
 )
+from chexmask.messages import Arrival
 from chexmask.storage.index import MaskIndex
 
 
-def record(key: str, event: str = "ObjectCreated:Put", bucket: str = "xrays", etag: str = "abc",
-           sequencer: str | None = "0055AED6DCD90281E5", version: str | None = None) -> dict:
+def record(
+    key: str,
+    event: str = "ObjectCreated:Put",
+    bucket: str = "xrays",
+    etag: str = "abc",
+    sequencer: str | None = "0055AED6DCD90281E5",
+    version: str | None = None,
+) -> dict:
     obj = {"key": key, "size": 1234, "eTag": etag}
     if sequencer:
         obj["sequencer"] = sequencer
     if version:
         obj["versionId"] = version
-    return {"eventVersion": "2.1", "eventSource": "aws:s3", "eventName": event,
-            "s3": {"s3SchemaVersion": "1.0", "bucket": {"name": bucket}, "object": obj}}
+    return {
+        "eventVersion": "2.1",
+        "eventSource": "aws:s3",
+        "eventName": event,
+        "s3": {"s3SchemaVersion": "1.0", "bucket": {"name": bucket}, "object": obj},
+    }
 
 
 class ListQueue:
@@ -66,20 +76,35 @@ def listener(tmp_path, queue):
 
 
 def test_aws_records_are_url_decoded_and_filtered():
-    events = parse(json.dumps({"Records": [
-        record("CheXpert-v1.0/train/patient00001/study1/view1+frontal%281%29.jpg"),
-        record("gone.png", event="ObjectRemoved:Delete"),
-        record("a+b%2Bc.png", event="s3:ObjectCreated:CompleteMultipartUpload", version="v7"),
-    ]}))
+    events = parse(
+        json.dumps(
+            {
+                "Records": [
+                    record("CheXpert-v1.0/train/patient00001/study1/view1+frontal%281%29.jpg"),
+                    record("gone.png", event="ObjectRemoved:Delete"),
+                    record("a+b%2Bc.png", event="s3:ObjectCreated:CompleteMultipartUpload", version="v7"),
+                ]
+            }
+        )
+    )
     assert [e.key for e in events] == ["CheXpert-v1.0/train/patient00001/study1/view1 frontal(1).jpg", "a b+c.png"]
     assert events[1].version_id == "v7" and events[1].etag == "abc" and events[1].size == 1234
     arrival = events[1].arrival(dataset="nih", release="v1")
-    assert (arrival.uri, arrival.dataset, arrival.release, arrival.etag) == ("s3://xrays/a b+c.png", "chestx-ray8", "v1", "abc")
+    assert (arrival.uri, arrival.dataset, arrival.release, arrival.etag) == (
+        "s3://xrays/a b+c.png",
+        "chestx-ray8",
+        "v1",
+        "abc",
+    )
 
 
 def test_minio_access_entry_sns_envelope_and_test_event():
-    minio = [{"Event": [record("images_001/00000001_000.png", event="s3:ObjectCreated:Put")],
-              "EventTime": "2024-05-01T10:00:00.000Z"}]
+    minio = [
+        {
+            "Event": [record("images_001/00000001_000.png", event="s3:ObjectCreated:Put")],
+            "EventTime": "2024-05-01T10:00:00.000Z",
+        }
+    ]
     assert [e.key for e in parse(json.dumps(minio).encode())] == ["images_001/00000001_000.png"]
     sns = {"Type": "Notification", "Message": json.dumps({"Records": [record("x.png")]})}
     assert [e.key for e in parse(sns)] == ["x.png"]
@@ -149,8 +174,10 @@ def test_sqs_messages_are_deleted_only_once_queued(aws, listener, queue):
     s3.create_bucket(Bucket=bucket)
     url = sqs.create_queue(QueueName=bucket, Attributes={"VisibilityTimeout": "1"})["QueueUrl"]
     arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
-    s3.put_bucket_notification_configuration(Bucket=bucket, NotificationConfiguration={
-        "QueueConfigurations": [{"QueueArn": arn, "Events": ["s3:ObjectCreated:*"]}]})
+    s3.put_bucket_notification_configuration(
+        Bucket=bucket,
+        NotificationConfiguration={"QueueConfigurations": [{"QueueArn": arn, "Events": ["s3:ObjectCreated:*"]}]},
+    )
     s3.put_object(Bucket=bucket, Key="ward 3/00000001_000.png", Body=b"one")
     s3.put_object(Bucket=bucket, Key="a+b.png", Body=b"two")
     sqs_listener = SqsListener(listener, url, client=sqs, wait_s=1)
@@ -175,14 +202,19 @@ def test_sqs_messages_are_deleted_only_once_queued(aws, listener, queue):
 @pytest.mark.services
 def test_redis_list_entries_survive_a_failed_hand_off(listener, queue):
     import redis
-
     from services import redis_url, require_redis
 
     client = redis.Redis.from_url(require_redis(redis_url()))
     key = f"chexmask-test-events-{uuid.uuid4().hex}"
     try:
-        entry = json.dumps([{"Event": [record("images_001/00000001_000.png", event="s3:ObjectCreated:Put")],
-                             "EventTime": "2024-05-01T10:00:00.000Z"}])
+        entry = json.dumps(
+            [
+                {
+                    "Event": [record("images_001/00000001_000.png", event="s3:ObjectCreated:Put")],
+                    "EventTime": "2024-05-01T10:00:00.000Z",
+                }
+            ]
+        )
         client.rpush(key, entry)
         queue.broken = True
         source = RedisListListener(listener, client, key, timeout_s=0.1)

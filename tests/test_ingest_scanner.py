@@ -39,8 +39,15 @@ def index(tmp_path):
 
 
 def release_folder(root: Path) -> Path:
-    for name in ("images_001/00000001_000.png", "images_001/00000001_001.png", "images_002/00000002_000.png",
-                 "Data_Entry_2017.csv", ".DS_Store", "images_002/.partial.png", "images_002/x.png.part"):
+    for name in (
+        "images_001/00000001_000.png",
+        "images_001/00000001_001.png",
+        "images_002/00000002_000.png",
+        "Data_Entry_2017.csv",
+        ".DS_Store",
+        "images_002/.partial.png",
+        "images_002/x.png.part",
+    ):
         path = root / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(name.encode())
@@ -48,15 +55,25 @@ def release_folder(root: Path) -> Path:
 
 
 def scanner(index, queue, tmp_path, **kwargs) -> ReleaseScanner:
-    return ReleaseScanner(Intake(Registry(index), queue), dataset="nih", release="v1",
-                          state_dir=tmp_path / "scans", progress=False, **kwargs)
+    return ReleaseScanner(
+        Intake(Registry(index), queue),
+        dataset="nih",
+        release="v1",
+        state_dir=tmp_path / "scans",
+        progress=False,
+        **kwargs,
+    )
 
 
 def test_second_scan_queues_nothing_and_changes_are_found(tmp_path, index):
     root = release_folder(tmp_path / "nih")
     queue = ListQueue()
     assert scanner(index, queue, tmp_path).scan(str(root)) == ScanCounts(seen=3, new=3)
-    assert sorted(a.dataset_image_id for a in queue.arrivals) == ["00000001_000.png", "00000001_001.png", "00000002_000.png"]
+    assert sorted(a.dataset_image_id for a in queue.arrivals) == [
+        "00000001_000.png",
+        "00000001_001.png",
+        "00000002_000.png",
+    ]
     assert {a.release for a in queue.arrivals} == {"v1"}
     assert all(image.status == "queued" for image in index.images())  # registered once queued
 
@@ -96,9 +113,15 @@ def bucket(moto_endpoint, monkeypatch):
     name = f"release-{uuid.uuid4().hex[:8]}"
     client = s3_client(moto_endpoint)
     client.create_bucket(Bucket=name)
-    for key in ("mimic/files/p10/p10000032/s50414267/02aa804e.jpg", "mimic/files/p10/p10000032/s50414267/174413ec.jpg",
-                "mimic/files/p11/p11000011/s51029426/2a2277a9.jpg", "mimic/files/", "mimic/README.txt",
-                "mimic/.hidden.jpg", "other/files/p12/p12000012/s50000000/ffff.jpg"):
+    for key in (
+        "mimic/files/p10/p10000032/s50414267/02aa804e.jpg",
+        "mimic/files/p10/p10000032/s50414267/174413ec.jpg",
+        "mimic/files/p11/p11000011/s51029426/2a2277a9.jpg",
+        "mimic/files/",
+        "mimic/README.txt",
+        "mimic/.hidden.jpg",
+        "other/files/p12/p12000012/s50000000/ffff.jpg",
+    ):
         client.put_object(Bucket=name, Key=key, Body=key.encode())
     return name, client
 
@@ -110,7 +133,10 @@ def test_s3_prefix_scan(tmp_path, index, bucket):
     scan = ReleaseScanner(Intake(Registry(index), queue), release="2.0.0", state_dir=tmp_path, progress=False)
     assert scan.scan(f"s3://{name}/mimic/") == ScanCounts(seen=3, new=3)
     assert [(a.dataset, a.dataset_image_id) for a in queue.arrivals] == [
-        ("mimic-cxr-jpg", "02aa804e"), ("mimic-cxr-jpg", "174413ec"), ("mimic-cxr-jpg", "2a2277a9")]
+        ("mimic-cxr-jpg", "02aa804e"),
+        ("mimic-cxr-jpg", "174413ec"),
+        ("mimic-cxr-jpg", "2a2277a9"),
+    ]
     assert all(a.etag and '"' not in a.etag and a.size for a in queue.arrivals)
     assert scan.scan(f"s3://{name}/mimic/") == ScanCounts(seen=3, skipped=3)
     client.put_object(Bucket=name, Key="mimic/files/p10/p10000032/s50414267/174413ec.jpg", Body=b"new bytes")
@@ -122,13 +148,25 @@ def test_scan_command_queues_ingest_tasks_once(tmp_path, bucket, pg_database):
     """``chexmask scan`` twice against real Redis (broker) and PostgreSQL (index)."""
     name, _ = bucket
     broker, client = empty_redis_database()
-    env = {**os.environ, "CHEXMASK_HOME": str(tmp_path), "CHEXMASK_BROKER_URL": broker,
-           "CHEXMASK_DATABASE_URL": pg_database}
+    env = {
+        **os.environ,
+        "CHEXMASK_HOME": str(tmp_path),
+        "CHEXMASK_BROKER_URL": broker,
+        "CHEXMASK_DATABASE_URL": pg_database,
+    }
     try:
         # The command itself, without the CLI group (whose other subsystems import torch).
         command = "from chexmask.app.pipeline_cli import scan_command; scan_command()"
-        runs = [subprocess.run([sys.executable, "-c", command, f"s3://{name}/mimic/", "--release", "2.0.0"],
-                               env=env, capture_output=True, text=True, timeout=120) for _ in range(2)]
+        runs = [
+            subprocess.run(
+                [sys.executable, "-c", command, f"s3://{name}/mimic/", "--release", "2.0.0"],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            for _ in range(2)
+        ]
         assert [r.returncode for r in runs] == [0, 0], runs[0].stderr + runs[1].stderr
         assert "3 seen, 3 new, 0 changed, 0 skipped" in runs[0].stdout
         assert "3 seen, 0 new, 0 changed, 3 skipped" in runs[1].stdout
@@ -142,7 +180,6 @@ def test_scan_command_queues_ingest_tasks_once(tmp_path, bucket, pg_database):
 def empty_redis_database():
     """A broker URL on a Redis database nobody uses (so no worker takes the messages)."""
     import redis
-
     from services import redis_url, require_redis
 
     base = require_redis(redis_url()).rsplit("/", 1)[0]

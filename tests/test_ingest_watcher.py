@@ -67,8 +67,17 @@ def test_hidden_temporary_and_other_files_are_ignored(tmp_path):
     reports = Reports()
     (tmp_path / ".cache").mkdir()
     with FolderWatcher(tmp_path, reports, settle=0.2, reconcile_every=0.2):
-        for name in (".hidden.png", "~$lock.png", "backup.png~", "b.tmp", "c.crdownload", "d.part",
-                     ".cache/e.png", "notes.txt", "series/f.dcm"):
+        for name in (
+            ".hidden.png",
+            "~$lock.png",
+            "backup.png~",
+            "b.tmp",
+            "c.crdownload",
+            "d.part",
+            ".cache/e.png",
+            "notes.txt",
+            "series/f.dcm",
+        ):
             path = tmp_path / name
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(PNG)

@@ -11,9 +11,8 @@ from chexmask.config import Settings
 from chexmask.errors import NotFound, RefusedInput, TransientError
 from chexmask.ingest.registry import Registry
 from chexmask.messages import Arrival
-from chexmask.status import ImageStatus
-from chexmask.status import QCStatus
 from chexmask.retry import RETRY, RetryPolicy
+from chexmask.status import ImageStatus, QCStatus
 from chexmask.worker.service import Service
 
 
@@ -50,8 +49,9 @@ def test_retry_run_waits_between_tries_and_gives_up_with_the_last_error():
     assert len(calls) == 3  # the first try and two retries
     calls.clear()
     with pytest.raises(RefusedInput):
-        policy.run(lambda: (calls.append(1), (_ for _ in ()).throw(RefusedInput("truncated", "cut")))[1],
-                   sleep=waits.append)
+        policy.run(
+            lambda: (calls.append(1), (_ for _ in ()).throw(RefusedInput("truncated", "cut")))[1], sleep=waits.append
+        )
     assert len(calls) == 1  # never retried
 
 
@@ -61,8 +61,13 @@ def test_retry_run_waits_between_tries_and_gives_up_with_the_last_error():
 @pytest.fixture(scope="module")
 def service(tmp_path_factory, random_weights):
     home = tmp_path_factory.mktemp("home")
-    settings = Settings(home=home, weights=str(random_weights), database_url=f"sqlite:///{home / 'index.db'}",
-                        store_url=(home / "store").as_uri(), broker_url="")
+    settings = Settings(
+        home=home,
+        weights=str(random_weights),
+        database_url=f"sqlite:///{home / 'index.db'}",
+        store_url=(home / "store").as_uri(),
+        broker_url="",
+    )
     service = Service(settings)
     service.index.upgrade()
     yield service
@@ -88,7 +93,11 @@ def test_segment_writes_the_store_and_the_index_once(service, samples_dir, tmp_p
 
     image = service.index.get_image(ingested.image_id)
     assert (image.status, image.dataset, image.dataset_image_id, image.attempts) == (
-        ImageStatus.DONE, "chestx-ray8", "00000001_000.png", 1)
+        ImageStatus.DONE,
+        "chestx-ray8",
+        "00000001_000.png",
+        1,
+    )
     row = service.index.get_segmentation(result.segmentation_id)
     padding = result.prepared.padding
     assert (image.height, image.width) == (row.height, row.width) == (padding.height, padding.width)
@@ -162,9 +171,10 @@ def test_an_image_that_keeps_killing_workers_ends_failed(service, samples_dir, t
 def test_transient_errors_are_retried_then_the_image_fails(service, monkeypatch):
     """The segment task against an S3 endpoint that refuses connections: retried
     (eagerly here, without the backoff waits), then marked failed with the reason."""
+    from services import FAKE_AWS_ENV, free_port
+
     from chexmask.storage import sources as fetch
     from chexmask.worker import tasks
-    from services import FAKE_AWS_ENV, free_port
 
     for name, value in FAKE_AWS_ENV.items():
         monkeypatch.setenv(name, value)

@@ -46,7 +46,10 @@ def test_json_lines_carry_the_image_context(restore_logging):
     assert (before["level"], before["logger"]) == ("INFO", "chexmask.test")
     assert before["time"].endswith("+00:00")
     assert {k: segmented[k] for k in ("image_id", "dataset", "task_id")} == {
-        "image_id": 12, "dataset": "chestx-ray8", "task_id": "abc-1"}
+        "image_id": 12,
+        "dataset": "chestx-ray8",
+        "task_id": "abc-1",
+    }
     assert (inner["segmentation_id"], inner["dataset"], inner["level"]) == (5, "padchest", "WARNING")
     assert failed["dataset"] == "chestx-ray8" and "ValueError: boom" in failed["exception"]
 
@@ -110,15 +113,20 @@ def test_one_outcome_line_per_image(tmp_path, samples_dir, random_weights, caplo
     finally:
         server.close()
 
-    outcomes = [r for r in caplog.records if r.name == "chexmask.worker.service" and r.getMessage().startswith("image ")]
+    outcomes = [
+        r for r in caplog.records if r.name == "chexmask.worker.service" and r.getMessage().startswith("image ")
+    ]
     by_image = {}
     for record in outcomes:
         by_image.setdefault(record.image_id, []).append(record.getMessage())
     assert len(by_image) == 2 and all(len(lines) == 1 for lines in by_image.values()), by_image
     # The two images run side by side: take each one's line by its name, not by id order.
     messages = sorted((lines[0] for lines in by_image.values()), key=lambda m: m.split("(", 1)[1])
-    assert re.fullmatch(r"image \d+ \(chestx-ray8/00000001_000\.png\) segmented in [\d.]+ s "
-                        r"\(segmentation \d+\); QC pending", messages[0]), messages
+    assert re.fullmatch(
+        r"image \d+ \(chestx-ray8/00000001_000\.png\) segmented in [\d.]+ s "
+        r"\(segmentation \d+\); QC pending",
+        messages[0],
+    ), messages
     assert re.fullmatch(r"image \d+ \(chestx-ray8/00000002_000\.png\) refused: \w+: .+", messages[1]), messages
     for record in outcomes:
         assert record.levelno == logging.INFO and record.dataset == "chestx-ray8"

@@ -101,7 +101,14 @@ def test_decoder_stages_fed_golden_inputs(model, golden, j):
     g = lambda name: torch.from_numpy(golden[f"ladder{j}_{name}"])[None]  # noqa: E731
     with torch.no_grad():
         np.testing.assert_allclose(model.dec_lin(g("mu")), g("dec_lin_out"), atol=1e-4)
-        for conv, level in [("up6", "coarse"), ("up5", "coarse"), ("up4", "coarse"), ("up3", "fine"), ("up2", "fine"), ("up1", "fine")]:
+        for conv, level in [
+            ("up6", "coarse"),
+            ("up5", "coarse"),
+            ("up4", "coarse"),
+            ("up3", "fine"),
+            ("up2", "fine"),
+            ("up1", "fine"),
+        ]:
             edges = getattr(model, f"edges_{level}")
             out = getattr(model, f"graphConv_{conv}")(g(f"graphConv_{conv}_in"), edges)
             np.testing.assert_allclose(out, g(f"graphConv_{conv}_out"), atol=1e-4, err_msg=conv)
@@ -127,7 +134,7 @@ def test_skip_lookup_fed_golden_inputs(model, golden, j, k, fmap, size):
         np.testing.assert_array_equal(roi_sample_counts(golden_pos, size)[0], golden[f"single_grid{k}"][row])
         skip = roi_lookup(golden_pos, g(fmap))
         features = g(f"SC_{k}_in").shape[-1]
-        np.testing.assert_allclose(skip, g(f"SC_{k}_out_concat")[..., features:features + 128], atol=1e-4)
+        np.testing.assert_allclose(skip, g(f"SC_{k}_out_concat")[..., features : features + 128], atol=1e-4)
 
 
 def test_encoder_maps_and_latent_from_image(ladder_run, golden):
@@ -167,7 +174,7 @@ def test_segment_batch_is_batch_invariant(model, golden):
     together = segment_batch(model, images)
     order = [2, 0, 1]
     shuffled = segment_batch(model, images[order])
-    alone = [segment_batch(model, images[i:i + 1]) for i in range(3)]
+    alone = [segment_batch(model, images[i : i + 1]) for i in range(3)]
     for i in range(3):
         np.testing.assert_array_equal(together[0][i], alone[i][0][0])
         np.testing.assert_array_equal(together[1][i], alone[i][1][0])

@@ -33,8 +33,11 @@ def test_parallel_run_equals_one_by_one_in_input_order(model, samples_dir: Path)
     info = ModelInfo("random", "random", "", "")
     serial = list(Segmenter(model, info, batch_size=1, workers=1).run(sources(samples_dir)))
     finished: list[str] = []
-    parallel = list(Segmenter(model, info, batch_size=4, workers=2).run(
-        sources(samples_dir), finish=lambda o: finished.append(o.name)))
+    parallel = list(
+        Segmenter(model, info, batch_size=4, workers=2).run(
+            sources(samples_dir), finish=lambda o: finished.append(o.name)
+        )
+    )
     names = [name for name, _ in sources(samples_dir)]
     assert [o.name for o in serial] == [o.name for o in parallel] == names
     assert sorted(finished) == sorted(names)
@@ -64,8 +67,9 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 2)
 
 def page_faults(mode: str) -> int:
     """Minor page faults of a forward pass in a fresh process (this one's heap has a past)."""
-    run = subprocess.run([sys.executable, "-c", PAGE_FAULTS_PER_FORWARD_PASS, mode],
-                         capture_output=True, text=True, check=True)
+    run = subprocess.run(
+        [sys.executable, "-c", PAGE_FAULTS_PER_FORWARD_PASS, mode], capture_output=True, text=True, check=True
+    )
     return int(run.stdout)
 
 

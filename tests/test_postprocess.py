@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from chexmask.anatomy import ORGAN_ROWS
-from chexmask.worker.preprocess import Padding
 from chexmask.worker.postprocess import (
     combined_mask,
     csv_landmarks_1024,
@@ -21,13 +20,22 @@ from chexmask.worker.postprocess import (
     rle_encode,
     to_original,
 )
+from chexmask.worker.preprocess import Padding
 
 # CheXmask CSV column of each organ (SPEC 9.5: "Left Lung" is LL, "Right Lung" is RL).
 RLE_COLUMNS = {"RL": "Right Lung", "LL": "Left Lung", "H": "Heart"}
 MIMIC_NAMES = ("00000001_000", "16747_3_1", "covid-19-pneumonia-58-prior", "synthetic_padded", "utils_example1")
 ALL_NAMES = (*MIMIC_NAMES, "RG1_UNCR")
-PAD_FIELDS = ("pad_left_rem", "pad_top_rem", "pad_right_rem", "pad_bottom_rem",
-              "pad_left", "pad_top", "pad_right", "pad_bottom")
+PAD_FIELDS = (
+    "pad_left_rem",
+    "pad_top_rem",
+    "pad_right_rem",
+    "pad_bottom_rem",
+    "pad_left",
+    "pad_top",
+    "pad_right",
+    "pad_bottom",
+)
 
 
 def read_png(path: Path) -> np.ndarray:
@@ -61,7 +69,9 @@ def paddings(preprocessing_dir: Path, golden_csv) -> dict[str, Padding]:
 
 def test_organ_ranges() -> None:
     assert {organ: (rows.start, rows.stop - 1) for organ, rows in ORGAN_ROWS.items()} == {
-        "RL": (0, 43), "LL": (44, 93), "H": (94, 119)
+        "RL": (0, 43),
+        "LL": (44, 93),
+        "H": (94, 119),
     }
 
 

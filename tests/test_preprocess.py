@@ -9,13 +9,21 @@ import cv2
 import numpy as np
 import pytest
 
+from chexmask.anatomy import FRAME
 from chexmask.errors import RefusedInput
 from chexmask.worker.decode import DecodedImage
-from chexmask.anatomy import FRAME
 from chexmask.worker.preprocess import Padding, pad_to_square_centered, preprocess, remove_padding
 
-MIMIC_PAD_FIELDS = ("pad_left_rem", "pad_top_rem", "pad_right_rem", "pad_bottom_rem",
-                    "pad_left", "pad_top", "pad_right", "pad_bottom")
+MIMIC_PAD_FIELDS = (
+    "pad_left_rem",
+    "pad_top_rem",
+    "pad_right_rem",
+    "pad_bottom_rem",
+    "pad_left",
+    "pad_top",
+    "pad_right",
+    "pad_bottom",
+)
 
 
 @pytest.fixture(scope="session")
@@ -61,8 +69,10 @@ def test_shapes_match_preprocessing_info(golden_name: str, preprocessed, preproc
     assert [padding.height, padding.width] == entry["orig_shape"]
     assert padding.square_size == entry["square"]
     if "cropped_shape" in entry:
-        cropped = [padding.height - padding.pad_top_rem - padding.pad_bottom_rem,
-                   padding.width - padding.pad_left_rem - padding.pad_right_rem]
+        cropped = [
+            padding.height - padding.pad_top_rem - padding.pad_bottom_rem,
+            padding.width - padding.pad_left_rem - padding.pad_right_rem,
+        ]
         assert cropped == entry["cropped_shape"]
 
 
@@ -96,6 +106,15 @@ def test_dicom_skips_remove_padding() -> None:
     pixels[2:4, 1:3] = 200  # a dark border remove_padding would crop
     result = preprocess(DecodedImage(pixels, "dicom"))
     assert result.padding.to_dict() == {
-        "height": 6, "width": 4, "pad_left_rem": 0, "pad_top_rem": 0, "pad_right_rem": 0, "pad_bottom_rem": 0,
-        "pad_left": 1, "pad_top": 0, "pad_right": 1, "pad_bottom": 0, "remove_padding": False,
+        "height": 6,
+        "width": 4,
+        "pad_left_rem": 0,
+        "pad_top_rem": 0,
+        "pad_right_rem": 0,
+        "pad_bottom_rem": 0,
+        "pad_left": 1,
+        "pad_top": 0,
+        "pad_right": 1,
+        "pad_bottom": 0,
+        "remove_padding": False,
     }

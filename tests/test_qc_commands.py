@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from chexmask.anatomy import ORGAN_ROWS
 from chexmask.app.cli import cli
 from chexmask.worker.bank import ReferenceBank
 from chexmask.worker.plausibility import polygon_area
-from chexmask.anatomy import ORGAN_ROWS
 from chexmask.worker.qc_commands import degrade
 from chexmask.worker.train import load_landmarks
 
@@ -35,8 +35,18 @@ def run(*args: str) -> str:
 
 def test_build_bank_command(jsrt, split, tmp_path):
     out = tmp_path / "bank.npz"
-    text = run("build-bank", "--images", str(jsrt / "images"), "--landmarks", str(jsrt / "landmarks"),
-               "--ids-file", str(split), "--no-latents", "--out", str(out))
+    text = run(
+        "build-bank",
+        "--images",
+        str(jsrt / "images"),
+        "--landmarks",
+        str(jsrt / "landmarks"),
+        "--ids-file",
+        str(split),
+        "--no-latents",
+        "--out",
+        str(out),
+    )
     assert "5 references at 96x96, latents no" in text
     assert ReferenceBank.load(out).ids == json.loads(split.read_text())["train"]
 
@@ -68,8 +78,22 @@ def test_validate_command_end_to_end(jsrt, split, random_weights, tmp_path):
     common = ["--images", str(jsrt / "images"), "--landmarks", str(jsrt / "landmarks"), "--ids-file", str(split)]
     run("build-bank", *common, "--weights", str(weights), "--out", str(bank), "--threads", "1")
     out = tmp_path / "val"
-    text = run("validate", "--bank", str(bank), *common, "--weights", str(weights),
-               "--partial-weights", str(weights), "--out", str(out), "--threads", "1", "--folds", "2")
+    text = run(
+        "validate",
+        "--bank",
+        str(bank),
+        *common,
+        "--weights",
+        str(weights),
+        "--partial-weights",
+        str(weights),
+        "--out",
+        str(out),
+        "--threads",
+        "1",
+        "--folds",
+        "2",
+    )
     assert "dice_rca_max: pearson" in text and "ratio" in text and "inverted images:" in text
     with (out / "cases.csv").open() as fh:
         rows = list(csv.DictReader(fh))

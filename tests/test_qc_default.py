@@ -11,15 +11,14 @@ import pytest
 
 from chexmask.config import Settings
 from chexmask.errors import ConfigError
-from chexmask.storage.index import MaskIndex
 from chexmask.status import QCStatus
+from chexmask.storage.index import MaskIndex
 from chexmask.worker import plausibility, rca
 from chexmask.worker.bank import bundled_bank, resolve
-from chexmask.worker.weights import file_sha256
 from chexmask.worker.qc_commands import degrade_image
 from chexmask.worker.service import Service
 from chexmask.worker.train import load_landmarks
-from chexmask.worker.weights import default_weights
+from chexmask.worker.weights import default_weights, file_sha256
 
 pytest_plugins = ["services"]
 
@@ -38,8 +37,12 @@ def read(jsrt: Path, image_id: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def settings(tmp_path: Path, qc_bank: str | None) -> Settings:
-    return Settings(home=tmp_path, database_url=f"sqlite:///{tmp_path / 'index.db'}",
-                    store_url=(tmp_path / "store").as_uri(), qc_bank=qc_bank)
+    return Settings(
+        home=tmp_path,
+        database_url=f"sqlite:///{tmp_path / 'index.db'}",
+        store_url=(tmp_path / "store").as_uri(),
+        qc_bank=qc_bank,
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -71,7 +74,7 @@ def test_calibration_is_monotone(bank):
     for key, knots in bank.calibration.knots.items():
         mapped = np.interp(raw, *knots)
         assert np.all(np.diff(mapped) >= 0), key
-        assert 0 <= mapped.min() and mapped.max() <= 1
+        assert mapped.min() >= 0 and mapped.max() <= 1
 
 
 def test_isotonic_fit_is_monotone_and_fits_better_than_identity():
@@ -137,9 +140,9 @@ def _segmentation(index: MaskIndex, landmarks: np.ndarray, name: str = "a.png") 
 
 def test_qc_reason_migration_keeps_existing_rows(tmp_path):
     from alembic import command
+    from services import add_sample
 
     from chexmask.storage.index import _alembic_config
-    from services import add_sample
 
     index = MaskIndex(f"sqlite:///{tmp_path / 'index.db'}")
     try:

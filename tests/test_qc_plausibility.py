@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from chexmask.worker.plausibility import ShapeModel, check, polygon_area, self_intersects
 from chexmask.anatomy import ORGAN_ROWS
+from chexmask.worker.plausibility import ShapeModel, check, polygon_area, self_intersects
 from chexmask.worker.train import load_landmarks
 
 

@@ -150,9 +150,9 @@ def test_assess_without_bank_is_skipped(jsrt, ids):
 
 @pytest.mark.slow
 def test_assess_batch_matches_single_images(bank, jsrt, ids):
-    images, truths = zip(*(read(jsrt, i) for i in ids[HELD_OUT:HELD_OUT + 2]))
+    images, truths = zip(*(read(jsrt, i) for i in ids[HELD_OUT : HELD_OUT + 2]), strict=True)
     batch = assess_batch(np.stack(images), np.stack(truths), None, bank)
-    for image, truth, together in zip(images, truths, batch):
+    for image, truth, together in zip(images, truths, batch, strict=True):
         alone = assess(image, truth, None, bank)
         assert together.references == alone.references
         assert together.dice_rca_max == pytest.approx(alone.dice_rca_max, abs=2e-3)

@@ -16,12 +16,12 @@ import time
 from pathlib import Path
 
 import pytest
+from sqlmodel import Session, select
 
 from chexmask.faults import POINTS
 from chexmask.status import ImageStatus, QCStatus
 from chexmask.storage.index import MaskIndex
 from chexmask.storage.models import Segmentation, SourceImage
-from sqlmodel import Session, select
 
 IMAGE = "00000001_000.png"
 
@@ -32,8 +32,13 @@ def env_for(home: Path, **extra: str) -> dict[str, str]:
 
 
 def serve_once(inbox: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "chexmask.app.cli", "serve", "--inbox", str(inbox), "--once",
-                           "--settle", "0"], env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "chexmask.app.cli", "serve", "--inbox", str(inbox), "--once", "--settle", "0"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def rows(home: Path) -> tuple[list[SourceImage], list[Segmentation]]:
@@ -95,8 +100,12 @@ def test_serve_skips_fifos_and_devices_and_stops_on_sigterm(tmp_path, samples_di
     (inbox / IMAGE).write_bytes((samples_dir / IMAGE).read_bytes())
     out = tmp_path / "serve.log"
     with open(out, "w") as log:
-        serve = subprocess.Popen([sys.executable, "-m", "chexmask.app.cli", "serve", "--inbox", str(inbox),
-                                  "--settle", "0.2"], env=env_for(home), stdout=log, stderr=subprocess.STDOUT)
+        serve = subprocess.Popen(
+            [sys.executable, "-m", "chexmask.app.cli", "serve", "--inbox", str(inbox), "--settle", "0.2"],
+            env=env_for(home),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     try:
         deadline = time.monotonic() + 240
         while f"segmented {IMAGE}" not in out.read_text() and time.monotonic() < deadline:
@@ -142,18 +151,34 @@ def test_a_transient_failure_is_retried_and_retry_requeues_failed(tmp_path, samp
     if os.access(store, os.W_OK):  # root ignores the mode
         pytest.skip("cannot make a read-only folder as this user")
     env = env_for(home, CHEXMASK_STORE_URL=store.as_uri())
-    failed = subprocess.run([sys.executable, "-c",
-                             "import chexmask.retry as r, chexmask.app.cli as c;"
-                             "r.RETRY = r.RetryPolicy(transient_retries=0, unexpected_retries=0);"
-                             "import chexmask.app.serve as s; s.RETRY = r.RETRY; c.main()",
-                             "serve", "--inbox", str(inbox), "--once"], env=env, capture_output=True, text=True,
-                            timeout=300)
+    failed = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import chexmask.retry as r, chexmask.app.cli as c;"
+            "r.RETRY = r.RetryPolicy(transient_retries=0, unexpected_retries=0);"
+            "import chexmask.app.serve as s; s.RETRY = r.RETRY; c.main()",
+            "serve",
+            "--inbox",
+            str(inbox),
+            "--once",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     images, _ = rows(home)
     assert images[0].status is ImageStatus.FAILED, failed.stdout + failed.stderr
     assert images[0].retry_at is not None and images[0].failing_since is not None
     store.chmod(0o700)
-    retry = subprocess.run([sys.executable, "-m", "chexmask.app.cli", "retry", "--failed"], env=env,
-                           capture_output=True, text=True, timeout=120)
+    retry = subprocess.run(
+        [sys.executable, "-m", "chexmask.app.cli", "retry", "--failed"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert "1 image(s)" in retry.stdout, retry.stdout + retry.stderr
     assert rows(home)[0][0].status is ImageStatus.QUEUED
     assert serve_once(inbox, env).returncode == 0

@@ -39,7 +39,9 @@ def segmented(tmp_path_factory, samples_dir: Path, golden_weights_file: Path):
         shutil.copy(samples_dir / name, inbox / name)
     (inbox / "broken.png").write_bytes((samples_dir / "00000001_000.png").read_bytes()[:3000])
     out = tmp_path_factory.mktemp("out")
-    result = chexmask("segment", str(inbox), "--weights", str(golden_weights_file), "--out", str(out), "--batch-size", "2")
+    result = chexmask(
+        "segment", str(inbox), "--weights", str(golden_weights_file), "--out", str(out), "--batch-size", "2"
+    )
     return result, out
 
 
@@ -81,8 +83,17 @@ def test_latent_matches_official_batch_of_one(segmented, shared_dir: Path):
 def test_csv_is_chexmask_layout_and_decodes_to_the_masks(segmented):
     _, out = segmented
     table = pd.read_csv(out / "segmentations.csv")
-    assert list(table.columns) == ["image_id", "Dice RCA (Mean)", "Dice RCA (Max)", "Landmarks",
-                                   "Left Lung", "Right Lung", "Heart", "Height", "Width"]
+    assert list(table.columns) == [
+        "image_id",
+        "Dice RCA (Mean)",
+        "Dice RCA (Max)",
+        "Landmarks",
+        "Left Lung",
+        "Right Lung",
+        "Heart",
+        "Height",
+        "Width",
+    ]
     assert len(table) == 3
     row = table[table.image_id == "16747_3_1"].iloc[0]
     record = json.loads((out / "16747_3_1.json").read_text())
@@ -93,8 +104,9 @@ def test_csv_is_chexmask_layout_and_decodes_to_the_masks(segmented):
 
 
 def test_missing_weights_is_one_clear_sentence(tmp_path: Path, samples_dir: Path):
-    result = chexmask("segment", str(samples_dir / "00000001_000.png"), "--weights", str(tmp_path / "nope.pt"),
-                      "--out", str(tmp_path))
+    result = chexmask(
+        "segment", str(samples_dir / "00000001_000.png"), "--weights", str(tmp_path / "nope.pt"), "--out", str(tmp_path)
+    )
     assert result.returncode == 2
     assert "model weights not found" in result.stderr and "Traceback" not in result.stderr
 
@@ -102,8 +114,15 @@ def test_missing_weights_is_one_clear_sentence(tmp_path: Path, samples_dir: Path
 def test_max_pixels_from_environment_refuses_too_large(tmp_path: Path, samples_dir: Path, golden_weights_file: Path):
     """CHEXMASK_MAX_PIXELS reaches the decoder: a 512x512 image is over a 200000-pixel budget."""
     env = {**os.environ, "CHEXMASK_MAX_PIXELS": "200000"}
-    result = chexmask("segment", str(samples_dir / "00000001_000.png"), "--weights", str(golden_weights_file),
-                      "--out", str(tmp_path), env=env)
+    result = chexmask(
+        "segment",
+        str(samples_dir / "00000001_000.png"),
+        "--weights",
+        str(golden_weights_file),
+        "--out",
+        str(tmp_path),
+        env=env,
+    )
     assert result.returncode == 1, result.stderr
     error = json.loads((tmp_path / "00000001_000.error.json").read_text())
     assert error["code"] == "too_large" and "512x512" in error["reason"]

@@ -39,8 +39,7 @@ def seeded(index, store, sample):
         name = f"img_{i}.png"
         keys = segmentation_keys(hashlib.sha256(name.encode()).hexdigest(), "hybridgnet-test")
         objects = {"record": keys.record, "heart": keys.heart} if i == 4 else None
-        sample(name, dataset="padchest", dice_mean=0.6 + i / 10, dice_max=0.95,
-                   object_keys=objects)
+        sample(name, dataset="padchest", dice_mean=0.6 + i / 10, dice_max=0.95, object_keys=objects)
     store.put(keys.record, json.dumps({"id": "img_4.png"}).encode(), "application/json")
     store.put(keys.heart, b"\x89PNG\r\n\x1a\nfake", "image/png")
     store.put("sources/img_4.png", b"the patient's x-ray")
@@ -50,13 +49,16 @@ def seeded(index, store, sample):
 @local_store_only
 def test_list_filter_and_paginate(seeded):
     with client_for(*seeded) as client:
-        page = client.get("/segmentations", params={"dataset": "padchest", "min_dice_mean": 0.75,
-                                                    "sort": "-dice_rca_mean", "limit": 2}).json()
+        page = client.get(
+            "/segmentations",
+            params={"dataset": "padchest", "min_dice_mean": 0.75, "sort": "-dice_rca_mean", "limit": 2},
+        ).json()
         assert [i["dataset_image_id"] for i in page["items"]] == ["img_4.png", "img_3.png"]
         assert (page["limit"], page["offset"], page["next_offset"]) == (2, 0, 2)
-        last = client.get("/segmentations", params={"dataset": "padchest", "min_dice_mean": 0.75,
-                                                    "sort": "-dice_rca_mean", "limit": 2,
-                                                    "offset": 2}).json()
+        last = client.get(
+            "/segmentations",
+            params={"dataset": "padchest", "min_dice_mean": 0.75, "sort": "-dice_rca_mean", "limit": 2, "offset": 2},
+        ).json()
         assert [i["dataset_image_id"] for i in last["items"]] == ["img_2.png"]
         assert last["next_offset"] is None
         item = last["items"][0]
@@ -104,8 +106,7 @@ def test_token_required_when_configured(seeded):
     with client_for(*seeded, token=TOKEN) as client:
         assert client.get("/health").json()["status"] == "ok"  # probes need no token
         assert client.get("/openapi.json").status_code == 200
-        for path in ("/segmentations", "/segmentations/1", "/stats",
-                     "/objects/segmentations/x.png"):
+        for path in ("/segmentations", "/segmentations/1", "/stats", "/objects/segmentations/x.png"):
             response = client.get(path)
             assert response.status_code == 401, path
             assert response.headers["www-authenticate"] == "Bearer"
@@ -128,8 +129,9 @@ def test_open_without_token(seeded):
 def test_openapi_documents_the_routes(seeded):
     with client_for(*seeded) as client:
         paths = client.get("/openapi.json").json()["paths"]
-        assert {"/segmentations", "/segmentations/{segmentation_id}", "/objects/{key}",
-                "/stats", "/health"} <= set(paths)
+        assert {"/segmentations", "/segmentations/{segmentation_id}", "/objects/{key}", "/stats", "/health"} <= set(
+            paths
+        )
         parameters = {p["name"] for p in paths["/segmentations"]["get"]["parameters"]}
         assert {"dataset", "min_dice_mean", "sort", "limit", "offset"} <= parameters
 
@@ -150,8 +152,9 @@ def test_out_of_range_numbers_and_huge_keys_are_client_errors(index, store):
 
 
 def test_health_names_no_database_detail(tmp_path):
-    settings = Settings(database_url="postgresql+psycopg://u:pw@db.internal.example:6543/x",
-                        store_url=tmp_path.as_uri())
+    settings = Settings(
+        database_url="postgresql+psycopg://u:pw@db.internal.example:6543/x", store_url=tmp_path.as_uri()
+    )
     response = TestClient(create_app(settings)).get("/health")
     assert response.status_code == 503
     assert "db.internal.example" not in response.text and "6543" not in response.text

@@ -14,6 +14,18 @@ def test_bench_on_sqlite(tmp_path, capsys):
 
 @pytest.mark.services
 def test_bench_on_postgresql(pg_database, tmp_path, capsys):
-    main(["--rows", "300", "--repeats", "3", "--backends", "postgresql", "--pg-url", pg_database,
-          "--workdir", str(tmp_path)])
+    main(
+        [
+            "--rows",
+            "300",
+            "--repeats",
+            "3",
+            "--backends",
+            "postgresql",
+            "--pg-url",
+            pg_database,
+            "--workdir",
+            str(tmp_path),
+        ]
+    )
     assert "postgresql: 300 segmentations" in capsys.readouterr().out

@@ -38,8 +38,7 @@ def run(index, sample, tmp_path, monkeypatch):
         return result
 
     for i, mean in enumerate([0.55, 0.72, 0.91]):
-        sample(f"img_{i}.png", dataset="mimic", release="2.0", dice_mean=mean,
-                   dice_max=mean + 0.05)
+        sample(f"img_{i}.png", dataset="mimic", release="2.0", dice_mean=mean, dice_max=mean + 0.05)
     return invoke
 
 
@@ -68,16 +67,14 @@ def test_query_formats(run):
     assert [r["dataset_image_id"] for r in rows] == ["img_1.png", "img_2.png"]
     assert rows[0]["status"] == "done" and rows[0]["dataset"] == "mimic-cxr-jpg"
 
-    text = run("query", "--id", "img_?.png", "--limit", "1", "--offset", "1",
-               "--format", "csv").stdout
+    text = run("query", "--id", "img_?.png", "--limit", "1", "--offset", "1", "--format", "csv").stdout
     (row,) = list(csv.DictReader(io.StringIO(text)))
     assert row["dataset_image_id"] == "img_1.png" and float(row["dice_rca_max"]) == 0.77
 
 
 def test_export(run, tmp_path):
     out = tmp_path / "mimic.csv"
-    result = run("export", "--dataset", "mimic", "--min-dice-mean", "0.7", "--out", str(out),
-                 "--resolution", "1024")
+    result = run("export", "--dataset", "mimic", "--min-dice-mean", "0.7", "--out", str(out), "--resolution", "1024")
     assert "wrote 2 rows" in result.stderr
     frame = pd.read_csv(out)
     assert list(frame["dicom_id"]) == ["img_1.png", "img_2.png"]
@@ -106,14 +103,25 @@ def test_api_serves_over_http(index, sample, unused_port, tmp_path):
     for name in ("a.png", "b.png", "c.png"):
         sample(name)
     port, log = unused_port, tmp_path / "api.log"
-    env = {**os.environ, "CHEXMASK_API_TOKEN": "t0ken", "CHEXMASK_DATABASE_URL": url_of(index),
-           "CHEXMASK_HOME": str(tmp_path / "home")}
+    env = {
+        **os.environ,
+        "CHEXMASK_API_TOKEN": "t0ken",
+        "CHEXMASK_DATABASE_URL": url_of(index),
+        "CHEXMASK_HOME": str(tmp_path / "home"),
+    }
     with log.open("wb") as stderr:  # the server keeps its own copy of the handle
         server = subprocess.Popen(
             # The storage command alone: the full CLI would also import every other subsystem.
-            [sys.executable, "-c", "from chexmask.app.index_cli import api_command; api_command()",
-             "--port", str(port)],
-            env=env, stdout=subprocess.DEVNULL, stderr=stderr,
+            [
+                sys.executable,
+                "-c",
+                "from chexmask.app.index_cli import api_command; api_command()",
+                "--port",
+                str(port),
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
         )
     try:
         base = f"http://127.0.0.1:{port}"

@@ -20,8 +20,7 @@ from chexmask.storage.layout import csv_line, header, numpy_text
 
 REFERENCE = Path("/work/shared/reference/postprocessing")
 ORGAN_SLICES = {"right_lung": slice(0, 44), "left_lung": slice(44, 94), "heart": slice(94, 120)}
-HEADER_TAIL = ["Dice RCA (Mean)", "Dice RCA (Max)", "Landmarks", "Left Lung", "Right Lung",
-               "Heart", "Height", "Width"]
+HEADER_TAIL = ["Dice RCA (Mean)", "Dice RCA (Max)", "Landmarks", "Left Lung", "Right Lung", "Heart", "Height", "Width"]
 
 
 def outline(cx: float, cy: float, rx: float, ry: float, n: int) -> np.ndarray:
@@ -31,11 +30,13 @@ def outline(cx: float, cy: float, rx: float, ry: float, n: int) -> np.ndarray:
 
 def landmarks(scale_x: float, scale_y: float) -> np.ndarray:
     """120 points in the HybridGNet organ order, scaled from a 1024 frame."""
-    points = np.concatenate([
-        outline(330, 480, 150, 330, 44),  # right lung (image left)
-        outline(700, 480, 150, 330, 50),  # left lung
-        outline(560, 640, 170, 140, 26),  # heart
-    ])
+    points = np.concatenate(
+        [
+            outline(330, 480, 150, 330, 44),  # right lung (image left)
+            outline(700, 480, 150, 330, 50),  # left lung
+            outline(560, 640, 170, 140, 26),  # heart
+        ]
+    )
     return np.round(points * [scale_x, scale_y]).astype(int)
 
 
@@ -58,7 +59,7 @@ def rle_decode(rle: str, height: int, width: int) -> np.ndarray:
     flat = np.zeros(height * width, dtype=np.uint8)
     numbers = np.asarray(rle.split(), dtype=int)
     for start, length in zip(numbers[0::2], numbers[1::2], strict=True):
-        flat[start - 1:start - 1 + length] = 255
+        flat[start - 1 : start - 1 + length] = 255
     return flat.reshape(height, width)
 
 
@@ -69,8 +70,11 @@ def add_drawn(sample, name: str, height: int, width: int, **kwargs) -> dict:
     masks = {o: draw(original[s], height, width) for o, s in ORGAN_SLICES.items()}
     masks_1024 = {o: draw(at_1024[s], 1024, 1024) for o, s in ORGAN_SLICES.items()}
     sample(
-        name, height=height, width=width,
-        landmarks_1024=at_1024.tolist(), landmarks_original=original.tolist(),
+        name,
+        height=height,
+        width=width,
+        landmarks_1024=at_1024.tolist(),
+        landmarks_original=original.tolist(),
         rle={o: rle_encode(m) for o, m in masks.items()},
         rle_1024={o: rle_encode(m) for o, m in masks_1024.items()},
         **kwargs,
@@ -80,8 +84,7 @@ def add_drawn(sample, name: str, height: int, width: int, **kwargs) -> dict:
 
 @pytest.mark.parametrize("resolution", ["original", "1024"])
 def test_round_trip_with_official_decoder(index, sample, tmp_path, resolution):
-    sizes = {"00000001_000.png": (600, 700), "00000002_000.png": (1024, 1024),
-             "00000003_000.png": (2048, 1536)}
+    sizes = {"00000001_000.png": (600, 700), "00000002_000.png": (1024, 1024), "00000003_000.png": (2048, 1536)}
     dice = [{}, {"dice_mean": 0.81, "dice_max": 0.91}, {"dice_mean": 0.82, "dice_max": 0.92}]
     expected = {}
     for (name, (h, w)), qc in zip(sizes.items(), dice, strict=True):
@@ -106,8 +109,7 @@ def test_round_trip_with_official_decoder(index, sample, tmp_path, resolution):
             assert (height, width) == sizes[row["Image Index"]]
             parsed = np.array(re.findall(r"-?\d+", row["Landmarks"]), dtype=int).reshape(-1, 2)
         np.testing.assert_array_equal(parsed, points)
-        for column, organ in (("Left Lung", "left_lung"), ("Right Lung", "right_lung"),
-                              ("Heart", "heart")):
+        for column, organ in (("Left Lung", "left_lung"), ("Right Lung", "right_lung"), ("Heart", "heart")):
             decoded = rle_decode(row[column], height, width)
             assert decoded.any()
             np.testing.assert_array_equal(decoded, masks[organ])
@@ -136,10 +138,13 @@ def test_csv_lines_are_the_csv_modules():
 
 
 @pytest.mark.skipif(not REFERENCE.is_dir(), reason=f"reference goldens not at {REFERENCE}")
-@pytest.mark.parametrize("dataset, at_1024, original", [
-    ("mimic-cxr-jpg", "mimic_preprocessed_1024.csv", "mimic_original_resolution_consistent_hw.csv"),
-    ("vindr-cxr", "vindr_preprocessed_1024.csv", "vindr_original_resolution.csv"),
-])
+@pytest.mark.parametrize(
+    "dataset, at_1024, original",
+    [
+        ("mimic-cxr-jpg", "mimic_preprocessed_1024.csv", "mimic_original_resolution_consistent_hw.csv"),
+        ("vindr-cxr", "vindr_preprocessed_1024.csv", "vindr_original_resolution.csv"),
+    ],
+)
 def test_export_reproduces_official_files_byte_for_byte(index, tmp_path, dataset, at_1024, original):
     rows_1024 = _read(REFERENCE / at_1024)
     rows_original = _read(REFERENCE / original)
@@ -147,16 +152,20 @@ def test_export_reproduces_official_files_byte_for_byte(index, tmp_path, dataset
     for row, row_original in zip(rows_1024, rows_original, strict=True):
         assert row[id_column] == row_original[id_column]
         digest = hashlib.sha256(row[id_column].encode()).hexdigest()
-        image = index.register_image(uri=f"file:///{row[id_column]}", dataset=dataset,
-                                     dataset_image_id=row[id_column], sha256=digest).image
+        image = index.register_image(
+            uri=f"file:///{row[id_column]}", dataset=dataset, dataset_image_id=row[id_column], sha256=digest
+        ).image
         index.add_segmentation(
-            image_id=image.id, image_sha256=digest, model_version="hybridgnet",
+            image_id=image.id,
+            image_sha256=digest,
+            model_version="hybridgnet",
             weights_sha256="00" * 32,
             landmarks_1024=np.array(row["Landmarks"].split(","), dtype=int).reshape(-1, 2),
-            landmarks_original=np.array(re.findall(r"-?\d+", row_original["Landmarks"]),
-                                        dtype=int).reshape(-1, 2),
-            height=int(row_original["Height"]), width=int(row_original["Width"]),
-            rle=_masks(row_original), rle_1024=_masks(row),
+            landmarks_original=np.array(re.findall(r"-?\d+", row_original["Landmarks"]), dtype=int).reshape(-1, 2),
+            height=int(row_original["Height"]),
+            width=int(row_original["Width"]),
+            rle=_masks(row_original),
+            rle_1024=_masks(row),
         )
     for resolution, golden in (("1024", at_1024), ("original", original)):
         out = tmp_path / f"{resolution}.csv"

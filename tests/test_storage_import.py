@@ -32,8 +32,9 @@ POINTS = [[10 + i, 20 + 2 * i] for i in range(120)]
 
 
 def run_import(index: MaskIndex, path: Path, dataset: str, **options):
-    return import_csv(index, path, dataset=dataset, model=options.pop("model", OFFICIAL),
-                      weights_sha256=WEIGHTS, **options)
+    return import_csv(
+        index, path, dataset=dataset, model=options.pop("model", OFFICIAL), weights_sha256=WEIGHTS, **options
+    )
 
 
 def write_csv(path: Path, id_header: str, rows: list[list[object]]) -> Path:
@@ -46,8 +47,16 @@ def write_csv(path: Path, id_header: str, rows: list[list[object]]) -> Path:
     return path
 
 
-def original_row(image_id: str, *, rle: str = "1 5 20 3", height: int = 300, width: int = 200,
-                 points=POINTS, mean: object = 0.91, max_: object = 0.95) -> list[object]:
+def original_row(
+    image_id: str,
+    *,
+    rle: str = "1 5 20 3",
+    height: int = 300,
+    width: int = 200,
+    points=POINTS,
+    mean: object = 0.91,
+    max_: object = 0.95,
+) -> list[object]:
     return [image_id, mean, max_, numpy_text(points), rle, "7 2", "", height, width]
 
 
@@ -164,8 +173,9 @@ def test_export_writes_published_rows_then_new_ones_once_per_image(index, sample
 
 def test_missing_model_leaves_imported_images_to_their_published_masks(index, tmp_path):
     run_import(index, write_csv(tmp_path / "p.csv", "Image Index", [original_row("00000001_000.png")]), "nih")
-    index.register_linked([{"uri": "file:///nih/00000001_000.png", "dataset": "nih",
-                            "dataset_image_id": "00000001_000.png"}])
+    index.register_linked(
+        [{"uri": "file:///nih/00000001_000.png", "dataset": "nih", "dataset_image_id": "00000001_000.png"}]
+    )
     index.register_image(uri="file:///nih/00000002_000.png", dataset="nih", dataset_image_id="00000002_000.png")
     missing = {m: [i.uri for i in index.images_missing_model(m)] for m in (OFFICIAL, "ours")}
     # the official model's published mask stands for the linked file; ours still needs its bytes
@@ -190,8 +200,7 @@ def test_import_and_compare_commands(index, tmp_path, monkeypatch):
     from chexmask.official import OFFICIAL_WEIGHTS_SHA256
 
     assert [(m.name, m.weights_sha256) for m in index.models()] == [(OFFICIAL, OFFICIAL_WEIGHTS_SHA256)]
-    result = runner.invoke(cli, ["compare", "--dataset", "nih", "--models", OFFICIAL, OFFICIAL],
-                           catch_exceptions=False)
+    result = runner.invoke(cli, ["compare", "--dataset", "nih", "--models", OFFICIAL, OFFICIAL], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "1 image(s) segmented by both" in result.output
     assert re.search(r"left_lung +1\.0000", result.output)  # a model agrees with itself

@@ -8,12 +8,9 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from chexmask.errors import NotFound
-
-from chexmask.errors import ConfigError
-from chexmask.status import ImageStatus
+from chexmask.errors import ConfigError, NotFound
+from chexmask.status import ImageStatus, QCStatus
 from chexmask.storage.queries import QueryFilters
-from chexmask.status import QCStatus
 
 POINTS = [[i, i + 1] for i in range(120)]
 RLE = {"right_lung": "1 5", "left_lung": "11 5", "heart": "21 5"}
@@ -25,21 +22,28 @@ def sha(text: str) -> str:
 
 def segmentation_args(image, digest: str, model: str = "m1", weights: str = "aa" * 32) -> dict:
     return dict(
-        image_id=image.id, image_sha256=digest, model_version=model, weights_sha256=weights,
-        landmarks_1024=POINTS, landmarks_original=POINTS, height=100, width=80,
-        rle=RLE, rle_1024=RLE, latent=[0.5] * 64, object_keys={"record": "r.json"},
+        image_id=image.id,
+        image_sha256=digest,
+        model_version=model,
+        weights_sha256=weights,
+        landmarks_1024=POINTS,
+        landmarks_original=POINTS,
+        height=100,
+        width=80,
+        rle=RLE,
+        rle_1024=RLE,
+        latent=[0.5] * 64,
+        object_keys={"record": "r.json"},
         timings={"forward_s": 0.1},
     )
 
 
 def test_register_image_is_an_upsert(index):
-    first = index.register_image(uri="s3://b/x.png", dataset="NIH", etag_or_version="e1",
-                                 dataset_image_id="x.png")
+    first = index.register_image(uri="s3://b/x.png", dataset="NIH", etag_or_version="e1", dataset_image_id="x.png")
     assert first.created and not first.changed and first.needs_processing
     assert first.image.dataset == "chestx-ray8" and first.image.status is ImageStatus.QUEUED
 
-    again = index.register_image(uri="s3://b/x.png", dataset="nih", etag_or_version="e1",
-                                 release="2017")
+    again = index.register_image(uri="s3://b/x.png", dataset="nih", etag_or_version="e1", release="2017")
     assert not again.created and not again.changed and not again.needs_processing
     assert again.image.id == first.image.id
     assert (again.image.release, again.image.dataset_image_id) == ("2017", "x.png")
@@ -98,8 +102,7 @@ def test_status_lifecycle(index):
 
 def test_concurrent_processing_marks_count_every_attempt(index):
     image = index.register_image(uri="file:///a.png", dataset="vindr").image
-    threads = [threading.Thread(target=index.mark, args=(image.id, ImageStatus.PROCESSING))
-               for _ in range(8)]
+    threads = [threading.Thread(target=index.mark, args=(image.id, ImageStatus.PROCESSING)) for _ in range(8)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -132,8 +135,7 @@ def test_same_sha_and_model_make_one_segmentation(index):
 
 
 def test_changed_image_hides_its_old_segmentation(index):
-    image = index.register_image(uri="file:///a.png", dataset="nih", etag_or_version="1",
-                                 sha256=sha("old")).image
+    image = index.register_image(uri="file:///a.png", dataset="nih", etag_or_version="1", sha256=sha("old")).image
     index.add_segmentation(**segmentation_args(image, sha("old")))
     assert len(index.query()) == 1
     index.register_image(uri="file:///a.png", dataset="nih", etag_or_version="2")
@@ -192,10 +194,21 @@ def test_add_segmentation_validates_shapes(index):
 
 def test_set_qc_replaces_results(index, sample):
     _, seg = sample("a")
-    seg = index.set_qc(seg.id, dice_rca_mean=0.8, dice_rca_max=0.9, dice_rca_mean_rl=0.7,
-                       dice_rca_max_h=0.95, shape_outlier_score=1.5, flags=["low_heart"])
+    seg = index.set_qc(
+        seg.id,
+        dice_rca_mean=0.8,
+        dice_rca_max=0.9,
+        dice_rca_mean_rl=0.7,
+        dice_rca_max_h=0.95,
+        shape_outlier_score=1.5,
+        flags=["low_heart"],
+    )
     assert (seg.qc_status, seg.dice_rca_mean, seg.dice_rca_max_h, seg.qc_flags) == (
-        QCStatus.DONE, 0.8, 0.95, ["low_heart"])
+        QCStatus.DONE,
+        0.8,
+        0.95,
+        ["low_heart"],
+    )
     seg = index.set_qc(seg.id, status=QCStatus.SKIPPED)
     assert (seg.qc_status, seg.dice_rca_mean, seg.qc_flags) == (QCStatus.SKIPPED, None, None)
     with pytest.raises(NotFound):
@@ -207,8 +220,13 @@ def populated(index, sample):
     """12 segmentations over three datasets, with Dice 0.50 ... 0.94."""
     for i in range(12):
         dataset = ["chestx-ray8", "padchest", "vindr-cxr"][i % 3]
-        sample(f"img_{i:02d}.png", dataset=dataset, release="r1" if i < 6 else "r2",
-                   dice_mean=round(0.5 + 0.04 * i, 2), dice_max=round(0.6 + 0.03 * i, 2))
+        sample(
+            f"img_{i:02d}.png",
+            dataset=dataset,
+            release="r1" if i < 6 else "r2",
+            dice_mean=round(0.5 + 0.04 * i, 2),
+            dice_max=round(0.6 + 0.03 * i, 2),
+        )
     image = index.register_image(uri="file:///pending.png", dataset="nih").image
     index.mark(image.id, ImageStatus.PROCESSING)
     return index
@@ -227,7 +245,10 @@ def test_filters(populated):
     assert ids(query(QueryFilters(max_dice_mean=0.55))) == ["img_00.png", "img_01.png"]
     assert ids(query(QueryFilters(min_dice_max=0.9, max_dice_max=0.93))) == ["img_10.png", "img_11.png"]
     assert ids(query(QueryFilters(model="hybridgnet-test", dataset="vindr", min_dice_mean=0.6))) == [
-        "img_05.png", "img_08.png", "img_11.png"]
+        "img_05.png",
+        "img_08.png",
+        "img_11.png",
+    ]
     assert query(QueryFilters(model="other")) == []
     assert len(query(QueryFilters(status=ImageStatus.DONE))) == 12
     assert query(QueryFilters(status=ImageStatus.PROCESSING)) == []
@@ -283,8 +304,7 @@ def test_images_and_status_counts(populated):
     counts = populated.status_counts()
     assert counts[("chestx-ray8", "r1")] == {ImageStatus.DONE: 2}
     assert counts[("chestx-ray8", None)] == {ImageStatus.PROCESSING: 1}
-    assert populated.status_counts(QueryFilters(dataset="vindr")).keys() == {
-        ("vindr-cxr", "r1"), ("vindr-cxr", "r2")}
+    assert populated.status_counts(QueryFilters(dataset="vindr")).keys() == {("vindr-cxr", "r1"), ("vindr-cxr", "r2")}
 
 
 def test_images_missing_model(populated):

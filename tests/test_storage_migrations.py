@@ -39,7 +39,12 @@ def test_fresh_database_has_no_revision_until_upgraded(tmp_path):
     assert sa.inspect(index.engine).get_table_names() == []
     index.upgrade()
     assert set(sa.inspect(index.engine).get_table_names()) == {
-        "alembic_version", "model_version", "source_image", "segmentation", "review"}
+        "alembic_version",
+        "model_version",
+        "source_image",
+        "segmentation",
+        "review",
+    }
     index.close()
 
 
@@ -78,8 +83,7 @@ def test_postgresql_compresses_large_columns_with_lz4(index, sample):
         has_lz4 = connection.exec_driver_sql(
             "SELECT 'lz4' = ANY(enumvals) FROM pg_settings WHERE name = 'default_toast_compression'"
         ).scalar()
-        method = connection.exec_driver_sql(
-            "SELECT pg_column_compression(rle_right_lung) FROM segmentation").scalar()
+        method = connection.exec_driver_sql("SELECT pg_column_compression(rle_right_lung) FROM segmentation").scalar()
     assert method == ("lz4" if has_lz4 else "pglz")
 
 

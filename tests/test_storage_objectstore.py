@@ -7,9 +7,7 @@ import threading
 
 import pytest
 
-from chexmask.errors import NotFound
-
-from chexmask.errors import ConfigError, TransientError
+from chexmask.errors import ConfigError, NotFound, TransientError
 from chexmask.storage.objectstore import LocalStore, S3Store, open_store, segmentation_keys
 
 SHA = "0f" * 32

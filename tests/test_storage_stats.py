@@ -16,11 +16,9 @@ VINDR_MEANS = [0.65, 0.75, 0.88]
 @pytest.fixture
 def scored(index, sample):
     for i, mean in enumerate(NIH_MEANS):
-        sample(f"nih_{i}", dataset="nih", release="2017", dice_mean=mean,
-                   dice_max=mean + 0.05)
+        sample(f"nih_{i}", dataset="nih", release="2017", dice_mean=mean, dice_max=mean + 0.05)
     for i, mean in enumerate(VINDR_MEANS):
-        sample(f"vindr_{i}", dataset="vindr", release="1.0.0", dice_mean=mean,
-                   dice_max=mean + 0.05)
+        sample(f"vindr_{i}", dataset="vindr", release="1.0.0", dice_mean=mean, dice_max=mean + 0.05)
     sample("vindr_pending", dataset="vindr", release="1.0.0")  # QC not run yet
     refused = index.register_image(uri="file:///bad.dcm", dataset="vindr", release="1.0.0").image
     index.mark(refused.id, ImageStatus.REFUSED, code="wrong_modality")
@@ -30,8 +28,7 @@ def scored(index, sample):
 
 def test_numbers_per_dataset_and_release(scored):
     nih, vindr = compute_stats(scored)
-    assert (nih.dataset, nih.release, vindr.dataset, vindr.release) == (
-        "chestx-ray8", "2017", "vindr-cxr", "1.0.0")
+    assert (nih.dataset, nih.release, vindr.dataset, vindr.release) == ("chestx-ray8", "2017", "vindr-cxr", "1.0.0")
     assert nih.status_counts == {ImageStatus.DONE: 8, ImageStatus.QUEUED: 1}
     assert vindr.status_counts == {ImageStatus.DONE: 4, ImageStatus.REFUSED: 1}
     assert (nih.images, nih.segmentations, vindr.segmentations) == (9, 8, 4)
@@ -41,7 +38,8 @@ def test_numbers_per_dataset_and_release(scored):
     assert summary.n == 8
     assert summary.mean == pytest.approx(values.mean())
     assert [summary.q05, summary.q25, summary.q50, summary.q75, summary.q95] == pytest.approx(
-        np.quantile(values, [0.05, 0.25, 0.5, 0.75, 0.95]))
+        np.quantile(values, [0.05, 0.25, 0.5, 0.75, 0.95])
+    )
     assert summary.frac_good == 6 / 8  # 0.70 counts as good
     assert nih.dice_max.mean == pytest.approx(values.mean() + 0.05)
     assert vindr.dice_mean.n == 3  # the pending segmentation has no Dice yet
@@ -61,8 +59,7 @@ def test_filters_and_models(scored, sample):
 
 def test_as_dict_is_json_ready(scored):
     record = compute_stats(scored, dataset="vindr")[0].as_dict()
-    assert record["status_counts"] == {"queued": 0, "processing": 0, "done": 4, "refused": 1,
-                                       "failed": 0}
+    assert record["status_counts"] == {"queued": 0, "processing": 0, "done": 4, "refused": 1, "failed": 0}
     assert record["images"] == 5 and record["dice_rca_mean"]["n"] == 3
 
 

@@ -31,6 +31,7 @@ import zipfile
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -38,10 +39,10 @@ import numpy as np
 from chexmask.anatomy import FRAME
 from chexmask.errors import ChexmaskError, ConfigError
 from chexmask.worker.model import HybridGNet, segment_batch
-from chexmask.worker.weights import file_sha256
 from chexmask.worker.plausibility import ShapeModel
 from chexmask.worker.rca import Calibration, working_image
 from chexmask.worker.train import list_ids, load_landmarks
+from chexmask.worker.weights import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +54,14 @@ OFF = ("none", "off")  # CHEXMASK_QC_BANK values that switch QC off
 @dataclass
 class ReferenceBank:
     ids: list[str]
-    images: np.ndarray              # uint8 [N,size,size]
-    landmarks: np.ndarray           # float32 [N,120,2], ground truth in the 1024 frame
-    latents: np.ndarray | None      # float32 [N,64] encoder means, or None
+    images: np.ndarray  # uint8 [N,size,size]
+    landmarks: np.ndarray  # float32 [N,120,2], ground truth in the 1024 frame
+    latents: np.ndarray | None  # float32 [N,64] encoder means, or None
     shape_model: ShapeModel
-    weights_sha256: str = ""        # the weights that produced the latents
-    calibration: Calibration | None = None          # raw Dice RCA -> true Dice
+    weights_sha256: str = ""  # the weights that produced the latents
+    calibration: Calibration | None = None  # raw Dice RCA -> true Dice
     flag_caps: dict[str, float] = field(default_factory=dict)  # image-check flag -> cap on the estimate
-    view_threshold: float = 0.0     # best thumbnail correlation below it: not a frontal chest X-ray
+    view_threshold: float = 0.0  # best thumbnail correlation below it: not a frontal chest X-ray
     _thumbnails: np.ndarray | None = field(default=None, repr=False)
 
     @property
@@ -71,26 +72,37 @@ class ReferenceBank:
         return len(self.ids)
 
     @classmethod
-    def build(cls, images_dir: Path, landmarks_dir: Path, ids: list[str] | None = None,
-              model: HybridGNet | None = None, weights_sha256: str = "", size: int = 96,
-              batch_size: int = 4) -> "ReferenceBank":
+    def build(
+        cls,
+        images_dir: Path,
+        landmarks_dir: Path,
+        ids: list[str] | None = None,
+        model: HybridGNet | None = None,
+        weights_sha256: str = "",
+        size: int = 96,
+        batch_size: int = 4,
+    ) -> ReferenceBank:
         """A bank of the images ``<id>.png`` (1024x1024 grey) with landmarks
         ``{RL,LL,H}/<id>.npy``; latents when a HybridGNet ``model`` is given."""
         ids = list_ids(images_dir, landmarks_dir) if ids is None else list(ids)
         if not ids:
             raise ChexmaskError(f"no annotated images in {images_dir} with landmarks in {landmarks_dir}")
-        small, latents = [], []
+        small: list[np.ndarray] = []
+        latents: list[np.ndarray] = []
         for start in range(0, len(ids), batch_size):
-            batch = np.stack([_read_1024(images_dir / f"{i}.png") for i in ids[start:start + batch_size]])
+            batch = np.stack([_read_1024(images_dir / f"{i}.png") for i in ids[start : start + batch_size]])
             small.extend(working_image(image, size) for image in batch)
             if model is not None:
                 latents.append(segment_batch(model, batch)[1])
             log.info("bank: %d/%d images", min(start + batch_size, len(ids)), len(ids))
         landmarks = np.stack([load_landmarks(landmarks_dir, i) for i in ids]).astype(np.float32)
         bank = cls(
-            ids=ids, images=np.stack(small), landmarks=landmarks,
+            ids=ids,
+            images=np.stack(small),
+            landmarks=landmarks,
             latents=np.concatenate(latents).astype(np.float32) if latents else None,
-            shape_model=ShapeModel.fit(landmarks), weights_sha256=weights_sha256 if latents else "",
+            shape_model=ShapeModel.fit(landmarks),
+            weights_sha256=weights_sha256 if latents else "",
         )
         bank.view_threshold = bank.fit_view_threshold()
         return bank
@@ -108,8 +120,11 @@ class ReferenceBank:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         arrays = {
-            "format": np.int64(BANK_FORMAT), "ids": np.array(self.ids), "images": self.images,
-            "landmarks": self.landmarks, "weights_sha256": np.array(self.weights_sha256),
+            "format": np.int64(BANK_FORMAT),
+            "ids": np.array(self.ids),
+            "images": self.images,
+            "landmarks": self.landmarks,
+            "weights_sha256": np.array(self.weights_sha256),
             **self.shape_model.to_arrays(),
         }
         if self.latents is not None:
@@ -123,7 +138,7 @@ class ReferenceBank:
         tmp.replace(path)
 
     @classmethod
-    def load(cls, path: Path, weights_sha256: str | None = None) -> "ReferenceBank":
+    def load(cls, path: Path, weights_sha256: str | None = None) -> ReferenceBank:
         """Read a bank. With ``weights_sha256`` (the serving weights), latents made by
         other weights are dropped: their distances would mean nothing."""
         try:
@@ -137,8 +152,11 @@ class ReferenceBank:
         if missing:
             raise ConfigError(f"QC reference bank {path} lacks {', '.join(sorted(missing))}")
         bank = cls(
-            ids=[str(i) for i in arrays["ids"]], images=arrays["images"], landmarks=arrays["landmarks"],
-            latents=arrays.get("latents"), shape_model=ShapeModel.from_arrays(arrays),
+            ids=[str(i) for i in arrays["ids"]],
+            images=arrays["images"],
+            landmarks=arrays["landmarks"],
+            latents=arrays.get("latents"),
+            shape_model=ShapeModel.from_arrays(arrays),
             weights_sha256=str(arrays["weights_sha256"]),
             calibration=Calibration.from_arrays(arrays),
             flag_caps=json.loads(str(arrays.get("flag_caps", "{}"))),
@@ -184,15 +202,18 @@ def _thumbnails(images: np.ndarray) -> np.ndarray:
     return flat / (np.linalg.norm(flat, axis=1, keepdims=True) + 1e-9)
 
 
-def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+def _write_npz(path: Path, arrays: dict[str, Any]) -> None:
     """np.savez_compressed with fixed member timestamps, so that the same arrays
     always make the same bytes (the bundled bank's sha256 is pinned)."""
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
         for name, array in arrays.items():
             buffer = io.BytesIO()
             np.lib.format.write_array(buffer, np.asanyarray(array), allow_pickle=False)
-            archive.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)),
-                             buffer.getvalue(), compress_type=zipfile.ZIP_DEFLATED)
+            archive.writestr(
+                zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)),
+                buffer.getvalue(),
+                compress_type=zipfile.ZIP_DEFLATED,
+            )
 
 
 # ---------------------------------------------------------------------------

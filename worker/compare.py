@@ -84,7 +84,7 @@ def boundary_hausdorff(a: np.ndarray, b: np.ndarray) -> float:
 def _boundary(mask: np.ndarray) -> np.ndarray:
     inside = mask.astype(bool)
     interior = inside.copy()
-    interior[1:-1, 1:-1] &= (inside[:-2, 1:-1] & inside[2:, 1:-1] & inside[1:-1, :-2] & inside[1:-1, 2:])
+    interior[1:-1, 1:-1] &= inside[:-2, 1:-1] & inside[2:, 1:-1] & inside[1:-1, :-2] & inside[1:-1, 2:]
     interior[[0, -1], :] = False
     interior[:, [0, -1]] = False
     return np.argwhere(inside & ~interior)
@@ -106,19 +106,30 @@ def _pairs(index: MaskIndex, dataset: str, model_a: str, model_b: str, limit: in
     image_a, image_b = aliased(SourceImage), aliased(SourceImage)
     columns = [image_a.dataset_image_id]
     for seg in (seg_a, seg_b):
-        columns += [seg.pipeline_version, seg.height, seg.width, seg.dice_rca_mean,
-                    *(getattr(seg, f"rle_{o}") for o in ORGANS),
-                    *(getattr(seg, f"rle_{o}_1024") for o in ORGANS)]
+        columns += [
+            seg.pipeline_version,
+            seg.height,
+            seg.width,
+            seg.dice_rca_mean,
+            *(getattr(seg, f"rle_{o}") for o in ORGANS),
+            *(getattr(seg, f"rle_{o}_1024") for o in ORGANS),
+        ]
     name = canonical(dataset)
     statement = (
         sa.select(*columns)
         .select_from(seg_a)
         .join(image_a, seg_a.image_id == image_a.id)
-        .join(image_b, sa.and_(image_b.dataset_image_id == image_a.dataset_image_id,
-                               image_b.dataset == image_a.dataset))
+        .join(
+            image_b, sa.and_(image_b.dataset_image_id == image_a.dataset_image_id, image_b.dataset == image_a.dataset)
+        )
         .join(seg_b, seg_b.image_id == image_b.id)
-        .where(seg_a.dataset == name, seg_a.model_version == model_a, seg_b.model_version == model_b,
-               seg_a.is_current.is_(True), seg_b.is_current.is_(True))
+        .where(
+            seg_a.dataset == name,
+            seg_a.model_version == model_a,
+            seg_b.model_version == model_b,
+            seg_a.is_current.is_(True),
+            seg_b.is_current.is_(True),
+        )
         .order_by(seg_a.id)
         .limit(limit)
     )
@@ -146,7 +157,7 @@ def _compare_row(row: sa.Row) -> Pair:
 
 def _masks(side: list, at_1024: bool) -> dict[str, np.ndarray]:
     _, height, width, _, *rle = side
-    texts = rle[len(ORGANS):] if at_1024 else rle[:len(ORGANS)]
+    texts = rle[len(ORGANS) :] if at_1024 else rle[: len(ORGANS)]
     size = (1024, 1024) if at_1024 else (height, width)
     return {organ: rle_decode(text, *size) == 255 for organ, text in zip(ORGANS, texts, strict=True)}
 
@@ -166,7 +177,11 @@ def plot_comparison(result: Comparison, out: str | Path) -> None:
     both = [(a, b) for a, b in (p.rca_mean for p in result.pairs) if a is not None and b is not None]
     if both:
         axes[1].scatter(*zip(*both, strict=True), s=4)
-    axes[1].set(xlabel=f"Dice RCA (Mean) {result.models[0]}", ylabel=f"Dice RCA (Mean) {result.models[1]}",
-                xlim=(0, 1), ylim=(0, 1))
+    axes[1].set(
+        xlabel=f"Dice RCA (Mean) {result.models[0]}",
+        ylabel=f"Dice RCA (Mean) {result.models[1]}",
+        xlim=(0, 1),
+        ylim=(0, 1),
+    )
     fig.tight_layout()
     fig.savefig(out, dpi=100)

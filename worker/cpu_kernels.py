@@ -39,10 +39,12 @@ LANES = 8
 @intrinsic
 def _fma(typingctx, a, b, c):
     """Fused multiply-add, rounded once (LLVM's fma intrinsic)."""
+
     def codegen(context, builder, signature, args):
         t = args[0].type
         fn = builder.module.declare_intrinsic("llvm.fma", [t], ir.FunctionType(t, [t, t, t]))
         return builder.call(fn, args)
+
     return a(a, b, c), codegen
 
 
@@ -167,9 +169,16 @@ def batch_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     does not apply (autograd, GPU, not float32, channels not a multiple of eight, another
     memory layout, whose torch kernel sums in another order, several torch threads, which
     torch's kernel uses and this one does not) or is not exact here."""
-    if (x.shape[0] != 1 or x.shape[1] % LANES or x.dtype != torch.float32 or x.device.type != "cpu"
-            or not x.is_contiguous() or torch.is_grad_enabled() or torch.get_num_threads() != 1
-            or not exact_here()):
+    if (
+        x.shape[0] != 1
+        or x.shape[1] % LANES
+        or x.dtype != torch.float32
+        or x.device.type != "cpu"
+        or not x.is_contiguous()
+        or torch.is_grad_enabled()
+        or torch.get_num_threads() != 1
+        or not exact_here()
+    ):
         return None
     return _batch_norm(x, weight, bias, eps)
 
@@ -201,6 +210,6 @@ def add_relu_pool(block: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
     rows = max(2, BAND_ELEMENTS // (C * W) // 2 * 2)
     out = block.new_empty(B, C, H // 2, W // 2)
     for top in range(0, H, rows):
-        band = block[:, :, top:top + rows] + shortcut[:, :, top:top + rows]
-        out[:, :, top // 2:(top + rows) // 2] = max_pool2(band.relu_())
+        band = block[:, :, top : top + rows] + shortcut[:, :, top : top + rows]
+        out[:, :, top // 2 : (top + rows) // 2] = max_pool2(band.relu_())
     return out

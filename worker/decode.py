@@ -430,8 +430,7 @@ def _refuse_colour(stored: np.ndarray) -> None:
     if share > _COLOUR_SHARE:
         raise RefusedInput(
             "colour_image",
-            f"The image is in colour ({share:.0%} of pixels differ between channels); "
-            "a radiograph is grey.",
+            f"The image is in colour ({share:.0%} of pixels differ between channels); a radiograph is grey.",
         )
 
 

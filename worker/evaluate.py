@@ -17,13 +17,14 @@ from chexmask.worker.model import HybridGNet, segment_batch
 from chexmask.worker.train import list_ids, load_landmarks
 
 
-def evaluate(model: HybridGNet, images: Path, landmarks: Path, ids: list[str] | None = None,
-             batch_size: int = 4) -> tuple[list[dict], dict]:
+def evaluate(
+    model: HybridGNet, images: Path, landmarks: Path, ids: list[str] | None = None, batch_size: int = 4
+) -> tuple[list[dict], dict]:
     """Per-image score rows and their means. ``ids`` defaults to every annotated image."""
     ids = ids or list_ids(images, landmarks)
     rows = []
     for start in tqdm(range(0, len(ids), batch_size), desc="evaluate", unit="batch"):
-        chunk = ids[start:start + batch_size]
+        chunk = ids[start : start + batch_size]
         batch = np.stack([cv2.imread(str(images / f"{i}.png"), cv2.IMREAD_GRAYSCALE) for i in chunk])
         predicted, _ = segment_batch(model, batch)
         for image_id, pred in zip(chunk, predicted, strict=True):

@@ -103,8 +103,9 @@ class Sweeper:
     tasks); what is handed on stays held by this sweeper for ``handoff_s``, so it
     is not handed on twice while it waits in a queue."""
 
-    def __init__(self, index: MaskIndex, resegment: Callable[[int], None], requalify: Callable[[int], None],
-                 handoff_s: float):
+    def __init__(
+        self, index: MaskIndex, resegment: Callable[[int], None], requalify: Callable[[int], None], handoff_s: float
+    ):
         self.index, self.resegment, self.requalify = index, resegment, requalify
         self.handoff_s = handoff_s
 

@@ -124,12 +124,14 @@ class ResidualBlock(nn.Module):
         self.fast_kernels = cfg.fast_kernels
         norm = lambda c: ImageNorm2d(c, cfg)  # noqa: E731
         # Names and order (skip before block) follow the official state_dict.
-        self.skip = (
-            nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), norm(cout)) if cin != cout else None
-        )
+        self.skip = nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), norm(cout)) if cin != cout else None
         self.block = nn.Sequential(
-            norm(cin), nn.ReLU(inplace=True), nn.Conv2d(cin, cout, 3, padding=1),
-            norm(cout), nn.ReLU(inplace=True), nn.Conv2d(cout, cout, 3, padding=1),
+            norm(cin),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(cin, cout, 3, padding=1),
+            norm(cout),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(cout, cout, 3, padding=1),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

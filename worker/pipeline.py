@@ -47,7 +47,6 @@ from chexmask.worker.weights import ModelInfo
 log = logging.getLogger(__name__)
 
 
-
 @dataclass
 class Prepared:
     """An image decoded and brought to the model's 1024 frame."""
@@ -109,8 +108,7 @@ class Segmentation:
 
     def rle_by_name(self) -> tuple[dict[str, str], dict[str, str]]:
         """RLE by organ name (``right_lung``, ...), at original resolution and at 1024."""
-        return ({ORGAN_NAMES[k]: v for k, v in self.rle.items()},
-                {ORGAN_NAMES[k]: v for k, v in self.rle_1024.items()})
+        return ({ORGAN_NAMES[k]: v for k, v in self.rle.items()}, {ORGAN_NAMES[k]: v for k, v in self.rle_1024.items()})
 
     def pictures(self) -> dict[str, bytes]:
         """Pictures by file name: a PNG mask per organ at original resolution and a JPEG overlay at 1024."""
@@ -173,10 +171,20 @@ class Outcome:
 
     def error_record(self) -> dict:
         if self.refusal is not None:
-            return {"image_id": self.key, "name": self.name, "status": "refused",
-                    "code": self.refusal.code, "reason": self.refusal.message}
-        return {"image_id": self.key, "name": self.name, "status": "failed", "code": INTERNAL_ERROR,
-                "reason": f"{type(self.error).__name__}: {self.error}"[:2000]}
+            return {
+                "image_id": self.key,
+                "name": self.name,
+                "status": "refused",
+                "code": self.refusal.code,
+                "reason": self.refusal.message,
+            }
+        return {
+            "image_id": self.key,
+            "name": self.name,
+            "status": "failed",
+            "code": INTERNAL_ERROR,
+            "reason": f"{type(self.error).__name__}: {self.error}"[:2000],
+        }
 
 
 # The code of an input that failed for a reason other than a refusal (a decoder crash,
@@ -195,8 +203,15 @@ class Segmenter:
     threads (see ``Encoder._mu_exact``).
     """
 
-    def __init__(self, model: HybridGNet, info: ModelInfo, batch_size: int = 2, workers: int | None = None,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, together: bool = False):
+    def __init__(
+        self,
+        model: HybridGNet,
+        info: ModelInfo,
+        batch_size: int = 2,
+        workers: int | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        together: bool = False,
+    ):
         self.model, self.info = model, info
         self.together = together  # one forward pass per batch (a device path; see segment_batch)
         self.batch_size = max(1, batch_size)
@@ -228,8 +243,12 @@ class Segmenter:
             p.seconds["inference"] = per_image
         return [Segmentation(p, lm * FRAME, z, self.info) for p, lm, z in zip(items, landmarks, latents, strict=True)]
 
-    def run(self, sources: Iterable[tuple[str, Callable[[], bytes]]],
-            finish: Callable[[Outcome], None] | None = None, keys: list[str] | None = None) -> Iterator[Outcome]:
+    def run(
+        self,
+        sources: Iterable[tuple[str, Callable[[], bytes]]],
+        finish: Callable[[Outcome], None] | None = None,
+        keys: list[str] | None = None,
+    ) -> Iterator[Outcome]:
         """Segment ``(name, read)`` pairs, yielding outcomes in input order; ``keys``
         name their outputs (default: each name's stem).
 
@@ -238,10 +257,11 @@ class Segmenter:
         OpenCV and the decoders release the GIL for their heavy parts. Whatever goes
         wrong with one input becomes its outcome (a refusal or an error); the others go on.
         """
-        items = [(name, read, key) for (name, read), key in
-                 zip(sources, keys or itertools.repeat(""), strict=False)]  # keys may be endless
+        items = [
+            (name, read, key) for (name, read), key in zip(sources, keys or itertools.repeat(""), strict=False)
+        ]  # keys may be endless
         size = self.thread_batch
-        chunks = [items[i:i + size] for i in range(0, len(items), size)]
+        chunks = [items[i : i + size] for i in range(0, len(items), size)]
         with ThreadPoolExecutor(self.workers, thread_name_prefix="chexmask-segment") as pool:
             running: deque[Future[list[Outcome]]] = deque()
             for chunk in chunks:
@@ -251,8 +271,9 @@ class Segmenter:
             while running:
                 yield from running.popleft().result()
 
-    def _run_chunk(self, chunk: list[tuple[str, Callable[[], bytes], str]],
-                   finish: Callable[[Outcome], None] | None) -> list[Outcome]:
+    def _run_chunk(
+        self, chunk: list[tuple[str, Callable[[], bytes], str]], finish: Callable[[Outcome], None] | None
+    ) -> list[Outcome]:
         outcomes: list[Outcome] = []
         prepared: dict[int, Prepared] = {}
         for name, read, key in chunk:

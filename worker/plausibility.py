@@ -25,9 +25,9 @@ import numpy as np
 from chexmask.anatomy import FRAME, ORGAN_ROWS
 
 FRAME_AREA = FRAME * FRAME
-LUNG_AREA_RANGE = (0.08, 0.65)      # both lungs, fraction of the 1024 frame
-HEART_LUNG_RANGE = (0.08, 0.90)     # heart area / lung area
-LEFT_RIGHT_RANGE = (0.35, 1.60)     # left lung area / right lung area
+LUNG_AREA_RANGE = (0.08, 0.65)  # both lungs, fraction of the 1024 frame
+HEART_LUNG_RANGE = (0.08, 0.90)  # heart area / lung area
+LEFT_RIGHT_RANGE = (0.35, 1.60)  # left lung area / right lung area
 # PPCA degrees of freedom of a 120-point shape after Procrustes (translation 2, rotation 1, scale 1).
 SHAPE_DOF = 2 * 120 - 4
 
@@ -57,8 +57,9 @@ def self_intersects(points: np.ndarray) -> bool:
     a, b = p, np.roll(p, -1, axis=0)  # edge i runs from a[i] to b[i]
 
     def orient(o, u, v):  # sign of the cross product (u - o) x (v - o), broadcast over pairs
-        return np.sign((u[..., 0] - o[..., 0]) * (v[..., 1] - o[..., 1])
-                       - (u[..., 1] - o[..., 1]) * (v[..., 0] - o[..., 0]))
+        return np.sign(
+            (u[..., 0] - o[..., 0]) * (v[..., 1] - o[..., 1]) - (u[..., 1] - o[..., 1]) * (v[..., 0] - o[..., 0])
+        )
 
     ai, bi, aj, bj = a[:, None], b[:, None], a[None], b[None]
     crosses = (orient(ai, bi, aj) * orient(ai, bi, bj) < 0) & (orient(aj, bj, ai) * orient(aj, bj, bi) < 0)
@@ -99,14 +100,14 @@ class ShapeModel:
     landmark noise of 10 px about 3, of 20 px 5-6, mirrored lungs over 20.
     """
 
-    mean: np.ndarray        # [240] aligned mean shape
-    modes: np.ndarray       # [m,240] orthonormal principal directions
-    variances: np.ndarray   # [m]
+    mean: np.ndarray  # [240] aligned mean shape
+    modes: np.ndarray  # [m,240] orthonormal principal directions
+    variances: np.ndarray  # [m]
     residual_variance: float
     threshold: float
 
     @classmethod
-    def fit(cls, landmarks: np.ndarray, explained: float = 0.98, folds: int = 5) -> "ShapeModel":
+    def fit(cls, landmarks: np.ndarray, explained: float = 0.98, folds: int = 5) -> ShapeModel:
         if len(landmarks) < 3:
             raise ValueError(f"a shape model needs at least 3 shapes, got {len(landmarks)}")
         model = cls._fit_pca(landmarks, explained)
@@ -119,7 +120,7 @@ class ShapeModel:
         return model
 
     @classmethod
-    def _fit_pca(cls, landmarks: np.ndarray, explained: float) -> "ShapeModel":
+    def _fit_pca(cls, landmarks: np.ndarray, explained: float) -> ShapeModel:
         shapes = _normalise(np.asarray(landmarks, dtype=np.float64))
         mean = shapes[0]
         for _ in range(5):  # generalised Procrustes: align to the mean, re-estimate it
@@ -141,18 +142,23 @@ class ShapeModel:
         off_model = (d * d).sum(1) - (b * b).sum(1)
         return np.sqrt(((b * b / self.variances).sum(1) + off_model / self.residual_variance) / SHAPE_DOF)
 
-    def to_arrays(self, prefix: str = "ssm_") -> dict[str, np.ndarray]:
+    def to_arrays(self, prefix: str = "ssm_") -> dict[str, np.ndarray | np.float64]:
         return {
-            f"{prefix}mean": self.mean, f"{prefix}modes": self.modes, f"{prefix}variances": self.variances,
+            f"{prefix}mean": self.mean,
+            f"{prefix}modes": self.modes,
+            f"{prefix}variances": self.variances,
             f"{prefix}residual_variance": np.float64(self.residual_variance),
             f"{prefix}threshold": np.float64(self.threshold),
         }
 
     @classmethod
-    def from_arrays(cls, arrays, prefix: str = "ssm_") -> "ShapeModel":
+    def from_arrays(cls, arrays, prefix: str = "ssm_") -> ShapeModel:
         return cls(
-            arrays[f"{prefix}mean"], arrays[f"{prefix}modes"], arrays[f"{prefix}variances"],
-            float(arrays[f"{prefix}residual_variance"]), float(arrays[f"{prefix}threshold"]),
+            arrays[f"{prefix}mean"],
+            arrays[f"{prefix}modes"],
+            arrays[f"{prefix}variances"],
+            float(arrays[f"{prefix}residual_variance"]),
+            float(arrays[f"{prefix}threshold"]),
         )
 
 
@@ -209,12 +215,13 @@ def check(landmarks: np.ndarray, shape_model: ShapeModel | None = None) -> Plaus
 # Checks of the image itself: what RCA cannot see
 
 
-OCCLUSION_SIZE = 256      # working size of the occlusion check (area average of the 1024 frame)
+OCCLUSION_SIZE = 256  # working size of the occlusion check (area average of the 1024 frame)
 OCCLUDED_FRACTION = 0.45  # one grey level over this share of a lung's half of the lung box
 
 
-def check_image(image1024: np.ndarray, landmarks: np.ndarray, correlations: np.ndarray | None = None,
-                view_threshold: float = 0.0) -> Plausibility:
+def check_image(
+    image1024: np.ndarray, landmarks: np.ndarray, correlations: np.ndarray | None = None, view_threshold: float = 0.0
+) -> Plausibility:
     """Flags of the input image: ``inverted`` (grey levels reversed), ``not_frontal``
     (like no frontal chest X-ray of the bank) and ``occluded`` (a uniform patch over a lung).
 
@@ -243,7 +250,7 @@ def uniform_fraction(image1024: np.ndarray, landmarks: np.ndarray) -> float:
     even burnt out or heavily JPEG-compressed, spreads over many (JSRT at most 0.30).
     The box, not the lung contours: a model fooled by the patch draws lungs around it."""
     small = cv2.resize(np.asarray(image1024), (OCCLUSION_SIZE, OCCLUSION_SIZE), interpolation=cv2.INTER_AREA)
-    lungs = np.asarray(landmarks, dtype=np.float64)[np.r_[ORGANS["RL"], ORGANS["LL"]]] * OCCLUSION_SIZE / 1024
+    lungs = np.asarray(landmarks, dtype=np.float64)[np.r_[ORGAN_ROWS["RL"], ORGAN_ROWS["LL"]]] * OCCLUSION_SIZE / FRAME
     (x0, y0), (x1, y1) = np.clip(np.floor(lungs.min(0)), 0, None).astype(int), np.ceil(lungs.max(0)).astype(int)
     middle = (x0 + x1) // 2
     shares = [0.0]

@@ -15,7 +15,6 @@ import numpy as np
 from chexmask.anatomy import FRAME, ORGAN_ROWS
 from chexmask.worker.preprocess import Padding
 
-
 OVERLAY_JPEG_QUALITY = 90
 # BGR fill colours of the overlay, and how much of the X-ray shows through.
 _OVERLAY_COLOURS: dict[str, tuple[int, int, int]] = {
@@ -105,9 +104,7 @@ def csv_landmarks_original(points: np.ndarray) -> str:
     The options are pinned to numpy's defaults (and no summarising) so a
     print-option change elsewhere in the process cannot alter the text.
     """
-    return np.array2string(
-        np.asarray(points, dtype=np.int64), max_line_width=75, threshold=sys.maxsize, separator=" "
-    )
+    return np.array2string(np.asarray(points, dtype=np.int64), max_line_width=75, threshold=sys.maxsize, separator=" ")
 
 
 def overlay_jpeg(image: np.ndarray, masks: dict[str, np.ndarray], landmarks: np.ndarray) -> bytes:

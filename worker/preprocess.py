@@ -70,9 +70,7 @@ def preprocess(decoded: DecodedImage, size: int = FRAME) -> Preprocessed:
     else:
         left_rem = top_rem = right_rem = bottom_rem = 0
     square, (left, top, right, bottom) = pad_to_square_centered(image)
-    padding = Padding(
-        height, width, left_rem, top_rem, right_rem, bottom_rem, left, top, right, bottom, remove
-    )
+    padding = Padding(height, width, left_rem, top_rem, right_rem, bottom_rem, left, top, right, bottom, remove)
     return Preprocessed(resize(square, size), padding)
 
 

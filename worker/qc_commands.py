@@ -22,15 +22,16 @@ import csv
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 import cv2
 import numpy as np
 
+from chexmask.anatomy import ORGAN_ROWS
 from chexmask.config import Settings
 from chexmask.worker import plausibility, rca
 from chexmask.worker.bank import ReferenceBank
-from chexmask.anatomy import ORGAN_ROWS
 from chexmask.worker.train import list_ids, load_landmarks
 
 PERTURBATIONS = ("noise", "shift", "scale", "rotate", "swap")
@@ -68,18 +69,26 @@ def _threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-_dirs = dict(type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
+_dirs: dict[str, Any] = dict(type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
 
 
 @qc_command.command("build-bank")
 @click.option("--images", **_dirs, help="Folder of <id>.png, 1024x1024 grey.")
 @click.option("--landmarks", **_dirs, help="Folder with {RL,LL,H}/<id>.npy.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Bank file (.npz).")
-@click.option("--weights", default=None, help="HybridGNet weights for the latents (default: CHEXMASK_WEIGHTS "
-              "or the bundled model); --no-latents to skip them.")
+@click.option(
+    "--weights",
+    default=None,
+    help="HybridGNet weights for the latents (default: CHEXMASK_WEIGHTS "
+    "or the bundled model); --no-latents to skip them.",
+)
 @click.option("--no-latents", is_flag=True, help="Store no latents: references are then picked by image.")
-@click.option("--ids-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="JSON {split: [ids]} (e.g. a training run's split.json).")
+@click.option(
+    "--ids-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="JSON {split: [ids]} (e.g. a training run's split.json).",
+)
 @click.option("--split", default="train", show_default=True)
 @click.option("--size", default=rca.RCAConfig.size, show_default=True, help="Registration size of the images.")
 @click.option("--threads", type=int, default=None, help="torch threads.")
@@ -90,9 +99,11 @@ def build_bank_command(images, landmarks, out, weights, no_latents, ids_file, sp
     started = time.perf_counter()
     bank = ReferenceBank.build(images, landmarks, _ids(images, landmarks, ids_file, split), model, sha, size)
     bank.save(out)
-    click.echo(f"bank {out}: {len(bank)} references at {size}x{size}, latents "
-               f"{'yes' if bank.latents is not None else 'no'}, {len(bank.shape_model.variances)} shape modes, "
-               f"shape-outlier threshold {bank.shape_model.threshold:.2f} ({time.perf_counter() - started:.0f} s)")
+    click.echo(
+        f"bank {out}: {len(bank)} references at {size}x{size}, latents "
+        f"{'yes' if bank.latents is not None else 'no'}, {len(bank.shape_model.variances)} shape modes, "
+        f"shape-outlier threshold {bank.shape_model.threshold:.2f} ({time.perf_counter() - started:.0f} s)"
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -149,13 +160,23 @@ def degrade_image(image: np.ndarray, kind: str, truth: np.ndarray, rng: np.rando
         (x0, y0), (x1, y1) = lung.min(0), lung.max(0)
         top = y0 + (y1 - y0) * rng.uniform(0, 0.3)
         out = image.copy()
-        out[int(top):int(y1), int(x0):int(x1)] = 0
+        out[int(top) : int(y1), int(x0) : int(x1)] = 0
         return out
     raise ValueError(f"unknown image degradation {kind}")
 
 
-def image_cases(image_id: str, image: np.ndarray, truth: np.ndarray, other: np.ndarray, model, bank: ReferenceBank,
-                cfg: rca.RCAConfig, rng: np.random.Generator, perturb: str = "truth", partial=None) -> list[dict]:
+def image_cases(
+    image_id: str,
+    image: np.ndarray,
+    truth: np.ndarray,
+    other: np.ndarray,
+    model,
+    bank: ReferenceBank,
+    cfg: rca.RCAConfig,
+    rng: np.random.Generator,
+    perturb: str = "truth",
+    partial=None,
+) -> list[dict]:
     """The validation cases of one annotated image (see the module docstring): the
     landmark cases share the clean image's registration, each image degradation
     is segmented and registered anew. ``other``: another image's landmarks."""
@@ -167,8 +188,9 @@ def image_cases(image_id: str, image: np.ndarray, truth: np.ndarray, other: np.n
     cases["other"] = other
     if partial is not None:
         cases["partial"] = _predict(partial, image)
-    rows = [_case(image_id, kind, points, truth, image, carried, correlations, bank, cfg)
-            for kind, points in cases.items()]
+    rows = [
+        _case(image_id, kind, points, truth, image, carried, correlations, bank, cfg) for kind, points in cases.items()
+    ]
     for kind in IMAGE_DEGRADATIONS:
         degraded = degrade_image(image, kind, truth, rng)
         carried, correlations = _carry(degraded, bank, cfg)
@@ -189,8 +211,17 @@ def _carry(image: np.ndarray, bank: ReferenceBank, cfg: rca.RCAConfig) -> tuple[
     return rca.carry_references(small, bank.nearest(small, None, cfg.k), bank, cfg)[0], bank.correlations(small)[0]
 
 
-def _case(image_id: str, kind: str, points: np.ndarray, truth: np.ndarray, image: np.ndarray, carried: np.ndarray,
-          correlations: np.ndarray, bank: ReferenceBank, cfg: rca.RCAConfig) -> dict:
+def _case(
+    image_id: str,
+    kind: str,
+    points: np.ndarray,
+    truth: np.ndarray,
+    image: np.ndarray,
+    carried: np.ndarray,
+    correlations: np.ndarray,
+    bank: ReferenceBank,
+    cfg: rca.RCAConfig,
+) -> dict:
     """One case: true and raw RCA Dice (overall and per organ), flags. ``estimate``
     adds the calibrated, capped values."""
     true = {k: float(v[0]) for k, v in rca.dice_table(points, truth[None], 1024).items()}
@@ -208,7 +239,7 @@ def estimate(rows: list[dict], calibration: rca.Calibration | None, flag_caps: d
     from chexmask.worker.qc import honest_estimates
 
     for row in rows:
-        raw = {key[len("raw_"):]: value for key, value in row.items() if key.startswith("raw_")}
+        raw = {key[len("raw_") :]: value for key, value in row.items() if key.startswith("raw_")}
         values, _ = honest_estimates(row["flags"].split(), raw, calibration, flag_caps)
         row |= {f"rca_{key}": value for key, value in values.items()}
 
@@ -223,9 +254,11 @@ def fit_calibration(rows: list[dict]) -> tuple[rca.Calibration, dict[str, float]
     clean masks with it, +0.001 without)."""
     rows = [r for r in rows if r["kind"] != "truth"]
     truth_key = lambda key: "true" if key in ("max", "mean") else f"true_{key.split('_', 1)[1]}"  # noqa: E731
-    keys = [key[len("raw_"):] for key in rows[0] if key.startswith("raw_")]
-    calibration = rca.Calibration.fit({k: np.array([r[f"raw_{k}"] for r in rows]) for k in keys},
-                                      {k: np.array([r[truth_key(k)] for r in rows]) for k in keys})
+    keys = [key[len("raw_") :] for key in rows[0] if key.startswith("raw_")]
+    calibration = rca.Calibration.fit(
+        {k: np.array([r[f"raw_{k}"] for r in rows]) for k in keys},
+        {k: np.array([r[truth_key(k)] for r in rows]) for k in keys},
+    )
     caps = {"not_frontal": USABLE}
     for flag in ("inverted", "occluded"):
         flagged = [r["true"] for r in rows if r["kind"] == flag and flag in r["flags"].split()]
@@ -243,26 +276,46 @@ def cross_validate(rows: list[dict], ids: list[str], folds: int) -> None:
 
 
 @qc_command.command("validate")
-@click.option("--bank", "bank_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="Bank file (default: the bundled bank).")
+@click.option(
+    "--bank",
+    "bank_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Bank file (default: the bundled bank).",
+)
 @click.option("--images", **_dirs)
 @click.option("--landmarks", **_dirs)
 @click.option("--ids-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None)
 @click.option("--split", default="val", show_default=True)
 @click.option("--weights", default=None, help="Model weights (default: CHEXMASK_WEIGHTS or the bundled model).")
 @click.option("--partial-weights", default=None, help="Weights of a partially trained model ('partial' cases).")
-@click.option("--perturb", type=click.Choice(["truth", "model"]), default="truth", show_default=True,
-              help="Perturb the ground truth (a known range of quality) or the model's predictions.")
+@click.option(
+    "--perturb",
+    type=click.Choice(["truth", "model"]),
+    default="truth",
+    show_default=True,
+    help="Perturb the ground truth (a known range of quality) or the model's predictions.",
+)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
 @click.option("--limit", type=int, default=None, help="Validate on the first N images only.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--threads", type=int, default=None,
-              help="torch threads of the forward passes (registration always uses RCAConfig.threads).")
-@click.option("--folds", type=int, default=0, show_default=True,
-              help="Calibrate by cross-validation over the images in this many folds instead of using the "
-                   "bank's calibration (which must then not have been fitted on these images).")
-def validate_command(bank_path, images, landmarks, ids_file, split, weights, partial_weights, perturb, out,
-                     limit, seed, threads, folds) -> None:
+@click.option(
+    "--threads",
+    type=int,
+    default=None,
+    help="torch threads of the forward passes (registration always uses RCAConfig.threads).",
+)
+@click.option(
+    "--folds",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Calibrate by cross-validation over the images in this many folds instead of using the "
+    "bank's calibration (which must then not have been fitted on these images).",
+)
+def validate_command(
+    bank_path, images, landmarks, ids_file, split, weights, partial_weights, perturb, out, limit, seed, threads, folds
+) -> None:
     """Compare Dice RCA with the true Dice of predicted and degraded masks."""
     _threads(threads)
     model, sha = _model(weights)
@@ -270,18 +323,27 @@ def validate_command(bank_path, images, landmarks, ids_file, split, weights, par
     bank = ReferenceBank.load(bank_path, sha) if bank_path else _bundled(sha)
     ids = _ids(images, landmarks, ids_file, split)[:limit]
     summary = validate(bank, model, images, landmarks, ids, out, partial, perturb, seed, folds)
-    for label, part in (("", summary), (f" (true >= {USABLE})", summary[f"true_ge_{USABLE}"]),
-                        (" (image degradations)", summary["image_degradations"])):
+    for label, part in (
+        ("", summary),
+        (f" (true >= {USABLE})", summary[f"true_ge_{USABLE}"]),
+        (" (image degradations)", summary["image_degradations"]),
+    ):
         for key in ("dice_rca_max", "dice_rca_mean"):
             if (s := part[key])["pearson"] is not None:
-                click.echo(f"{key}{label}: pearson {s['pearson']:.3f}  MAE {s['mae']:.3f}  bias {s['bias']:+.3f}  "
-                           f"({part['cases']} cases)")
+                click.echo(
+                    f"{key}{label}: pearson {s['pearson']:.3f}  MAE {s['mae']:.3f}  bias {s['bias']:+.3f}  "
+                    f"({part['cases']} cases)"
+                )
     inverted = summary["inverted"]
-    click.echo(f"inverted images: {inverted['flagged']}/{inverted['n']} flagged, {inverted['within_0.05']}/"
-               f"{inverted['n']} estimated within 0.05")
+    click.echo(
+        f"inverted images: {inverted['flagged']}/{inverted['n']} flagged, {inverted['within_0.05']}/"
+        f"{inverted['n']} estimated within 0.05"
+    )
     seconds = summary["seconds_per_image"]
-    click.echo(f"cost per image: QC {seconds['qc']:.2f} s, segmentation {seconds['segmentation']:.2f} s, "
-               f"ratio {summary['cost_ratio']:.2f}")
+    click.echo(
+        f"cost per image: QC {seconds['qc']:.2f} s, segmentation {seconds['segmentation']:.2f} s, "
+        f"ratio {summary['cost_ratio']:.2f}"
+    )
     click.echo(f"wrote {out / 'cases.csv'}, {out / 'summary.json'}, {out / 'scatter.png'}")
 
 
@@ -294,8 +356,16 @@ def _bundled(weights_sha256: str | None) -> ReferenceBank:
     return bank
 
 
-def validation_cases(bank: ReferenceBank, model, images: Path, landmarks: Path, ids: list[str], partial=None,
-                     perturb: str = "truth", seed: int = 0) -> tuple[list[dict], list[float], list[float]]:
+def validation_cases(
+    bank: ReferenceBank,
+    model,
+    images: Path,
+    landmarks: Path,
+    ids: list[str],
+    partial=None,
+    perturb: str = "truth",
+    seed: int = 0,
+) -> tuple[list[dict], list[float], list[float]]:
     """The cases of ``ids`` (raw estimates) and the CPU seconds per image of the
     segmentation forward pass and of ``assess``, measured on the same images."""
     from chexmask.worker.qc import assess
@@ -318,13 +388,24 @@ def validation_cases(bank: ReferenceBank, model, images: Path, landmarks: Path, 
             assess(pictures[i], prediction, None, bank, cfg)
             qc_seconds.append(time.process_time() - started)
             other = truths[ids[(n + 1) % len(ids)]]
-            rows += image_cases(i, pictures[i], truths[i], other, model, bank, cfg, np.random.default_rng([seed, n]),
-                                perturb, partial)
+            rows += image_cases(
+                i, pictures[i], truths[i], other, model, bank, cfg, np.random.default_rng([seed, n]), perturb, partial
+            )
     return rows, seg_seconds, qc_seconds
 
 
-def validate(bank: ReferenceBank, model, images: Path, landmarks: Path, ids: list[str], out: Path,
-             partial=None, perturb: str = "truth", seed: int = 0, folds: int = 0) -> dict:
+def validate(
+    bank: ReferenceBank,
+    model,
+    images: Path,
+    landmarks: Path,
+    ids: list[str],
+    out: Path,
+    partial=None,
+    perturb: str = "truth",
+    seed: int = 0,
+    folds: int = 0,
+) -> dict:
     """Run the validation cases of ``ids``, write cases.csv, summary.json and
     scatter.png to ``out`` and return the summary. Estimates use the bank's
     calibration, or with ``folds`` > 1 one cross-validated on these cases."""
@@ -336,9 +417,14 @@ def validate(bank: ReferenceBank, model, images: Path, landmarks: Path, ids: lis
     out.mkdir(parents=True, exist_ok=True)
     _write_csv(rows, out / "cases.csv")
     summary = summarise_cases(rows) | {
-        "images": len(ids), "bank_references": len(bank), "latents": bank.latents is not None, "k": rca.RCAConfig.k,
-        "perturbed": perturb, "calibration": f"cross-validated, {folds} folds" if folds > 1 else
-        ("the bank's" if bank.calibration is not None else "none"),
+        "images": len(ids),
+        "bank_references": len(bank),
+        "latents": bank.latents is not None,
+        "k": rca.RCAConfig.k,
+        "perturbed": perturb,
+        "calibration": f"cross-validated, {folds} folds"
+        if folds > 1
+        else ("the bank's" if bank.calibration is not None else "none"),
         # CPU seconds, one torch thread for registration; the forward pass as --threads.
         "seconds_per_image": {"segmentation": float(np.mean(seg_seconds)), "qc": float(np.mean(qc_seconds))},
     }
@@ -354,8 +440,12 @@ def summarise_cases(rows: list[dict]) -> dict:
     usable = [r for r in rows if r["true"] >= USABLE]
     degraded = [r for r in rows if r["kind"] in ("model", *IMAGE_DEGRADATIONS)]
     inverted = [r for r in rows if r["kind"] == "inverted"]
-    part = lambda sel: {"cases": len(sel), "dice_rca_max": _stats(sel, "rca_max"),  # noqa: E731
-                        "dice_rca_mean": _stats(sel, "rca_mean"), "raw_dice_rca_max": _stats(sel, "raw_max")}
+    part = lambda sel: {
+        "cases": len(sel),
+        "dice_rca_max": _stats(sel, "rca_max"),  # noqa: E731
+        "dice_rca_mean": _stats(sel, "rca_mean"),
+        "raw_dice_rca_max": _stats(sel, "raw_max"),
+    }
     return part(rows) | {
         # Without the easy, far-off failures: how well RCA ranks and scores usable masks.
         f"true_ge_{USABLE}": part(usable),
@@ -363,15 +453,22 @@ def summarise_cases(rows: list[dict]) -> dict:
         "image_degradations": part(degraded),
         "organs_max": {o: _stats(rows, f"rca_max_{o}", f"true_{o}") for o in rca.ORGAN_KEYS},
         "by_kind": {
-            kind: {"n": len(sel), "true": float(np.mean([r["true"] for r in sel])),
-                   "rca_max": float(np.mean([r["rca_max"] for r in sel])),
-                   "raw_max": float(np.mean([r["raw_max"] for r in sel])),
-                   "mae_max": float(np.mean([abs(r["rca_max"] - r["true"]) for r in sel])),
-                   "flagged": {flag: sum(flag in r["flags"].split() for r in sel) for flag in IMAGE_FLAGS}}
-            for kind in DEGRADATIONS if (sel := [r for r in rows if r["kind"] == kind])
+            kind: {
+                "n": len(sel),
+                "true": float(np.mean([r["true"] for r in sel])),
+                "rca_max": float(np.mean([r["rca_max"] for r in sel])),
+                "raw_max": float(np.mean([r["raw_max"] for r in sel])),
+                "mae_max": float(np.mean([abs(r["rca_max"] - r["true"]) for r in sel])),
+                "flagged": {flag: sum(flag in r["flags"].split() for r in sel) for flag in IMAGE_FLAGS},
+            }
+            for kind in DEGRADATIONS
+            if (sel := [r for r in rows if r["kind"] == kind])
         },
-        "inverted": {"n": len(inverted), "flagged": sum("inverted" in r["flags"].split() for r in inverted),
-                     "within_0.05": sum(abs(r["rca_max"] - r["true"]) <= 0.05 for r in inverted)},
+        "inverted": {
+            "n": len(inverted),
+            "flagged": sum("inverted" in r["flags"].split() for r in inverted),
+            "within_0.05": sum(abs(r["rca_max"] - r["true"]) <= 0.05 for r in inverted),
+        },
     }
 
 
@@ -396,8 +493,12 @@ def _scatter(rows: list[dict], path: Path) -> None:
                 ax.scatter([r["true"] for r in sel], [r[key] for r in sel], s=14, alpha=0.8, label=kind)
         s = _stats(rows, key)
         ax.plot([0, 1], [0, 1], "k--", lw=0.8)
-        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="true Dice ((lungs + heart) / 2)",
-               title=f"{title}: r = {s['pearson']:.3f}, MAE = {s['mae']:.3f}")
+        ax.set(
+            xlim=(0, 1),
+            ylim=(0, 1),
+            xlabel="true Dice ((lungs + heart) / 2)",
+            title=f"{title}: r = {s['pearson']:.3f}, MAE = {s['mae']:.3f}",
+        )
     axes[0].set_ylabel("RCA estimate")
     axes[1].legend(loc="lower right", fontsize=8)
     fig.tight_layout()

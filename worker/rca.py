@@ -45,22 +45,22 @@ ORGAN_KEYS = ("rl", "ll", "lungs", "heart")  # right and left lung, both lungs, 
 class RCAConfig:
     # Cost: k=5 at 128 px with 30 steps per stage cost 4.5x this on the 20 held-out JSRT
     # images (6 degradations each) for Pearson 0.953 instead of 0.947 and MAE 0.025 vs 0.026.
-    k: int = 3                                            # references per image
-    size: int = 96                                        # fine stage; bank images are stored at it
-    coarse_size: int = 64                                 # affine and coarse deformable stage
-    steps: tuple[int, int, int] = (15, 15, 10)            # Adam steps: affine, coarse, fine
+    k: int = 3  # references per image
+    size: int = 96  # fine stage; bank images are stored at it
+    coarse_size: int = 64  # affine and coarse deformable stage
+    steps: tuple[int, int, int] = (15, 15, 10)  # Adam steps: affine, coarse, fine
     lrs: tuple[float, float, float] = (0.01, 0.005, 0.003)
-    grids: tuple[int, int] = (8, 16)                      # B-spline control points per side
+    grids: tuple[int, int] = (8, 16)  # B-spline control points per side
     # LNCC windows (pixels): wide for the affine stage, whose capture range they set, then
     # at coarse_size and at size.
     affine_window: int = 15
     windows: tuple[int, int] = (11, 9)
-    smooth: float = 0.02                                  # weight of the field's gradient energy
+    smooth: float = 0.02  # weight of the field's gradient energy
     # torch threads while registering (None: leave torch's setting). Its ~5000 small ops
     # gain little from threads and lose badly to any other load on the cores: on 2 busy
     # cores QC took 22.6 s per image with 2 threads, 2.2 s with 1.
     threads: int | None = 1
-    dice_size: int = 512                                  # raster of the Dice (1024 frame / 2)
+    dice_size: int = 512  # raster of the Dice (1024 frame / 2)
 
 
 # ---------------------------------------------------------------------------
@@ -171,15 +171,18 @@ def register(fixed: torch.Tensor, moving: torch.Tensor, cfg: RCAConfig = RCAConf
         fixed, moving = fixed.clone(), moving.clone()
         f, m = _standardise(_resize(fixed, cfg.coarse_size)), _standardise(_resize(moving, cfg.coarse_size))
         theta = torch.eye(2, 3).repeat(n, 1, 1).requires_grad_(True)
-        _optimise(theta, cfg.steps[0], cfg.lrs[0], lambda: -_similarity(Transform(theta), m, f, cfg.affine_window).sum())
+        _optimise(
+            theta, cfg.steps[0], cfg.lrs[0], lambda: -_similarity(Transform(theta), m, f, cfg.affine_window).sum()
+        )
         theta = theta.detach()
 
         ctrl = torch.zeros(n, 2, cfg.grids[0], cfg.grids[0])
-        stages = zip((cfg.coarse_size, cfg.size), cfg.grids, cfg.windows, cfg.steps[1:], cfg.lrs[1:])
+        stages = zip((cfg.coarse_size, cfg.size), cfg.grids, cfg.windows, cfg.steps[1:], cfg.lrs[1:], strict=True)
         for size, g, window, steps, lr in stages:
             f, m = _standardise(_resize(fixed, size)), _standardise(_resize(moving, size))
             ctrl = (refine(ctrl, g) if ctrl.shape[-1] != g else ctrl).requires_grad_(True)
-            _optimise(ctrl, steps, lr, lambda: _deformable_loss(theta, ctrl, m, f, window, cfg.smooth).sum())
+            # _optimise calls the loss within this iteration, so the loop variables are the current ones.
+            _optimise(ctrl, steps, lr, lambda: _deformable_loss(theta, ctrl, m, f, window, cfg.smooth).sum())  # noqa: B023
             ctrl = ctrl.detach()
     return Transform(theta, ctrl)
 
@@ -222,8 +225,9 @@ def working_image(image1024: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(np.asarray(image1024), (size, size), interpolation=cv2.INTER_AREA)
 
 
-def carry_references(images: np.ndarray, references: np.ndarray, bank: "ReferenceBank",
-                     cfg: RCAConfig = RCAConfig()) -> np.ndarray:
+def carry_references(
+    images: np.ndarray, references: np.ndarray, bank: ReferenceBank, cfg: RCAConfig = RCAConfig()
+) -> np.ndarray:
     """Register images [B,size,size] uint8 to their references [B,k] (bank rows) and
     return the references' ground-truth landmarks carried into each image [B,k,120,2]
     (1024-frame pixels)."""
@@ -242,7 +246,7 @@ def _masks(points: np.ndarray, size: int) -> dict[str, np.ndarray]:
     masks = {}
     for organ, name in (("RL", "rl"), ("LL", "ll"), ("H", "heart")):
         mask = np.zeros((size, size), np.uint8)
-        cv2.drawContours(mask, [scaled[ORGAN_ROWS[organ]].reshape(-1, 1, 2)], -1, 1, thickness=cv2.FILLED)
+        cv2.drawContours(mask, [scaled[ORGAN_ROWS[organ]].reshape(-1, 1, 2)], -1, (1,), thickness=cv2.FILLED)
         masks[name] = mask.astype(bool)
     masks["lungs"] = masks["rl"] | masks["ll"]
     return masks
@@ -284,7 +288,7 @@ def fit_isotonic(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     order = np.argsort(x, kind="stable")
     x, y = np.asarray(x, np.float64)[order], np.asarray(y, np.float64)[order]
     blocks: list[list[float]] = []  # [sum of y, count, sum of x]
-    for xi, yi in zip(x, y):
+    for xi, yi in zip(x, y, strict=True):
         blocks.append([yi, 1, xi])
         while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] >= blocks[-1][0] / blocks[-1][1]:
             total, count, total_x = blocks.pop()
@@ -303,17 +307,19 @@ class Calibration:
     knots: dict[str, tuple[np.ndarray, np.ndarray]]
 
     @classmethod
-    def fit(cls, raw: dict[str, np.ndarray], true: dict[str, np.ndarray]) -> "Calibration":
+    def fit(cls, raw: dict[str, np.ndarray], true: dict[str, np.ndarray]) -> Calibration:
         return cls({key: fit_isotonic(raw[key], true[key]) for key in raw})
 
     def apply(self, summary: dict[str, float]) -> dict[str, float]:
-        return {key: float(np.interp(value, *self.knots[key])) if key in self.knots else value
-                for key, value in summary.items()}
+        return {
+            key: float(np.interp(value, *self.knots[key])) if key in self.knots else value
+            for key, value in summary.items()
+        }
 
     def to_arrays(self, prefix: str = "calibration_") -> dict[str, np.ndarray]:
         return {f"{prefix}{key}": np.stack(knots) for key, knots in self.knots.items()}
 
     @classmethod
-    def from_arrays(cls, arrays, prefix: str = "calibration_") -> "Calibration | None":
-        knots = {key[len(prefix):]: (arrays[key][0], arrays[key][1]) for key in arrays if key.startswith(prefix)}
+    def from_arrays(cls, arrays, prefix: str = "calibration_") -> Calibration | None:
+        knots = {key[len(prefix) :]: (arrays[key][0], arrays[key][1]) for key in arrays if key.startswith(prefix)}
         return cls(knots) if knots else None

@@ -93,8 +93,9 @@ class Service:
                 from chexmask.worker.weights import load
 
                 model, info = load(None, self.settings, resolve_device(self.settings.device))
-                self._segmenter = Segmenter(model, info, self.settings.batch_size, self.settings.model_threads,
-                                            self.settings.max_pixels)
+                self._segmenter = Segmenter(
+                    model, info, self.settings.batch_size, self.settings.model_threads, self.settings.max_pixels
+                )
                 log.info("model %s loaded", info.version)
             return self._segmenter
 
@@ -122,15 +123,15 @@ class Service:
             _log_outcome(_label(image_id, image), result, time.perf_counter() - started)
             return result
 
-    def _segment(self, image_id: int, image: SourceImage, data: bytes | None,
-                 timings: dict[str, float] | None) -> Result:
+    def _segment(
+        self, image_id: int, image: SourceImage, data: bytes | None, timings: dict[str, float] | None
+    ) -> Result:
         if image.status is ImageStatus.REFUSED:
             return Result(image_id, ImageStatus.REFUSED, code=image.refusal_code, reason=image.reason)
         version = self.model.version
         if image.sha256 and (done := self._reuse(image_id, image.sha256, version)):
             return done
-        if (image.status in (ImageStatus.PROCESSING, ImageStatus.QUEUED)
-                and image.attempts >= RETRY.max_attempts):
+        if image.status in (ImageStatus.PROCESSING, ImageStatus.QUEUED) and image.attempts >= RETRY.max_attempts:
             reason = f"gave up after {image.attempts} attempts that ended without a result (the worker died each time)"
             self.index.mark(image_id, ImageStatus.FAILED, reason=reason)
             return Result(image_id, ImageStatus.FAILED, reason=reason)
@@ -168,8 +169,11 @@ class Service:
         row = self._write(image_id, segmentation, artefacts, timings or {})
         fault_point("after_index_insert")
         self.index.update_image(
-            image_id, height=prepared.padding.height, width=prepared.padding.width,
-            modality=_short(prepared.source.get("modality")), view_position=_short(prepared.source.get("view_position")),
+            image_id,
+            height=prepared.padding.height,
+            width=prepared.padding.width,
+            modality=_short(prepared.source.get("modality")),
+            view_position=_short(prepared.source.get("view_position")),
         )
         self.index.mark(image_id, ImageStatus.DONE)
         return Result(image_id, ImageStatus.DONE, row.id, row.qc_status is QCStatus.PENDING, prepared=prepared)
@@ -206,15 +210,22 @@ class Service:
         padding = segmentation.prepared.padding
         rle, rle_1024 = segmentation.rle_by_name()
         masks = {"height": padding.height, "width": padding.width, "rle": rle, "rle_1024": rle_1024}
-        artefacts = {"record": (json.dumps(segmentation.record()).encode(), "application/json"),
-                     "masks": (json.dumps(masks).encode(), "application/json")}
+        artefacts = {
+            "record": (json.dumps(segmentation.record()).encode(), "application/json"),
+            "masks": (json.dumps(masks).encode(), "application/json"),
+        }
         for filename, data in segmentation.pictures().items():
             name, suffix = filename.rsplit(".", 1)
             artefacts[name] = (data, "image/png" if suffix == "png" else "image/jpeg")
         return artefacts
 
-    def _write(self, image_id: int, segmentation: Segmentation, artefacts: dict[str, tuple[bytes, str]],
-               timings: dict[str, float]) -> SegmentationRow:
+    def _write(
+        self,
+        image_id: int,
+        segmentation: Segmentation,
+        artefacts: dict[str, tuple[bytes, str]],
+        timings: dict[str, float],
+    ) -> SegmentationRow:
         """Artefacts to the store first, then the index row, so a row never points at
         missing objects. Keys are content-addressed: a rerun rewrites the same objects."""
         started = time.perf_counter()
@@ -226,11 +237,19 @@ class Service:
         rle, rle_1024 = segmentation.rle_by_name()
         seconds = {**timings, **prepared.seconds, "store": time.perf_counter() - started}
         row, _ = self.index.add_segmentation(
-            image_id=image_id, image_sha256=prepared.sha256, model_version=info.version,
-            weights_sha256=info.weights_sha256, landmarks_1024=segmentation.landmarks_1024.tolist(),
+            image_id=image_id,
+            image_sha256=prepared.sha256,
+            model_version=info.version,
+            weights_sha256=info.weights_sha256,
+            landmarks_1024=segmentation.landmarks_1024.tolist(),
             landmarks_original=segmentation.landmarks_original.tolist(),
-            height=prepared.padding.height, width=prepared.padding.width, rle=rle, rle_1024=rle_1024,
-            latent=segmentation.latent.tolist(), object_keys=keys.as_dict(), timings=seconds,
+            height=prepared.padding.height,
+            width=prepared.padding.width,
+            rle=rle,
+            rle_1024=rle_1024,
+            latent=segmentation.latent.tolist(),
+            object_keys=keys.as_dict(),
+            timings=seconds,
             # QC run here is held by this process; QC sent to a queue, for as long as
             # the broker takes to redeliver it.
             qc_owner=process_owner() if self.qc_handoff_s is None else None,
@@ -282,8 +301,9 @@ class Service:
             result = assess(image1024, np.asarray(row.landmarks_1024, dtype=np.float64), latent, self.bank)
         status = QCStatus.DONE if result.status == "done" else QCStatus.SKIPPED
         reason = result.reason if self.bank is not None else self.qc_state
-        self.index.set_qc(segmentation_id, status=status, reason=reason,
-                          **{name: getattr(result, name) for name in QC_FIELDS})
+        self.index.set_qc(
+            segmentation_id, status=status, reason=reason, **{name: getattr(result, name) for name in QC_FIELDS}
+        )
         return status
 
 

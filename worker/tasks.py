@@ -56,23 +56,24 @@ def attempt(task: Task, work: Callable[[], T], on_give_up: Callable[[Exception],
     except Exception as exc:
         delay = RETRY.next_delay(exc, task.request.retries)
         if delay is not None:
-            log.warning("%s[%s] retry %d in %.0f s: %s", task.name, task.request.id,
-                        task.request.retries + 1, delay, exc)
+            log.warning(
+                "%s[%s] retry %d in %.0f s: %s", task.name, task.request.id, task.request.retries + 1, delay, exc
+            )
             raise task.retry(exc=exc, countdown=delay) from exc
         on_give_up(exc)
         raise
 
 
 @app.task(name=SEGMENT_TASK, bind=True, max_retries=None)
-def segment(self: Task, image_id: int, timings: dict[str, float] | None = None,
-            queued_at: float | None = None) -> str:
+def segment(self: Task, image_id: int, timings: dict[str, float] | None = None, queued_at: float | None = None) -> str:
     """Segment one registered image, then queue its QC."""
     with image_context(image_id=image_id, task_id=self.request.id):
         timings = dict(timings or {})
         if queued_at is not None:
             timings["queue_wait"] = max(0.0, time.time() - queued_at)
-        result = attempt(self, lambda: service().segment(image_id, timings=timings),
-                         lambda exc: service().fail(image_id, exc))
+        result = attempt(
+            self, lambda: service().segment(image_id, timings=timings), lambda exc: service().fail(image_id, exc)
+        )
         if result.qc_pending:
             qc.delay(result.segmentation_id)
         return result.status.value

@@ -13,9 +13,9 @@ import json
 import logging
 import random
 import time
-from typing import Any
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from chexmask.anatomy import FRAME, ORGAN_ROWS, ORGAN_SIZES
 from chexmask.worker.memory import keep_freed_memory
 from chexmask.worker.metrics import landmark_scores
-from chexmask.anatomy import FRAME, ORGAN_ROWS, ORGAN_SIZES
 from chexmask.worker.model import HybridGNet, to_input
 from chexmask.worker.weights import compact_state_dict
 
@@ -40,7 +40,7 @@ class TrainConfig:
     batch_size: int = 4
     lr: float = 1e-4
     weight_decay: float = 1e-5
-    lr_step: int = 50          # epochs between decays
+    lr_step: int = 50  # epochs between decays
     lr_gamma: float = 0.5
     kl_weight: float = 1e-5
     val_fraction: float = 0.1
@@ -50,7 +50,7 @@ class TrainConfig:
     # bf16 autocast on CPU: ~2x faster where oneDNN has AMX kernels for it, but 10x slower
     # with some torch builds (2.13 CPU here); off unless asked for.
     bf16_on_cpu: bool = False
-    limit: int | None = None   # use only the first N images (smoke runs)
+    limit: int | None = None  # use only the first N images (smoke runs)
 
 
 # ---------------------------------------------------------------------------
@@ -114,7 +114,7 @@ def pool_to_coarse(points: torch.Tensor) -> torch.Tensor:
     odd-sized organs keep their last point."""
     parts, start = [], 0
     for n in ORGAN_SIZES.values():
-        organ = points[:, start:start + n]
+        organ = points[:, start : start + n]
         if n % 2:
             organ = torch.cat([organ, organ[:, -1:]], dim=1)
         parts.append(organ.reshape(organ.shape[0], -1, 2, 2).mean(2))
@@ -161,8 +161,15 @@ def validate(model: HybridGNet, loader, device: str) -> dict:
     return {k: float(np.mean([s[k] for s in scores])) for k in scores[0]}
 
 
-def train(images: Path, landmarks: Path, out: Path, cfg: TrainConfig, device: str = "cpu",
-          resume: Path | None = None, init_weights: Path | None = None) -> dict:
+def train(
+    images: Path,
+    landmarks: Path,
+    out: Path,
+    cfg: TrainConfig,
+    device: str = "cpu",
+    resume: Path | None = None,
+    init_weights: Path | None = None,
+) -> dict:
     """Train, writing ``last.ckpt`` (resumable) every epoch and ``best.pt`` (compact
     inference weights) whenever validation improves. Returns the best validation scores."""
     out.mkdir(parents=True, exist_ok=True)
@@ -222,9 +229,14 @@ def train(images: Path, landmarks: Path, out: Path, cfg: TrainConfig, device: st
                 torch.save(compact_state_dict(model), out / "best.pt")
         state["history"].append(entry)
         tqdm.write(json.dumps(entry))
-        ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "state": state, "rng": torch.get_rng_state(),
-                "config": asdict(cfg)}
+        ckpt = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "state": state,
+            "rng": torch.get_rng_state(),
+            "config": asdict(cfg),
+        }
         torch.save(ckpt, out / "last.ckpt.part")
         (out / "last.ckpt.part").replace(out / "last.ckpt")
         (out / "history.json").write_text(json.dumps(state["history"], indent=1))

@@ -26,8 +26,8 @@ from chexmask.worker.model import HybridGNet, HybridGNetConfig
 
 @dataclass(frozen=True)
 class ModelInfo:
-    name: str            # e.g. "chexmask-jsrt-v2", "hybridgnet-official"
-    version: str         # name plus the first 12 hex digits of the weights' sha256
+    name: str  # e.g. "chexmask-jsrt-v2", "hybridgnet-official"
+    version: str  # name plus the first 12 hex digits of the weights' sha256
     weights_sha256: str
     path: str
 

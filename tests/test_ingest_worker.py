@@ -125,9 +125,10 @@ def test_segment_writes_the_store_and_the_index_once(service, samples_dir, tmp_p
     assert service.segment(other.image_id).segmentation_id == row.id
     assert service.index.has_segmentation(image.sha256, service.model.version)
 
-    assert service.qc(row.id, result.prepared.image) is QCStatus.SKIPPED  # no reference bank
+    assert service.qc(row.id, result.prepared.image) is QCStatus.DONE  # the bundled reference bank
     qc_row = service.index.get_segmentation(row.id)
-    assert qc_row.qc_status is QCStatus.SKIPPED and qc_row.qc_flags is not None
+    assert qc_row.qc_status is QCStatus.DONE and qc_row.qc_flags is not None
+    assert 0 <= qc_row.dice_rca_mean <= qc_row.dice_rca_max <= 1
 
 
 @pytest.mark.slow
@@ -194,8 +195,6 @@ def test_transient_errors_are_retried_then_the_image_fails(service, monkeypatch)
 
 @pytest.mark.slow
 def test_qc_with_a_reference_bank_stores_dice_rca(service, samples_dir, jsrt_bank, tmp_path):
-    from dataclasses import replace
-
     bank_path = tmp_path / "bank.npz"
     jsrt_bank(4).save(bank_path)
     source = tmp_path / "utils_example1.jpg"
@@ -203,7 +202,7 @@ def test_qc_with_a_reference_bank_stores_dice_rca(service, samples_dir, jsrt_ban
     ingested = admit(service, source)
     result = service.segment(ingested.image_id)
 
-    banked = Service(replace(service.settings, qc_bank=str(bank_path)))
+    banked = Service(service.settings.model_copy(update={"qc_bank": str(bank_path)}))
     try:
         assert banked.qc(result.segmentation_id) is QCStatus.DONE  # reads the source again
     finally:

@@ -142,13 +142,13 @@ def test_qc_reason_migration_keeps_existing_rows(tmp_path):
     from alembic import command
     from services import add_sample
 
-    from chexmask.storage.index import _alembic_config
+    from chexmask.storage.engine import alembic_config
 
     index = MaskIndex(f"sqlite:///{tmp_path / 'index.db'}")
     try:
         index.upgrade()
         _, segmentation = add_sample(index, "a.png", dice_mean=0.8)
-        config = _alembic_config()
+        config = alembic_config()
         with index.engine.begin() as connection:
             config.attributes["connection"] = connection
             command.downgrade(config, "0001")
@@ -227,7 +227,7 @@ def _frame_points() -> list[list[float]]:
 def serve_once(tmp_path: Path, monkeypatch, qc_bank: str):
     from click.testing import CliRunner
 
-    from chexmask.cli import cli
+    from chexmask.app.cli import cli
 
     monkeypatch.setenv("CHEXMASK_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("CHEXMASK_QC_BANK", qc_bank)

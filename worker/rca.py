@@ -311,10 +311,15 @@ class Calibration:
         return cls({key: fit_isotonic(raw[key], true[key]) for key in raw})
 
     def apply(self, summary: dict[str, float]) -> dict[str, float]:
-        return {
+        out = {
             key: float(np.interp(value, *self.knots[key])) if key in self.knots else value
             for key, value in summary.items()
         }
+        # Mapped one by one, a mean could land above its max; over references it never can.
+        for key in out:
+            if key.startswith("mean") and (top := "max" + key[4:]) in out:
+                out[key] = min(out[key], out[top])
+        return out
 
     def to_arrays(self, prefix: str = "calibration_") -> dict[str, np.ndarray]:
         return {f"{prefix}{key}": np.stack(knots) for key, knots in self.knots.items()}

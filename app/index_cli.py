@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from datetime import datetime
 from enum import Enum
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -127,7 +128,8 @@ def _print_rows(
     elif fmt == "csv":
         writer = csv.DictWriter(sys.stdout, fieldnames=columns, lineterminator="\n")
         writer.writeheader()
-        writer.writerows(rows)
+        # lists (QC flags) as one cell, "a;b"
+        writer.writerows({k: ";".join(v) if isinstance(v, list) else v for k, v in row.items()} for row in rows)
     else:
         shown = shown or [
             "id",
@@ -204,12 +206,21 @@ def export_command(
     type=click.Path(dir_okay=False, writable=True),
     help="Also draw Dice RCA (Mean) histograms per dataset to this PNG.",
 )
+@click.option(
+    "--report",
+    type=click.Path(dir_okay=False, writable=True),
+    help="Also write the quality report (HTML: counts, Dice RCA histograms overall and per organ, flags, "
+    "refusals, the worst masks) and its histograms as a PNG beside it.",
+)
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
-def stats_command(dataset: str | None, release: str | None, model: str | None, plot: str | None, fmt: str) -> None:
+def stats_command(
+    dataset: str | None, release: str | None, model: str | None, plot: str | None, report: str | None, fmt: str
+) -> None:
     """Counts by status and Dice RCA summaries per dataset and release."""
     from chexmask.storage.stats import compute_stats, plot_dice_histograms
 
-    groups = compute_stats(_open_index(), dataset=dataset, release=release, model=model)
+    index = _open_index()
+    groups = compute_stats(index, dataset=dataset, release=release, model=model)
     if fmt == "json":
         click.echo(json.dumps([g.as_dict() for g in groups], indent=2))
     else:
@@ -217,6 +228,15 @@ def stats_command(dataset: str | None, release: str | None, model: str | None, p
     if plot:
         plot_dice_histograms(groups, plot)
         click.echo(f"histograms written to {plot}", err=True)
+    if report:
+        from chexmask.storage.objectstore import open_store
+        from chexmask.storage.report import write_report
+
+        settings = Settings.from_env()
+        covered = write_report(index, open_store(settings.store_url, settings.s3_endpoint_url), report, dataset)
+        figure = Path(report).with_suffix(".png")
+        plot_dice_histograms(groups, figure)
+        click.echo(f"quality report of {covered} dataset(s) written to {report}, histograms to {figure}", err=True)
 
 
 def _stats_table(groups: list[GroupStats]) -> str:

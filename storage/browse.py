@@ -30,7 +30,7 @@ THUMB_NAME = "thumb256.jpg"
 PROBLEM_STATUSES = (ImageStatus.REFUSED, ImageStatus.FAILED)
 ANY_FLAG = "*"
 # Shown on the gallery cards and returned with every listed segmentation.
-CARD_COLUMNS = (*SUMMARY_COLUMNS, Segmentation.qc_flags)
+CARD_COLUMNS = SUMMARY_COLUMNS  # the summary carries the QC flags
 
 
 @dataclass(frozen=True)

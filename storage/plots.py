@@ -32,7 +32,7 @@ def figure_png(figure: Any) -> bytes:
     return buffer.getvalue()
 
 
-def dice_histograms(values: Mapping[str, np.ndarray]) -> bytes:
+def dice_histograms(values: Mapping[str, np.ndarray], label: str = "Dice RCA (Mean)") -> bytes:
     """One Dice RCA histogram per named series (overall, then each organ), side by side."""
     names = list(values) or ["(no data)"]
     figure, axes = new_figure(3.2 * len(names), 2.8, 1, len(names))
@@ -46,7 +46,7 @@ def dice_histograms(values: Mapping[str, np.ndarray]) -> bytes:
         good = f", {np.mean(series >= GOOD_DICE):.0%} ≥ {GOOD_DICE}" if series.size else ""
         ax.set_title(f"{name} (n={series.size}{good})", fontsize=9)
         ax.set_xlim(0, 1)
-        ax.set_xlabel("Dice RCA (Mean)", fontsize=8)
+        ax.set_xlabel(label, fontsize=8)
     axes[0].set_ylabel("masks")
     return figure_png(figure)
 

@@ -60,6 +60,15 @@ class SegmentationSummary:
     height: int
     width: int
     created_at: datetime
+    # the rest of the quality record: per organ (rl, ll, h), flags, and why QC was skipped or capped
+    dice_rca_mean_rl: float | None = None
+    dice_rca_mean_ll: float | None = None
+    dice_rca_mean_h: float | None = None
+    dice_rca_max_rl: float | None = None
+    dice_rca_max_ll: float | None = None
+    dice_rca_max_h: float | None = None
+    qc_flags: list[str] | None = None
+    qc_reason: str | None = None
 
 
 SUMMARY_COLUMNS = (
@@ -77,6 +86,14 @@ SUMMARY_COLUMNS = (
     Segmentation.height,
     Segmentation.width,
     Segmentation.created_at,
+    Segmentation.dice_rca_mean_rl,
+    Segmentation.dice_rca_mean_ll,
+    Segmentation.dice_rca_mean_h,
+    Segmentation.dice_rca_max_rl,
+    Segmentation.dice_rca_max_ll,
+    Segmentation.dice_rca_max_h,
+    Segmentation.qc_flags,
+    Segmentation.qc_reason,
 )
 
 SORT_KEYS: dict[str, Any] = {

@@ -140,3 +140,59 @@ def test_api_serves_over_http(index, sample, unused_port, tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+def test_query_carries_the_quality_record(run, index):
+    image, segmentation = index.register_image(uri="file:///x/flagged.png", dataset="mimic").image, None
+    rows = {r["dataset_image_id"]: r for r in json.loads(run("query", "--format", "json").stdout)}
+    first = rows["img_0.png"]
+    index.set_qc(
+        first["id"],
+        dice_rca_mean=0.4,
+        dice_rca_max=0.5,
+        dice_rca_mean_h=0.3,
+        dice_rca_max_h=0.35,
+        flags=["inverted", "occluded"],
+        reason="estimate capped at 0.50: suspect input (inverted)",
+    )
+    as_json = {r["dataset_image_id"]: r for r in json.loads(run("query", "--format", "json").stdout)}
+    assert as_json["img_0.png"]["qc_flags"] == ["inverted", "occluded"]
+    assert (as_json["img_0.png"]["dice_rca_mean_h"], as_json["img_0.png"]["dice_rca_max_h"]) == (0.3, 0.35)
+    assert as_json["img_0.png"]["qc_reason"].startswith("estimate capped")
+    as_csv = {r["dataset_image_id"]: r for r in csv.DictReader(io.StringIO(run("query", "--format", "csv").stdout))}
+    assert as_csv["img_0.png"]["qc_flags"] == "inverted;occluded" and as_csv["img_0.png"]["dice_rca_mean_h"] == "0.3"
+    assert image.id is not None and segmentation is None
+
+
+def test_stats_report_draws_the_datasets_quality(run, index, tmp_path, monkeypatch):
+    import cv2
+    import numpy as np
+
+    from chexmask.status import ImageStatus
+    from chexmask.storage.objectstore import open_store
+
+    store_url = (tmp_path / "store").as_uri()
+    monkeypatch.setenv("CHEXMASK_STORE_URL", store_url)
+    worst = min(json.loads(run("query", "--format", "json").stdout), key=lambda r: r["dice_rca_mean"])
+    overlay = np.full((64, 64, 3), 90, np.uint8)
+    key = f"segmentations/ab/{worst['id']}/overlay.jpg"
+    open_store(store_url).put(key, cv2.imencode(".jpg", overlay)[1].tobytes())
+    with index.engine.begin() as connection:
+        connection.exec_driver_sql(
+            f"UPDATE segmentation SET object_keys = '{json.dumps({'overlay': key})}', qc_flags = '[\"occluded\"]' "
+            f"WHERE id = {worst['id']}"
+        )
+    refused = index.register_image(uri="file:///x/ct.dcm", dataset="mimic").image
+    index.mark(refused.id, ImageStatus.REFUSED, "wrong_modality", "A CT, not a radiograph.")
+
+    report = tmp_path / "quality.html"
+    run("stats", "--dataset", "mimic", "--report", str(report))
+    page = report.read_text()
+    assert "<h2>mimic-cxr-jpg</h2>" in page
+    assert "<td>done</td><td>3</td>" in page and "<td>refused</td><td>1</td>" in page
+    # Dice RCA (Mean) 0.55, 0.72, 0.91: two of three at or above 0.7
+    assert "<td>Mean, overall</td><td>3</td><td>0.727</td><td>66.7%</td>" in page
+    assert "<td>occluded</td><td>1</td>" in page and "<td>wrong_modality</td><td>1</td>" in page
+    assert page.count("data:image/png;base64,") == 2  # Mean and Max histograms
+    assert "data:image/jpeg;base64," in page and "img_0.png: Dice RCA mean 0.550" in page
+    assert report.with_suffix(".png").read_bytes().startswith(b"\x89PNG")

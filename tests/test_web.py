@@ -12,36 +12,21 @@ import re
 
 import pytest
 from click.testing import CliRunner
-from fastapi.testclient import TestClient
 from PIL import Image
+from test_storage_api import client_for
 
 from chexmask.app.cli import cli
-from chexmask.config import Settings
 from chexmask.status import ImageStatus
 from chexmask.storage import reviews
-from chexmask.storage.api import create_app
 from chexmask.storage.auth import COOKIE, csrf_value
 from chexmask.storage.browse import THUMB_NAME
-from chexmask.storage.objectstore import LocalStore, segmentation_keys
+from chexmask.storage.objectstore import segmentation_keys
 
 pytest_plugins = ["services"]
 
 TOKEN = "web-s3cret"
 local_store_only = pytest.mark.parametrize("store", ["local"], indirect=True)
 DICE = [0.91, 0.35, None, 0.62, 0.78, 0.35, 0.99]  # two equal values and a missing one
-
-
-def store_url(store) -> str:
-    if isinstance(store, LocalStore):
-        return store.root.as_uri()
-    return f"s3://{store.bucket}/{store.prefix}"
-
-
-def client_for(index, store, token: str | None = None) -> TestClient:
-    settings = Settings(
-        database_url=index.engine.url.render_as_string(hide_password=False), store_url=store_url(store), api_token=token
-    )
-    return TestClient(create_app(settings))
 
 
 def overlay_jpeg(shade: int) -> bytes:

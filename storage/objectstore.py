@@ -259,6 +259,7 @@ class SegmentationKeys:
     left_lung: str
     heart: str
     overlay: str
+    picture: str  # the plain 1024 image under the overlay, for the web app's layers
 
     def as_dict(self) -> dict[str, str]:
         return asdict(self)
@@ -281,4 +282,5 @@ def segmentation_keys(image_sha256: str, model_version: str) -> SegmentationKeys
         left_lung=f"{base}/left_lung.png",
         heart=f"{base}/heart.png",
         overlay=f"{base}/overlay.jpg",
+        picture=f"{base}/picture.jpg",
     )

@@ -191,7 +191,7 @@ def store_keys(stack: Stack, sha256: str) -> list[str]:
     return sorted(item["Key"].rsplit("/", 1)[1] for item in listing.get("Contents", []))
 
 
-ARTEFACTS = ["heart.png", "left_lung.png", "masks.json", "overlay.jpg", "record.json", "right_lung.png"]
+ARTEFACTS = ["heart.png", "left_lung.png", "masks.json", "overlay.jpg", "picture.jpg", "record.json", "right_lung.png"]
 
 
 # --- tests ------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from chexmask.worker.celery_app import create_app
 
 # One real image of each format the product reads.
 PNG, JPEG, DICOM = "00000001_000.png", "16747_3_1.jpg", "siim_cr_jpeg_baseline_mono2.dcm"
-ARTEFACTS = {"record", "masks", "right_lung", "left_lung", "heart", "overlay"}
+ARTEFACTS = {"record", "masks", "right_lung", "left_lung", "heart", "overlay", "picture"}
 
 
 def embedded_env(home: Path, weights: Path | None = None) -> dict[str, str]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 
 from chexmask.config import Settings
@@ -101,7 +103,7 @@ def test_segment_writes_the_store_and_the_index_once(service, samples_dir, tmp_p
     row = service.index.get_segmentation(result.segmentation_id)
     padding = result.prepared.padding
     assert (image.height, image.width) == (row.height, row.width) == (padding.height, padding.width)
-    assert set(row.object_keys) == {"record", "masks", "right_lung", "left_lung", "heart", "overlay"}
+    assert set(row.object_keys) == {"record", "masks", "right_lung", "left_lung", "heart", "overlay", "picture"}
     for key in row.object_keys.values():
         assert service.store.exists(key), key
     record = json.loads(service.store.get(row.object_keys["record"]))
@@ -110,6 +112,10 @@ def test_segment_writes_the_store_and_the_index_once(service, samples_dir, tmp_p
     assert masks["rle"] == row.rle() and masks["rle_1024"] == row.rle("1024")
     assert record["landmarks_original"] == row.landmarks_original
     assert service.store.get(row.object_keys["overlay"]).startswith(b"\xff\xd8")  # JPEG
+    # The plain picture under the web app's layers: the 1024 input itself, no organ tint.
+    picture = cv2.imdecode(np.frombuffer(service.store.get(row.object_keys["picture"]), np.uint8), cv2.IMREAD_UNCHANGED)
+    assert picture.shape == (1024, 1024)
+    assert np.abs(picture.astype(int) - result.prepared.image.astype(int)).mean() < 2
     assert {"ingest", "fetch", "decode", "preprocess", "inference", "store"} <= set(row.timings)
 
     # Redelivered: nothing is computed or written again.

@@ -135,6 +135,7 @@ def test_segmentation_keys_are_content_addressed():
         "left_lung": f"{base}/left_lung.png",
         "heart": f"{base}/heart.png",
         "overlay": f"{base}/overlay.jpg",
+        "picture": f"{base}/picture.jpg",
     }
     assert segmentation_keys(SHA, "hybridgnet-1.0") == keys
     with pytest.raises(ValueError):

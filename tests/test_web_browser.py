@@ -189,6 +189,11 @@ def test_browse_filter_and_grade_by_keyboard(server, browser, shots, home):
     assert "min_dice_mean=0.8" in browser.current_url
     heart = "return getComputedStyle(document.querySelector('#layers [data-layer=H]')).display"
     assert browser.execute_script(heart) != "none"
+    # The plain picture under filled organ layers, so switching an organ off shows the bare X-ray.
+    picture = browser.find_element(By.ID, "overlay").get_attribute("src")
+    assert picture.endswith("/picture.jpg"), picture
+    fill = "return document.querySelector('#layers [data-layer=H] polygon').getAttribute('fill')"
+    assert browser.execute_script(fill) not in (None, "none")
     press(browser, "h", "m")  # heart off, landmarks on
     assert browser.execute_script(heart) == "none"
     points = "return document.querySelectorAll('#layers [data-layer=points] circle').length"

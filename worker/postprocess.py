@@ -128,7 +128,16 @@ def overlay_jpeg(image: np.ndarray, masks: dict[str, np.ndarray], landmarks: np.
         cv2.polylines(picture, [_polygon(landmarks[rows])], True, colour, thickness, cv2.LINE_AA)
         for x, y in landmarks[rows]:
             cv2.circle(picture, (int(x), int(y)), 2 * thickness, (255, 255, 255), -1, cv2.LINE_AA)
+    return _jpeg(picture)
+
+
+def grey_jpeg(image: np.ndarray) -> bytes:
+    """The plain grey X-ray as a JPEG: what the web app draws switchable organ layers over."""
+    return _jpeg(image)
+
+
+def _jpeg(picture: np.ndarray) -> bytes:
     ok, encoded = cv2.imencode(".jpg", picture, [cv2.IMWRITE_JPEG_QUALITY, OVERLAY_JPEG_QUALITY])
     if not ok:
-        raise ValueError("OpenCV could not encode the overlay as JPEG")
+        raise ValueError("OpenCV could not encode the picture as JPEG")
     return encoded.tobytes()

@@ -38,6 +38,7 @@ from chexmask.worker import bank as qc_bank
 from chexmask.worker.bank import ReferenceBank
 from chexmask.worker.leases import Heartbeat, process_owner
 from chexmask.worker.pipeline import Prepared, Segmentation, Segmenter, prepare
+from chexmask.worker.postprocess import grey_jpeg
 from chexmask.worker.qc import assess
 from chexmask.worker.weights import ModelInfo
 
@@ -206,7 +207,7 @@ class Service:
         return Result(image_id, ImageStatus.DONE, row.id, row.qc_status is QCStatus.PENDING, reused=True)
 
     def _artefacts(self, segmentation: Segmentation) -> dict[str, tuple[bytes, str]]:
-        """The stored objects by key attribute: record, masks (RLE), mask PNGs and overlay."""
+        """The stored objects by key attribute: record, masks (RLE), mask PNGs, overlay and picture."""
         padding = segmentation.prepared.padding
         rle, rle_1024 = segmentation.rle_by_name()
         masks = {"height": padding.height, "width": padding.width, "rle": rle, "rle_1024": rle_1024}
@@ -217,6 +218,7 @@ class Service:
         for filename, data in segmentation.pictures().items():
             name, suffix = filename.rsplit(".", 1)
             artefacts[name] = (data, "image/png" if suffix == "png" else "image/jpeg")
+        artefacts["picture"] = (grey_jpeg(segmentation.prepared.image), "image/jpeg")
         return artefacts
 
     def _write(

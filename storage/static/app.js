@@ -32,12 +32,15 @@
   var SVG = "http://www.w3.org/2000/svg";
   var COLOURS = { RL: "#00e5ff", LL: "#ffd400", H: "#ff4fd8" };
   function layers(stage, svg, organs) {
+    var fills = stage.getAttribute("data-fills") === "1";
     Object.keys(organs).forEach(function (code) {
       var g = document.createElementNS(SVG, "g");
       g.setAttribute("data-layer", code);
       var poly = document.createElementNS(SVG, "polygon");
       poly.setAttribute("points", organs[code].map(function (p) { return p[0] + "," + p[1]; }).join(" "));
-      poly.setAttribute("fill", "none");
+      // Over the plain picture the organ is filled too, so switching it off shows the bare X-ray.
+      poly.setAttribute("fill", fills ? COLOURS[code] : "none");
+      poly.setAttribute("fill-opacity", fills ? "0.3" : "0");
       poly.setAttribute("stroke", COLOURS[code]);
       poly.setAttribute("stroke-width", "3");
       g.appendChild(poly);

@@ -29,6 +29,10 @@ THUMB_SIZE = 256
 THUMB_NAME = "thumb256.jpg"
 PROBLEM_STATUSES = (ImageStatus.REFUSED, ImageStatus.FAILED)
 ANY_FLAG = "*"
+# The Dice range filters by the column they bound.
+DICE_RANGES = {"dice_rca_mean": ("min_dice_mean", "max_dice_mean"), "dice_rca_max": ("min_dice_max", "max_dice_max")}
+# Entries of a Dice range beyond which SQLite walks the sort's index instead (``_wide_ranges``).
+WIDE_RANGE = 1000
 # Shown on the gallery cards and returned with every listed segmentation.
 CARD_COLUMNS = SUMMARY_COLUMNS  # the summary carries the QC flags
 
@@ -49,8 +53,23 @@ class Page:
     prev_before: int | None  # cursor of the previous page; None on the first
 
 
-def _statement(index: MaskIndex, filters: GalleryFilters) -> sa.Select:
-    statement = index.select_segmentations(filters.base, *CARD_COLUMNS)
+def _statement(index: MaskIndex, filters: GalleryFilters, sort: str) -> sa.Select:
+    """The ids of the filtered segmentations. Pages pick ids first and read the cards of
+    only those (``_cards``): the database never carries whole rows through a sort, and
+    an index over segmentation columns alone can answer (images are joined only for
+    an image filter or the image-id sort)."""
+    key = sort.removeprefix("-")
+    wide = _wide_ranges(index, filters.base, key)
+    base = replace(filters.base, **{bound: None for column in wide for bound in DICE_RANGES[column]})
+    statement = index.select_segmentations(base, Segmentation.id, join_images=key == "dataset_image_id")
+    for column in wide:
+        # ``column + 0`` is the same test, but no index can serve it: SQLite then walks
+        # the sort's index (which covers the Dice columns) and stops at a page's worth.
+        low, high = (getattr(filters.base, bound) for bound in DICE_RANGES[column])
+        shifted = SORT_KEYS[column] + 0
+        statement = statement.where(
+            *([shifted >= low] if low is not None else []), *([shifted <= high] if high is not None else [])
+        )
     if filters.flag == ANY_FLAG:
         # Compact JSON text (engine.json_dumps): a list with a flag in it starts '["';
         # an empty list, JSON null and SQL NULL do not.
@@ -63,6 +82,35 @@ def _statement(index: MaskIndex, filters: GalleryFilters) -> sa.Select:
         condition = reviewed_condition()
         statement = statement.where(condition if filters.reviewed else ~condition)
     return statement
+
+
+def _wide_ranges(index: MaskIndex, filters: QueryFilters, sort_key: str) -> list[str]:
+    """The Dice columns whose range filter SQLite should test row by row while it walks
+    the sort's index, rather than read the whole range and sort it.
+
+    SQLite keeps no value histograms (Python's build has no STAT4), so offered a
+    range on one column and an ORDER BY on another it takes the range's index and
+    sorts: as many row reads as the range holds, seconds for a wide range over a
+    million rows. A count on the range's own index, stopped at WIDE_RANGE entries
+    (index only, about a millisecond), tells wide from narrow: a narrow range is
+    read and sorted whole; in a wide one a page's worth turns up within
+    limit x rows / WIDE_RANGE entries of the sort's covering index. PostgreSQL has
+    histograms and chooses by itself.
+    """
+    if index.dialect != "sqlite":
+        return []
+    wide = []
+    with index.engine.connect() as connection:
+        for column, (low_name, high_name) in DICE_RANGES.items():
+            low, high = getattr(filters, low_name), getattr(filters, high_name)
+            if column == sort_key or (low is None and high is None):
+                continue
+            values = SORT_KEYS[column]
+            bounds = [*([values >= low] if low is not None else []), *([values <= high] if high is not None else [])]
+            bounded = sa.select(values).where(*bounds).limit(WIDE_RANGE).subquery()
+            if connection.execute(sa.select(sa.func.count()).select_from(bounded)).scalar_one() >= WIDE_RANGE:
+                wide.append(column)
+    return wide
 
 
 def _sort_column(sort: str) -> tuple[Any | None, bool]:
@@ -100,17 +148,24 @@ def _segments(column: Any | None, value: Any, cursor: int, greater: bool) -> lis
     ]
 
 
-def _rows(
-    index: MaskIndex, statement: sa.Select, parts: list[tuple[Any, list[Any]]], limit: int
-) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
+def _ids(index: MaskIndex, statement: sa.Select, parts: list[tuple[Any, list[Any]]], limit: int) -> list[int]:
+    ids: list[int] = []
     with index.engine.connect() as connection:
         for condition, order in parts:
-            if len(rows) >= limit:
+            if len(ids) >= limit:
                 break
-            query = statement.where(condition).order_by(*order).limit(limit - len(rows))
-            rows += [dict(row._mapping) for row in connection.execute(query)]
-    return rows
+            ids += connection.execute(statement.where(condition).order_by(*order).limit(limit - len(ids))).scalars()
+    return ids
+
+
+def _cards(index: MaskIndex, ids: list[int]) -> list[dict[str, Any]]:
+    """The gallery cards of ``ids``, in that order."""
+    if not ids:
+        return []
+    statement = index.select_segmentations(QueryFilters(), *CARD_COLUMNS).where(Segmentation.id.in_(ids))
+    with index.engine.connect() as connection:
+        found = {row.id: dict(row._mapping) for row in connection.execute(statement)}
+    return [found[i] for i in ids if i in found]
 
 
 def _sort_value(index: MaskIndex, column: Any | None, segmentation_id: int) -> Any:
@@ -139,24 +194,26 @@ def page(
 ) -> Page:
     """``limit`` rows after the segmentation ``after`` (or before ``before``; or the first)."""
     column, descending = _sort_column(sort)
-    statement = _statement(index, filters)
+    statement = _statement(index, filters, sort)
     if after is None and before is None:
         with index.engine.connect() as connection:
-            query = statement.order_by(*order_by(sort)).limit(limit + 1)
-            rows = [dict(row._mapping) for row in connection.execute(query)]
-        return Page(rows[:limit], rows[limit - 1]["id"] if len(rows) > limit else None, None)
+            ids = list(connection.execute(statement.order_by(*order_by(sort)).limit(limit + 1)).scalars())
+        rows = _cards(index, ids[:limit])
+        return Page(rows, ids[limit - 1] if len(ids) > limit else None, None)
     cursor = after if after is not None else before
     assert cursor is not None
     value = _sort_value(index, column, cursor)
     forward = after is not None
     # One extra row says whether there is more in that direction, without a COUNT.
-    rows = _rows(index, statement, _segments(column, value, cursor, greater=forward != descending), limit + 1)
-    more = len(rows) > limit
-    rows = rows[:limit]
+    ids = _ids(index, statement, _segments(column, value, cursor, greater=forward != descending), limit + 1)
+    more = len(ids) > limit
+    ids = ids[:limit]
+    if not forward:
+        ids.reverse()
+    rows = _cards(index, ids)
     if forward:
-        return Page(rows, rows[-1]["id"] if more and rows else None, rows[0]["id"] if rows else None)
-    rows.reverse()
-    return Page(rows, rows[-1]["id"] if rows else None, rows[0]["id"] if more and rows else None)
+        return Page(rows, ids[-1] if more and ids else None, ids[0] if ids else None)
+    return Page(rows, ids[-1] if ids else None, ids[0] if more and ids else None)
 
 
 def neighbours(
@@ -165,11 +222,11 @@ def neighbours(
     """The previous and next segmentation of ``filters`` in ``sort`` order (ids)."""
     column, descending = _sort_column(sort)
     value = _sort_value(index, column, segmentation_id)
-    statement = _statement(index, filters).with_only_columns(Segmentation.id)
+    statement = _statement(index, filters, sort)
     found = []
     for greater in (descending, not descending):  # previous, then next
-        rows = _rows(index, statement, _segments(column, value, segmentation_id, greater), 1)
-        found.append(rows[0]["id"] if rows else None)
+        ids = _ids(index, statement, _segments(column, value, segmentation_id, greater), 1)
+        found.append(ids[0] if ids else None)
     return found[0], found[1]
 
 
@@ -272,9 +329,23 @@ def throughput(index: MaskIndex, dataset: str, buckets: int = 60) -> tuple[list[
 
 
 def datasets(index: MaskIndex) -> list[str]:
-    statement = sa.select(SourceImage.dataset).distinct().order_by(SourceImage.dataset)
+    """The datasets present, by a seek per dataset on the (dataset, release) index.
+
+    A plain SELECT DISTINCT reads the whole index on PostgreSQL (it has no skip
+    scan): over 100 ms at a million images, on every page that shows the filters.
+    """
     with index.engine.connect() as connection:
-        return list(connection.execute(statement).scalars())
+        return list(connection.execute(_DISTINCT_DATASETS).scalars())
+
+
+# Each step seeks the next dataset above the last one found.
+_DISTINCT_DATASETS = sa.text(
+    "WITH RECURSIVE found(name) AS ("
+    " SELECT min(dataset) FROM source_image"
+    " UNION ALL"
+    " SELECT (SELECT min(dataset) FROM source_image WHERE dataset > found.name) FROM found WHERE found.name IS NOT NULL"
+    ") SELECT name FROM found WHERE name IS NOT NULL"
+)
 
 
 # --- thumbnails -----------------------------------------------------------------------

@@ -719,21 +719,25 @@ class MaskIndex:
         with self.engine.connect() as connection:
             return [SegmentationSummary(**row._mapping) for row in connection.execute(statement)]
 
-    def select_segmentations(self, filters: QueryFilters, *columns: Any) -> sa.Select:
-        """``SELECT columns`` over the current segmentations joined to their images, filtered."""
+    def select_segmentations(self, filters: QueryFilters, *columns: Any, join_images: bool = True) -> sa.Select:
+        """``SELECT columns`` over the current segmentations joined to their images, filtered.
+
+        ``join_images=False`` leaves the images out where neither the columns, the
+        filters nor the caller's ORDER BY need them (every segmentation has its
+        image, so the rows are the same): an index over segmentation columns then
+        answers alone.
+        """
         # The dataset is matched on the segmentation so (dataset, Dice) is one index.
-        image_filters = replace(filters, dataset=None)
+        image_filters = image_conditions(replace(filters, dataset=None))
         dataset = [] if filters.dataset is None else [Segmentation.dataset == canonical(filters.dataset)]
-        return (
-            sa.select(*columns)
-            .select_from(Segmentation)
-            .join(SourceImage, Segmentation.image_id == SourceImage.id)
-            .where(
-                Segmentation.is_current.is_(True),
-                *dataset,
-                *image_conditions(image_filters),
-                *segmentation_conditions(filters),
-            )
+        statement = sa.select(*columns).select_from(Segmentation)
+        if join_images or image_filters:
+            statement = statement.join(SourceImage, Segmentation.image_id == SourceImage.id)
+        return statement.where(
+            Segmentation.is_current.is_(True),
+            *dataset,
+            *image_filters,
+            *segmentation_conditions(filters),
         )
 
     def stream(self, statement: sa.Select, batch_size: int = 2000) -> Iterator[Row[Any]]:

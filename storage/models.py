@@ -32,12 +32,13 @@ NULLS_FIRST_INDEXES = frozenset(
         "ix_segmentation_dataset_dice_rca_mean",
         "ix_segmentation_model_version_dice_rca_mean",
         "ix_segmentation_dice_rca_mean",
+        "ix_segmentation_created_at_covering",
     }
 )
 
 
 def include_in_autogenerate(obj: object, name: str | None, type_: str, reflected: bool, compare_to: object) -> bool:
-    """Alembic ``include_object`` hook: leave the per-dialect Dice indexes alone."""
+    """Alembic ``include_object`` hook: leave the per-dialect NULLS FIRST indexes alone."""
     return not (type_ == "index" and name in NULLS_FIRST_INDEXES)
 
 
@@ -175,7 +176,18 @@ class Segmentation(StorageModel, table=True):
         sa.Index("ix_segmentation_model_version_dice_rca_mean", "model_version", "dice_rca_mean"),
         sa.Index("ix_segmentation_dice_rca_mean", "dice_rca_mean"),
         sa.Index("ix_segmentation_image_id", "image_id"),
-        sa.Index("ix_segmentation_created_at", "created_at"),
+        # created_at first in the time sort's order, then every column the gallery's
+        # segmentation filters test (migration 0005): a filtered page from the index alone.
+        sa.Index(
+            "ix_segmentation_created_at_covering",
+            "created_at",
+            "id",
+            "is_current",
+            "dataset",
+            "model_version",
+            "dice_rca_mean",
+            "dice_rca_max",
+        ),
         sa.Index("ix_segmentation_qc_status", "qc_status"),
     )
 

@@ -334,3 +334,40 @@ def test_dataset_page_and_figures(seeded):
             response = client.get(figure)
             assert response.status_code == 200 and response.content[:4] == b"\x89PNG"
         assert "padchest" in client.get("/datasets").text
+
+
+@local_store_only
+@pytest.mark.parametrize("wide_from", [2, 1000], ids=["walk-time-index", "read-range-and-sort"])
+def test_dice_range_under_a_time_sort_same_pages_either_plan(seeded, monkeypatch, wide_from):
+    """SQLite walks the time index for a wide Dice range and reads a narrow one whole
+    (browse._wide_ranges); both plans must list the same segmentations in the same order."""
+    from chexmask.storage import browse
+    from chexmask.storage.queries import QueryFilters
+
+    index, _, ids = seeded
+    monkeypatch.setattr(browse, "WIDE_RANGE", wide_from)
+    filters = browse.GalleryFilters(QueryFilters(min_dice_mean=0.3, max_dice_mean=0.8))
+    rows = [index.get_segmentation(i) for i in ids]
+    expected = [
+        r.id
+        for r in sorted(rows, key=lambda r: (r.created_at, r.id), reverse=True)
+        if r.dice_rca_mean in (0.35, 0.62, 0.78)
+    ]
+    assert len(expected) == 4
+    walked, after = [], None
+    while True:
+        page = browse.page(index, filters, sort="-created_at", limit=3, after=after)
+        walked += [item["id"] for item in page.items]
+        if page.next_after is None:
+            break
+        after = page.next_after
+    assert walked == expected
+    assert browse.neighbours(index, filters, "-created_at", expected[1]) == (expected[0], expected[2])
+
+
+@local_store_only
+def test_datasets_listed_once_each_in_order(seeded):
+    from chexmask.storage import browse
+
+    index, _, _ = seeded
+    assert browse.datasets(index) == ["chestx-ray8", "padchest"]

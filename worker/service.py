@@ -254,6 +254,7 @@ class Service:
             # the broker takes to redeliver it.
             qc_owner=process_owner() if self.qc_handoff_s is None else None,
             qc_lease_s=self.settings.lease_s if self.qc_handoff_s is None else self.qc_handoff_s,
+            measurements=segmentation.measurements.columns(),
         )
         return row
 

@@ -5,14 +5,20 @@ columns, query filters and export columns they feed."""
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
+from click.testing import CliRunner
+from fastapi.testclient import TestClient
 from sqlalchemy import update
 
 from chexmask.anatomy import ORGAN_SIZES
+from chexmask.app.cli import cli
+from chexmask.config import Settings
+from chexmask.storage.api import create_app
 from chexmask.storage.export import MEASUREMENT_HEADER, export
 from chexmask.storage.models import Segmentation
 from chexmask.storage.queries import QueryFilters
@@ -224,3 +230,25 @@ def test_measurements_migration_keeps_existing_rows(tmp_path: Path):
         assert after == before and after["ctr"] is None
     finally:
         index.close()
+
+
+def test_api_filters_by_ctr_and_returns_measurements(index, tmp_path: Path):
+    for name, ctr in (("a.png", 0.42), ("b.png", 0.55)):
+        add_measured(index, name, ctr)
+    settings = Settings(
+        database_url=index.engine.url.render_as_string(hide_password=False), store_url=tmp_path.as_uri()
+    )
+    with TestClient(create_app(settings)) as client:
+        items = client.get("/segmentations", params={"min_ctr": 0.5}).json()["items"]
+        assert [(i["dataset_image_id"], i["ctr"], i["heart_area_px"]) for i in items] == [("b.png", 0.55, 1000)]
+        one = client.get(f"/segmentations/{items[0]['id']}").json()
+        assert one["ctr"] == 0.55 and one["heart_area_mm2"] is None
+
+
+def test_query_command_min_ctr(index, monkeypatch):
+    for name, ctr in (("a.png", 0.42), ("b.png", 0.55)):
+        add_measured(index, name, ctr)
+    monkeypatch.setenv("CHEXMASK_DATABASE_URL", index.engine.url.render_as_string(hide_password=False))
+    result = CliRunner().invoke(cli, ["query", "--min-ctr", "0.5", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    assert [(row["dataset_image_id"], row["ctr"]) for row in json.loads(result.output)] == [("b.png", 0.55)]

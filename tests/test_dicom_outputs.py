@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import shutil
 import subprocess
+from pathlib import Path
 
 import highdicom as hd
 import numpy as np
@@ -15,15 +16,18 @@ import pydicom
 import pytest
 from click.testing import CliRunner
 from pydicom.uid import ExplicitVRLittleEndian, SegmentationStorage
+from test_measure import synthetic_landmarks
 
 from chexmask.app.cli import cli
 from chexmask.config import Settings
 from chexmask.ingest.registry import Registry
 from chexmask.messages import Arrival
 from chexmask.status import ImageStatus, QCStatus
-from chexmask.worker.dicom_outputs import NotReferenceable, source_header
-from chexmask.worker.postprocess import rle_decode
+from chexmask.worker.dicom_outputs import NotReferenceable, QualityScores, build_seg, build_sr, encode, source_header
+from chexmask.worker.measure import measure_landmarks
+from chexmask.worker.postprocess import organ_masks, rle_decode
 from chexmask.worker.service import Service
+from chexmask.worker.weights import ModelInfo
 
 SOURCE = "sitk_cxr_ExplicitLE.dcm"  # CR chest 2140x1760, Pixel Spacing 0.2 mm
 
@@ -156,9 +160,7 @@ def test_dciodvfy_finds_no_error(service, segmented, tmp_path):
     for kind in ("seg", "sr"):
         path = tmp_path / f"{kind}.dcm"
         path.write_bytes(service.store.get(after.object_keys[kind]))
-        run = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=120)
-        report = run.stdout + run.stderr
-        assert [line for line in report.splitlines() if line.startswith("Error")] == [], report
+        assert dciodvfy_errors(path) == [], kind
 
 
 def test_export_dicom_seg_writes_the_files(service, segmented, tmp_path, monkeypatch):
@@ -182,3 +184,68 @@ def test_a_source_without_uids_cannot_be_referenced(samples_dir, tmp_path):
     ds.save_as(path)
     with pytest.raises(NotReferenceable, match="SOPInstanceUID"):
         source_header(path.read_bytes())
+
+
+# ---------------------------------------------------------------------------
+# The builders on every DICOM sample (no model: the synthetic thorax of test_measure)
+
+SAMPLE_SOURCES = [
+    "siim_cr_jpeg_baseline_mono2.dcm",
+    "Fake_MONOHR1.dcm",
+    "cr_jpeg_lossless_mono1_inverse.dcm",
+    "cr_mono1_acr_nema_no_preamble.dcm",
+    "sitk_cxr_JPEGLS.dcm",
+    "sitk_cxr_RLE.dcm",
+]
+PYDICOM_SOURCES = ["RG1_UNCR.dcm", "RG1_J2KI.dcm", "RG3_UNCR.dcm"]  # RG1: Pixel Spacing 0\0
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    run = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=120)
+    return [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("Error")]
+
+
+@pytest.mark.parametrize("name", SAMPLE_SOURCES + PYDICOM_SOURCES)
+def test_seg_and_sr_of_every_sample_source(name, samples_dir, pydicom_file, tmp_path):
+    path = pydicom_file(name) if name in PYDICOM_SOURCES else samples_dir / name
+    if not path.is_file():
+        pytest.skip(f"{path} is not available")
+    source = source_header(path.read_bytes())
+    rows, columns = int(source.Rows), int(source.Columns)
+    points = synthetic_landmarks() * min(rows, columns) // 1000  # the thorax fitted to the image
+    masks = organ_masks(points, rows, columns)
+    model = ModelInfo("chexmask-test", "chexmask-test-0123456789ab", "ab" * 32, "")
+    seg_bytes = encode(build_seg(source, masks, model, "cd" * 32))
+    seg = hd.seg.segread(io.BytesIO(seg_bytes))
+    pixels = seg.get_pixels_by_source_instance([source.SOPInstanceUID], segment_numbers=[1, 2, 3])
+    for number, organ in enumerate(("RL", "LL", "H")):
+        np.testing.assert_array_equal(pixels[0, :, :, number].astype(bool), masks[organ] == 255, err_msg=organ)
+    quality = QualityScores("done", 0.8, 0.9, {"RL": 0.8, "LL": 0.81, "H": 0.7}, {"RL": 0.9, "LL": 0.9, "H": 0.8})
+    measured = measure_landmarks(points, rows, columns)
+    sr_bytes = encode(build_sr(source, pydicom.dcmread(io.BytesIO(seg_bytes)), measured, quality, model, "cd" * 32))
+    values = numeric_values(pydicom.dcmread(io.BytesIO(sr_bytes)).ContentSequence)
+    assert ("Cardiothoracic ratio", pytest.approx(measured.ctr, abs=1e-6), "1") in values
+    if shutil.which("dciodvfy"):
+        for kind, data in (("seg", seg_bytes), ("sr", sr_bytes)):
+            (tmp_path / f"{kind}.dcm").write_bytes(data)
+            assert dciodvfy_errors(tmp_path / f"{kind}.dcm") == [], (name, kind)
+
+
+def test_a_qc_worker_elsewhere_writes_the_sr(service, samples_dir, tmp_path):
+    """QC in another process (Celery): the SR is made from the source read again."""
+    source = tmp_path / "other.dcm"
+    ds = pydicom.dcmread(samples_dir / SOURCE)
+    ds.SOPInstanceUID = pydicom.uid.generate_uid()  # other bytes: a segmentation of its own
+    ds.save_as(source)
+    ingested = Registry(service.index).admit(Arrival.for_file(source))
+    result = service.segment(ingested.image_id)
+    assert "sr" not in service.index.get_segmentation(result.segmentation_id).object_keys
+    elsewhere = Service(service.settings)
+    try:
+        assert elsewhere.qc(result.segmentation_id) is QCStatus.DONE
+    finally:
+        elsewhere.close()
+    row = service.index.get_segmentation(result.segmentation_id)
+    sr = stored(service, row.object_keys["sr"])
+    assert sr.SOPInstanceUID != stored(service, row.object_keys["seg"]).SOPInstanceUID
+    assert ds.SOPInstanceUID in {uid for _, _, uid in _evidence(sr)}

@@ -24,9 +24,11 @@ from dataclasses import dataclass
 import highdicom as hd
 import numpy as np
 import pydicom
+from pydicom import config
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.valuerep import validate_value
 
 from chexmask import __version__
 from chexmask.anatomy import ORGAN_NAMES, ORGAN_ROWS
@@ -102,12 +104,28 @@ def source_header(data: bytes) -> Dataset:
     missing = [keyword for keyword in REFERENCE_ATTRIBUTES if not ds.get(keyword)]
     if missing:
         raise NotReferenceable(f"the source has no {', '.join(missing)}")
+    _drop_invalid_text(ds)
     for keyword in _TYPE2_PATIENT_STUDY:
         if keyword not in ds:
             setattr(ds, keyword, None)
     if "PixelSpacing" in ds and not _positive_pair(ds.PixelSpacing):
         del ds.PixelSpacing  # "0\\0" (RG1): copied into the SEG it would make it invalid
     return ds
+
+
+def _drop_invalid_text(ds: Dataset) -> None:
+    """Remove text values the source's VR forbids (Patient's Age "62" for "062Y"):
+    copied into the SEG and SR they would make them invalid. Type 2 ones become empty."""
+    for element in list(ds):
+        if not isinstance(element.value, str) or not element.value:
+            continue
+        try:
+            validate_value(element.VR, element.value, config.RAISE)
+        except ValueError:
+            if element.keyword in _TYPE2_PATIENT_STUDY:
+                element.value = None
+            else:
+                del ds[element.tag]
 
 
 def _positive_pair(value: object) -> bool:

@@ -47,6 +47,8 @@ from chexmask.worker.qc import assess
 from chexmask.worker.weights import ModelInfo
 
 DICOM_MEDIA_TYPE = "application/dicom"
+# What highdicom and pydicom raise for source attributes they cannot use.
+DICOM_BUILD_ERRORS = (ValueError, TypeError, AttributeError, KeyError)
 
 log = logging.getLogger(__name__)
 
@@ -228,13 +230,16 @@ class Service:
         if segmentation.prepared.source.get("format") == "dicom":
             try:
                 source = dicom_outputs.source_header(data)
+                seg = dicom_outputs.build_seg(
+                    source, segmentation.masks_original, segmentation.model, segmentation.prepared.sha256
+                )
             except dicom_outputs.NotReferenceable as exc:
                 log.info("no DICOM SEG: %s", exc)
-                return artefacts
-            seg = dicom_outputs.build_seg(
-                source, segmentation.masks_original, segmentation.model, segmentation.prepared.sha256
-            )
-            artefacts["seg"] = (dicom_outputs.encode(seg), DICOM_MEDIA_TYPE)
+            except DICOM_BUILD_ERRORS as exc:
+                # A header highdicom cannot work with costs the image its SEG, not its masks.
+                log.warning("no DICOM SEG: %s: %s", type(exc).__name__, exc)
+            else:
+                artefacts["seg"] = (dicom_outputs.encode(seg), DICOM_MEDIA_TYPE)
         return artefacts
 
     def _write(
@@ -345,7 +350,11 @@ class Service:
         seg = pydicom.dcmread(io.BytesIO(self.store.get(row.object_keys["seg"])), stop_before_pixels=True)
         algorithm = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
         model = ModelInfo(str(algorithm.AlgorithmName), row.model_version, row.weights_sha256, "")
-        sr = dicom_outputs.build_sr(source, seg, _measurements(row), _quality(row), model, row.image_sha256)
+        try:
+            sr = dicom_outputs.build_sr(source, seg, _measurements(row), _quality(row), model, row.image_sha256)
+        except DICOM_BUILD_ERRORS as exc:
+            log.warning("segmentation %s: no DICOM SR: %s: %s", row.id, type(exc).__name__, exc)
+            return
         key = segmentation_keys(row.image_sha256, row.model_version).sr
         self.store.put(key, dicom_outputs.encode(sr), DICOM_MEDIA_TYPE)
         self.index.add_object_keys(row.id, {"sr": key})  # type: ignore[arg-type]

@@ -48,6 +48,8 @@ def _filter_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--created-after", type=click.DateTime(), help="UTC, inclusive."),
         click.option("--created-before", type=click.DateTime(), help="UTC, exclusive."),
         click.option("--id", "id_pattern", help="Dataset image id: exact, glob (* ?) or LIKE (%)."),
+        click.option("--min-ctr", type=float, help="Cardiothoracic ratio at least this (README: Measurements)."),
+        click.option("--max-ctr", type=float, help="Cardiothoracic ratio at most this."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -168,9 +170,16 @@ def _table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 )
 @click.option("--resolution", type=click.Choice(["original", "1024"]), default="original", show_default=True)
 @click.option("--min-dice-mean", type=float)
-@click.option("--out", type=click.Path(dir_okay=False, writable=True), required=True)
+@click.option("--out", type=click.Path(writable=True), required=True, help="A file; a folder for dicom-seg.")
 @click.option(
-    "--format", "fmt", type=click.Choice(["csv", "parquet"]), help="Default: from the --out suffix (.parquet or CSV)."
+    "--format",
+    "fmt",
+    type=click.Choice(["csv", "parquet", "dicom-seg"]),
+    help="Default: from the --out suffix (.parquet or CSV); dicom-seg: the DICOM SEG and SR files "
+    "of the dataset's DICOM sources into the folder --out.",
+)
+@click.option(
+    "--measurements", is_flag=True, help="Add the measurement columns (CTR, areas) after the CheXmask columns."
 )
 def export_command(
     dataset: str,
@@ -180,10 +189,14 @@ def export_command(
     min_dice_mean: float | None,
     out: str,
     fmt: str | None,
+    measurements: bool,
 ) -> None:
-    """Write a dataset's masks in the CheXmask CSV layout (or Parquet)."""
+    """Write a dataset's masks in the CheXmask CSV layout (or Parquet, or DICOM SEG and SR files)."""
     from chexmask.storage.export import Resolution, export
 
+    if fmt == "dicom-seg":
+        _export_dicom(dataset, release, model, min_dice_mean, out)
+        return
     count = export(
         _open_index(),
         out,
@@ -193,8 +206,20 @@ def export_command(
         resolution=Resolution(resolution),
         min_dice_mean=min_dice_mean,
         fmt=fmt,
+        measurements=measurements,
     )
     click.echo(f"wrote {count} rows to {out}", err=True)
+
+
+def _export_dicom(dataset: str, release: str | None, model: str | None, min_dice_mean: float | None, out: str) -> None:
+    from chexmask.storage.export import export_dicom
+    from chexmask.storage.objectstore import open_store
+
+    settings = Settings.from_env()
+    store = open_store(settings.store_url, settings.s3_endpoint_url)
+    filters = QueryFilters(dataset=dataset, release=release, model=model, min_dice_mean=min_dice_mean)
+    segmentations, files = export_dicom(_open_index(), store, out, filters)
+    click.echo(f"wrote {files} DICOM files of {segmentations} segmentations to {out}", err=True)
 
 
 @click.command("stats")

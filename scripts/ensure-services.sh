@@ -26,4 +26,15 @@ if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null
     echo "chromium/chromedriver missing and not installable here (needs apt-get as root); the browser tests will be skipped"
   fi
 fi
+# dciodvfy (Debian's dicom3tools) validates the DICOM SEG and SR in tests/test_dicom_outputs.py.
+if ! command -v dciodvfy >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    echo "installing dicom3tools"
+    (apt-get install -y -q dicom3tools >/dev/null 2>&1 \
+      || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q dicom3tools >/dev/null 2>&1; }) \
+      || echo "could not install dicom3tools; the DICOM validation test will be skipped"
+  else
+    echo "dciodvfy missing and not installable here (needs apt-get as root); the DICOM validation test will be skipped"
+  fi
+fi
 exit 0

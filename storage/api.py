@@ -144,6 +144,8 @@ def _filters(
     created_after: datetime | None = None,
     created_before: datetime | None = None,
     id_pattern: str | None = None,
+    min_ctr: Annotated[float | None, Query(ge=0)] = None,
+    max_ctr: Annotated[float | None, Query(ge=0)] = None,
 ) -> QueryFilters:
     return QueryFilters(
         dataset=dataset,
@@ -157,6 +159,8 @@ def _filters(
         created_after=created_after,
         created_before=created_before,
         id_pattern=id_pattern,
+        min_ctr=min_ctr,
+        max_ctr=max_ctr,
     )
 
 

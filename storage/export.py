@@ -26,10 +26,13 @@ from chexmask.storage.chexmask_import import IMPORT_PIPELINE, Frame
 from chexmask.storage.index import MaskIndex
 from chexmask.storage.layout import csv_line, header, landmarks_1024_text
 from chexmask.storage.models import IMPORT_PIPELINES, Segmentation, SourceImage
-from chexmask.storage.queries import QueryFilters
+from chexmask.storage.objectstore import ObjectStore
+from chexmask.storage.queries import MEASUREMENT_COLUMNS, QueryFilters
 
 FORMATS = ("csv", "parquet")
 BATCH_SIZE = 2000
+# Added after the CheXmask columns by ``--measurements`` (worker/measure.py), index column names.
+MEASUREMENT_HEADER = [column.key for column in MEASUREMENT_COLUMNS]
 
 
 class Resolution(str, Enum):
@@ -85,18 +88,23 @@ def iter_rows(
     resolution: Resolution = Resolution.ORIGINAL,
     min_dice_mean: float | None = None,
     batch_size: int = BATCH_SIZE,
+    measurements: bool = False,
 ) -> Iterator[tuple[Any, ...]]:
-    """The export rows as tuples matching ``header(dataset)``: one per dataset image id,
-    from the first source that has it (see ``_sources``), each source in the order
-    its rows were stored. Published rows imported unchanged come out byte for byte."""
+    """The export rows as tuples matching ``header(dataset)`` (plus ``MEASUREMENT_HEADER``
+    with ``measurements``): one per dataset image id, from the first source that has it
+    (see ``_sources``), each source in the order its rows were stored. Published rows
+    imported unchanged come out byte for byte."""
     resolution = Resolution(resolution)
     sources = _sources(index, dataset, _resolve_models(index, model))
+    extra = MEASUREMENT_COLUMNS if measurements else ()
     if len(sources) == 1:  # the common case: one model, nothing imported, no dedup
-        yield from _rows_of(index, dataset, release, sources[0][0], None, [], resolution, min_dice_mean, batch_size)
+        yield from _rows_of(
+            index, dataset, release, sources[0][0], None, [], resolution, min_dice_mean, batch_size, extra
+        )
         return
     for position, (name, imported) in enumerate(sources):
         yield from _rows_of(
-            index, dataset, release, name, imported, sources[:position], resolution, min_dice_mean, batch_size
+            index, dataset, release, name, imported, sources[:position], resolution, min_dice_mean, batch_size, extra
         )
 
 
@@ -110,6 +118,7 @@ def _rows_of(
     resolution: Resolution,
     min_dice_mean: float | None,
     batch_size: int,
+    extra: Sequence[Any] = (),
 ) -> Iterator[tuple[Any, ...]]:
     filters = QueryFilters(dataset=dataset, release=release, model=model, min_dice_mean=min_dice_mean)
     if resolution is Resolution.ORIGINAL:
@@ -129,6 +138,7 @@ def _rows_of(
         landmarks,
         *masks,
         *size,
+        *extra,
     )
     statement = statement.where(_in_frame(Segmentation, resolution))
     if imported is not None:
@@ -137,13 +147,16 @@ def _rows_of(
         statement = statement.where(~_covered_by(dataset, earlier, resolution))
     statement = statement.order_by(Segmentation.id)
 
+    # The measurements (``extra``) ride at the end of each row, after the CheXmask columns.
     if resolution is Resolution.ORIGINAL:
-        for name, uri, mean, max_, text, left, right, heart, height, width in index.stream(statement, batch_size):
-            yield (name or uri, mean, max_, text, left, right, heart, height, width)
+        for name, uri, mean, max_, text, left, right, heart, height, width, *more in index.stream(
+            statement, batch_size
+        ):
+            yield (name or uri, mean, max_, text, left, right, heart, height, width, *more)
     else:
-        for name, uri, mean, max_, points, left, right, heart in index.stream(statement, batch_size):
+        for name, uri, mean, max_, points, left, right, heart, *more in index.stream(statement, batch_size):
             text = landmarks_1024_text(points)
-            yield (name or uri, mean, max_, text, left, right, heart, 1024, 1024)
+            yield (name or uri, mean, max_, text, left, right, heart, 1024, 1024, *more)
 
 
 def _covered_by(dataset: str, earlier: list[tuple[str | None, bool]], resolution: Resolution) -> Any:
@@ -169,11 +182,13 @@ def export(
     resolution: Resolution = Resolution.ORIGINAL,
     min_dice_mean: float | None = None,
     fmt: str | None = None,
+    measurements: bool = False,
 ) -> int:
     """Write the export to ``out`` (replaced only once complete); returns the row count.
 
     Rows whose image has no dataset id use its URI as the id. ``fmt`` defaults
-    to the file suffix (``.parquet`` -> Parquet, else CSV).
+    to the file suffix (``.parquet`` -> Parquet, else CSV). ``measurements`` adds the
+    measurement columns after the CheXmask ones (empty where not measured).
     """
     out = Path(out)
     fmt = fmt or ("parquet" if out.suffix == ".parquet" else "csv")
@@ -186,8 +201,9 @@ def export(
         model=model,
         resolution=resolution,
         min_dice_mean=min_dice_mean,
+        measurements=measurements,
     )
-    columns = header(dataset)
+    columns = header(dataset) + (MEASUREMENT_HEADER if measurements else [])
     with _replace_when_done(out) as tmp:
         return _write_csv(tmp, columns, rows) if fmt == "csv" else _write_parquet(tmp, columns, rows)
 
@@ -232,6 +248,7 @@ def _write_parquet(path: Path, columns: list[str], rows: Iterator[tuple[Any, ...
         pa.int64(),
         pa.int64(),
     ]
+    types += [_arrow_type(pa, name) for name in columns[len(types) :]]  # --measurements
     schema = pa.schema(list(zip(columns, types, strict=True)))
     count = 0
     with pq.ParquetWriter(path, schema) as writer:
@@ -241,3 +258,39 @@ def _write_parquet(path: Path, columns: list[str], rows: Iterator[tuple[Any, ...
             writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=schema))
             count += len(batch)
     return count
+
+
+def _arrow_type(pa: Any, name: str) -> Any:
+    """The Arrow type of a measurement column, from its type in the index."""
+    python_type = Segmentation.__table__.c[name].type.python_type
+    return {int: pa.int64(), float: pa.float64(), str: pa.string()}[python_type]
+
+
+# The DICOM artefacts of a segmentation (object_keys names) and their file suffixes.
+DICOM_ARTEFACTS = {"seg": ".seg.dcm", "sr": ".sr.dcm"}
+
+
+def export_dicom(
+    index: MaskIndex, store: ObjectStore, out: str | os.PathLike[str], filters: QueryFilters
+) -> tuple[int, int]:
+    """Copy the DICOM SEG and SR objects of the matching segmentations (those of DICOM
+    sources) to ``out/<model>/<image id>.seg.dcm`` and ``.sr.dcm``; returns
+    (segmentations, files). Image ids with ``/`` are flattened with ``__``."""
+    statement = index.select_segmentations(
+        filters, Segmentation.model_version, SourceImage.dataset_image_id, SourceImage.uri, Segmentation.object_keys
+    ).order_by(Segmentation.id)
+    segmentations = files = 0
+    for model, name, uri, keys in index.stream(statement):
+        wanted = {kind: keys[kind] for kind in DICOM_ARTEFACTS if kind in keys}
+        if not wanted:
+            continue  # not a DICOM source
+        stem = (name or uri.rsplit("/", 1)[-1]).replace("/", "__")
+        folder = Path(out) / model
+        folder.mkdir(parents=True, exist_ok=True)
+        for kind, key in wanted.items():
+            with _replace_when_done(folder / f"{stem}{DICOM_ARTEFACTS[kind]}") as tmp, tmp.open("wb") as f:
+                for chunk in store.stream(key):
+                    f.write(chunk)
+            files += 1
+        segmentations += 1
+    return segmentations, files

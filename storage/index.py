@@ -427,6 +427,7 @@ class MaskIndex:
         timings: Mapping[str, float] | None = None,
         qc_owner: str | None = None,
         qc_lease_s: float = 0.0,
+        measurements: Mapping[str, Any] | None = None,
     ) -> tuple[Segmentation, bool]:
         """Store a segmentation unless (sha256, model) has one; returns (row, created).
 
@@ -434,6 +435,7 @@ class MaskIndex:
         RLE strings at original and 1024 resolution. The model version is
         registered on first use. Its pending QC is held by ``qc_owner`` for
         ``qc_lease_s`` seconds, so a crash before QC leaves a lease that runs out.
+        ``measurements``: the measurement columns (``Measurements.columns()``).
         """
         original = _points(landmarks_original)
         values = {
@@ -456,6 +458,7 @@ class MaskIndex:
             "created_at": utcnow(),
             "qc_lease_owner": qc_owner,
             "qc_lease_expires_at": utcnow() + timedelta(seconds=qc_lease_s),
+            **dict(measurements or {}),
         }
         with self._session() as session:
             image = session.get(SourceImage, image_id)
@@ -552,6 +555,15 @@ class MaskIndex:
                 raise NotFound(f"no segmentation with id {segmentation_id}")
             session.commit()
             return segmentation
+
+    def add_object_keys(self, segmentation_id: int, keys: Mapping[str, str]) -> None:
+        """Record artefacts written after the row (the DICOM SR, made once QC is done)."""
+        with self._session() as session:
+            segmentation = session.get(Segmentation, segmentation_id)
+            if segmentation is None:
+                raise NotFound(f"no segmentation with id {segmentation_id}")
+            segmentation.object_keys = {**segmentation.object_keys, **keys}  # a new dict: JSON is not mutable-tracked
+            session.commit()
 
     # --- leases and sweeps ------------------------------------------------------------
 

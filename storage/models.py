@@ -189,6 +189,7 @@ class Segmentation(StorageModel, table=True):
             "dice_rca_max",
         ),
         sa.Index("ix_segmentation_qc_status", "qc_status"),
+        sa.Index("ix_segmentation_ctr", "ctr"),
     )
 
     id: int | None = Field(default=None, primary_key=True)
@@ -234,6 +235,21 @@ class Segmentation(StorageModel, table=True):
     rle_right_lung_1024: str = Field(sa_type=sa.Text, nullable=False)
     rle_left_lung_1024: str = Field(sa_type=sa.Text, nullable=False)
     rle_heart_1024: str = Field(sa_type=sa.Text, nullable=False)
+    # Measurements (worker/measure.py; migration 0006 added them, so on SQLite they sit
+    # after the RLE texts): NULL for rows made before it and for imported rows.
+    ctr: float | None = None
+    right_lung_area_px: int | None = None
+    left_lung_area_px: int | None = None
+    heart_area_px: int | None = None
+    heart_lung_area_ratio: float | None = None
+    right_lung_area_mm2: float | None = None
+    left_lung_area_mm2: float | None = None
+    heart_area_mm2: float | None = None
+    # The source's pixel spacing the mm^2 areas use, and its DICOM attribute; NULL when
+    # the image has none (PNG, JPEG, a DICOM without spacing).
+    pixel_spacing_row_mm: float | None = None
+    pixel_spacing_col_mm: float | None = None
+    pixel_spacing_source: str | None = Field(default=None, sa_type=sa.String(32))
 
     def rle(self, resolution: str = "original") -> dict[str, str]:
         """The three RLE strings by organ, at ``original`` or ``1024`` resolution."""

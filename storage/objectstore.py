@@ -262,7 +262,18 @@ class SegmentationKeys:
     picture: str  # the plain 1024 image under the overlay, for the web app's layers
 
     def as_dict(self) -> dict[str, str]:
+        """The keys every segmentation has (not the DICOM ones, which only DICOM inputs have)."""
         return asdict(self)
+
+    @property
+    def seg(self) -> str:
+        """The DICOM SEG of a DICOM input."""
+        return f"{self.record.rpartition('/')[0]}/seg.dcm"
+
+    @property
+    def sr(self) -> str:
+        """The DICOM SR (measurement report) of a DICOM input, written after QC."""
+        return f"{self.record.rpartition('/')[0]}/sr.dcm"
 
 
 def segmentation_keys(image_sha256: str, model_version: str) -> SegmentationKeys:

@@ -34,6 +34,8 @@ class QueryFilters:
     created_after: datetime | None = None
     created_before: datetime | None = None
     id_pattern: str | None = None
+    min_ctr: float | None = None
+    max_ctr: float | None = None
 
     @property
     def segmentation_level(self) -> bool:
@@ -69,7 +71,34 @@ class SegmentationSummary:
     dice_rca_max_h: float | None = None
     qc_flags: list[str] | None = None
     qc_reason: str | None = None
+    # measurements (worker/measure.py); None where not measured
+    ctr: float | None = None
+    right_lung_area_px: int | None = None
+    left_lung_area_px: int | None = None
+    heart_area_px: int | None = None
+    heart_lung_area_ratio: float | None = None
+    right_lung_area_mm2: float | None = None
+    left_lung_area_mm2: float | None = None
+    heart_area_mm2: float | None = None
+    pixel_spacing_row_mm: float | None = None
+    pixel_spacing_col_mm: float | None = None
+    pixel_spacing_source: str | None = None
 
+
+# The measurement columns, in the order queries and the export's --measurements add them.
+MEASUREMENT_COLUMNS = (
+    Segmentation.ctr,
+    Segmentation.right_lung_area_px,
+    Segmentation.left_lung_area_px,
+    Segmentation.heart_area_px,
+    Segmentation.heart_lung_area_ratio,
+    Segmentation.right_lung_area_mm2,
+    Segmentation.left_lung_area_mm2,
+    Segmentation.heart_area_mm2,
+    Segmentation.pixel_spacing_row_mm,
+    Segmentation.pixel_spacing_col_mm,
+    Segmentation.pixel_spacing_source,
+)
 
 SUMMARY_COLUMNS = (
     Segmentation.id,
@@ -94,6 +123,7 @@ SUMMARY_COLUMNS = (
     Segmentation.dice_rca_max_h,
     Segmentation.qc_flags,
     Segmentation.qc_reason,
+    *MEASUREMENT_COLUMNS,
 )
 
 SORT_KEYS: dict[str, Any] = {
@@ -141,6 +171,10 @@ def segmentation_conditions(filters: QueryFilters) -> list[Any]:
         conditions.append(Segmentation.dice_rca_max >= filters.min_dice_max)
     if filters.max_dice_max is not None:
         conditions.append(Segmentation.dice_rca_max <= filters.max_dice_max)
+    if filters.min_ctr is not None:
+        conditions.append(Segmentation.ctr >= filters.min_ctr)
+    if filters.max_ctr is not None:
+        conditions.append(Segmentation.ctr <= filters.max_ctr)
     if filters.created_after is not None:
         conditions.append(Segmentation.created_at >= as_utc(filters.created_after))
     if filters.created_before is not None:

@@ -514,7 +514,48 @@ def _dicom_provenance(ds: Dataset) -> dict[str, Any]:
     for key, keyword in optional.items():
         if value := _text(ds, keyword):
             provenance[key] = value
+    provenance.update(_pixel_spacings(ds))
     return provenance
+
+
+def _pixel_spacings(ds: Dataset) -> dict[str, Any]:
+    """Every pixel spacing the header gives (mm, [row, column]) and the one measurements use.
+
+    Pixel Spacing is preferred: in CR/DX it is the spacing in the patient (calibrated
+    for magnification when the modality did so, else equal to the detector's); Imager
+    Pixel Spacing is at the detector front, larger than the anatomy by the geometric
+    magnification (~1.1 for a PA chest); Nominal Scanned Pixel Spacing is a digitised
+    film's. A value that is not two positive numbers is ignored, as if absent.
+    """
+    spacings: dict[str, Any] = {}
+    used: tuple[str, list[float]] | None = None
+    for key, keyword in _SPACING_KEYWORDS:
+        value = _spacing(ds, keyword)
+        if value is not None:
+            spacings[key] = value
+            used = used or (keyword, value)
+    spacings["pixel_spacing_source"] = used[0] if used else "none"
+    if used:
+        spacings["pixel_spacing_mm"] = used[1]
+    return spacings
+
+
+# In order of preference (see _pixel_spacings).
+_SPACING_KEYWORDS = (
+    ("pixel_spacing", "PixelSpacing"),
+    ("imager_pixel_spacing", "ImagerPixelSpacing"),
+    ("nominal_scanned_pixel_spacing", "NominalScannedPixelSpacing"),
+)
+
+
+def _spacing(ds: Dataset, keyword: str) -> list[float] | None:
+    try:
+        value = [float(v) for v in ds.get(keyword) or ()]
+    except (TypeError, ValueError):  # a malformed DS string
+        return None
+    if len(value) != 2 or not all(0 < v < float("inf") for v in value):
+        return None
+    return value
 
 
 def _dicom_flags(ds: Dataset) -> list[str]:

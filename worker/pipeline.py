@@ -31,6 +31,7 @@ from chexmask import PIPELINE_VERSION
 from chexmask.anatomy import CSV_MASK_COLUMNS, FRAME, ORGAN_NAMES
 from chexmask.errors import RefusedInput
 from chexmask.worker.decode import DEFAULT_MAX_PIXELS, decode_image
+from chexmask.worker.measure import Measurements, measure, spacing_of
 from chexmask.worker.memory import keep_freed_memory
 from chexmask.worker.model import HybridGNet, segment_batch
 from chexmask.worker.postprocess import (
@@ -81,6 +82,9 @@ class Segmentation:
         self.masks_1024 = organ_masks(self.landmarks_1024, FRAME, FRAME)
         self.rle = {k: rle_encode(m) for k, m in self.masks_original.items()}
         self.rle_1024 = {k: rle_encode(m) for k, m in self.masks_1024.items()}
+        self.measurements: Measurements = measure(
+            self.landmarks_original, self.masks_original, spacing_of(self.prepared.source)
+        )
 
     @property
     def image_id(self) -> str:
@@ -101,6 +105,7 @@ class Segmentation:
             "rle": self.rle_by_name()[0],
             "preprocessing": p.padding.to_dict(),
             "source": p.source,
+            "measurements": self.measurements.columns(),
             "model": self.model.to_dict(),
             "pipeline_version": PIPELINE_VERSION,
             "seconds": {k: round(v, 4) for k, v in p.seconds.items()},

@@ -11,6 +11,7 @@ in its caller's thread while it holds one of the process's CPU slots.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -21,7 +22,9 @@ from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
+import pydicom
 
+from chexmask.anatomy import ORGAN_ROWS
 from chexmask.config import Settings, resolve_device
 from chexmask.errors import NotARegularFile, NotFound, RefusedInput, WeightsError
 from chexmask.faults import fault_point
@@ -35,12 +38,18 @@ from chexmask.storage.models import Segmentation as SegmentationRow
 from chexmask.storage.models import SourceImage
 from chexmask.storage.objectstore import open_store, segmentation_keys
 from chexmask.worker import bank as qc_bank
+from chexmask.worker import dicom_outputs
 from chexmask.worker.bank import ReferenceBank
 from chexmask.worker.leases import Heartbeat, process_owner
+from chexmask.worker.measure import Measurements
 from chexmask.worker.pipeline import Prepared, Segmentation, Segmenter, prepare
 from chexmask.worker.postprocess import grey_jpeg
 from chexmask.worker.qc import assess
 from chexmask.worker.weights import ModelInfo
+
+DICOM_MEDIA_TYPE = "application/dicom"
+# What highdicom and pydicom raise for source attributes they cannot use.
+DICOM_BUILD_ERRORS = (ValueError, TypeError, AttributeError, KeyError)
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +174,7 @@ class Service:
             prepared.seconds["fetch"] = fetched
             segmentation = self.segmenter.segment([prepared])[0]
             started = time.perf_counter()
-            artefacts = self._artefacts(segmentation)
+            artefacts = self._artefacts(segmentation, data)
             prepared.seconds["encode"] = time.perf_counter() - started
         row = self._write(image_id, segmentation, artefacts, timings or {})
         fault_point("after_index_insert")
@@ -206,8 +215,9 @@ class Service:
         self.index.mark(image_id, ImageStatus.DONE)
         return Result(image_id, ImageStatus.DONE, row.id, row.qc_status is QCStatus.PENDING, reused=True)
 
-    def _artefacts(self, segmentation: Segmentation) -> dict[str, tuple[bytes, str]]:
-        """The stored objects by key attribute: record, masks (RLE), mask PNGs, overlay and picture."""
+    def _artefacts(self, segmentation: Segmentation, data: bytes) -> dict[str, tuple[bytes, str]]:
+        """The stored objects by key attribute: record, masks (RLE), mask PNGs, overlay,
+        picture and, for a DICOM input, the DICOM SEG (its SR follows QC, see ``_write_sr``)."""
         padding = segmentation.prepared.padding
         rle, rle_1024 = segmentation.rle_by_name()
         masks = {"height": padding.height, "width": padding.width, "rle": rle, "rle_1024": rle_1024}
@@ -215,10 +225,23 @@ class Service:
             "record": (json.dumps(segmentation.record()).encode(), "application/json"),
             "masks": (json.dumps(masks).encode(), "application/json"),
         }
-        for filename, data in segmentation.pictures().items():
+        for filename, picture in segmentation.pictures().items():
             name, suffix = filename.rsplit(".", 1)
-            artefacts[name] = (data, "image/png" if suffix == "png" else "image/jpeg")
+            artefacts[name] = (picture, "image/png" if suffix == "png" else "image/jpeg")
         artefacts["picture"] = (grey_jpeg(segmentation.prepared.image), "image/jpeg")
+        if segmentation.prepared.source.get("format") == "dicom":
+            try:
+                source = dicom_outputs.source_header(data)
+                seg = dicom_outputs.build_seg(
+                    source, segmentation.masks_original, segmentation.model, segmentation.prepared.sha256
+                )
+            except dicom_outputs.NotReferenceable as exc:
+                log.info("no DICOM SEG: %s", exc)
+            except DICOM_BUILD_ERRORS as exc:
+                # A header highdicom cannot work with costs the image its SEG, not its masks.
+                log.warning("no DICOM SEG: %s: %s", type(exc).__name__, exc)
+            else:
+                artefacts["seg"] = (dicom_outputs.encode(seg), DICOM_MEDIA_TYPE)
         return artefacts
 
     def _write(
@@ -250,12 +273,13 @@ class Service:
             rle=rle,
             rle_1024=rle_1024,
             latent=segmentation.latent.tolist(),
-            object_keys=keys.as_dict(),
+            object_keys={**keys.as_dict(), **{name: getattr(keys, name) for name in artefacts}},
             timings=seconds,
             # QC run here is held by this process; QC sent to a queue, for as long as
             # the broker takes to redeliver it.
             qc_owner=process_owner() if self.qc_handoff_s is None else None,
             qc_lease_s=self.settings.lease_s if self.qc_handoff_s is None else self.qc_handoff_s,
+            measurements=segmentation.measurements.columns(),
         )
         return row
 
@@ -293,20 +317,64 @@ class Service:
             return status
 
     def _qc(self, segmentation_id: int, row: SegmentationRow, image1024: np.ndarray | None) -> QCStatus:
+        data = None
         if image1024 is None:
-            image = self.index.get_image(row.image_id)
-            if image is None:
-                raise NotFound(f"no image with id {row.image_id}")
-            image1024 = prepare(sources.read(image.uri), image.uri.rsplit("/", 1)[-1], self.settings.max_pixels).image
+            uri = self._image_of(row).uri
+            data = sources.read(uri)
+            image1024 = prepare(data, uri.rsplit("/", 1)[-1], self.settings.max_pixels).image
         latent = None if row.latent is None else np.asarray(row.latent, dtype=np.float32)
         with self._cpu:  # QC takes a core slot like a segmentation, so the two share the cores
             result = assess(image1024, np.asarray(row.landmarks_1024, dtype=np.float64), latent, self.bank)
         status = QCStatus.DONE if result.status == "done" else QCStatus.SKIPPED
         reason = result.reason if self.bank is not None else self.qc_state
-        self.index.set_qc(
+        scored = self.index.set_qc(
             segmentation_id, status=status, reason=reason, **{name: getattr(result, name) for name in QC_FIELDS}
         )
+        if "seg" in row.object_keys:
+            self._write_sr(scored, data)
         return status
+
+    def _image_of(self, row: SegmentationRow) -> SourceImage:
+        image = self.index.get_image(row.image_id)
+        if image is None:
+            raise NotFound(f"no image with id {row.image_id}")
+        return image
+
+    def _write_sr(self, row: SegmentationRow, data: bytes | None) -> None:
+        """The DICOM SR of a DICOM input, written after QC so that it carries the Dice RCA
+        (QC may run in another process, long after the SEG). Made from the source's
+        header and the stored SEG; a source gone since segmentation leaves no SR."""
+        try:
+            source = dicom_outputs.source_header(data if data is not None else sources.read(self._image_of(row).uri))
+        except FileNotFoundError as exc:
+            log.warning("segmentation %s: no DICOM SR, the source is gone: %s", row.id, exc)
+            return
+        seg = pydicom.dcmread(io.BytesIO(self.store.get(row.object_keys["seg"])), stop_before_pixels=True)
+        algorithm = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
+        model = ModelInfo(str(algorithm.AlgorithmName), row.model_version, row.weights_sha256, "")
+        try:
+            sr = dicom_outputs.build_sr(source, seg, _measurements(row), _quality(row), model, row.image_sha256)
+        except DICOM_BUILD_ERRORS as exc:
+            log.warning("segmentation %s: no DICOM SR: %s: %s", row.id, type(exc).__name__, exc)
+            return
+        key = segmentation_keys(row.image_sha256, row.model_version).sr
+        self.store.put(key, dicom_outputs.encode(sr), DICOM_MEDIA_TYPE)
+        self.index.add_object_keys(row.id, {"sr": key})  # type: ignore[arg-type]
+
+
+def _measurements(row: SegmentationRow) -> Measurements:
+    return Measurements(**{name: getattr(row, name) for name in Measurements.__dataclass_fields__})
+
+
+def _quality(row: SegmentationRow) -> dicom_outputs.QualityScores:
+    """The Dice RCA of a row, by organ code (RL, LL, H) as the SR wants them."""
+    return dicom_outputs.QualityScores(
+        status=row.qc_status.value,
+        mean=row.dice_rca_mean,
+        max=row.dice_rca_max,
+        mean_by_organ={organ: getattr(row, f"dice_rca_mean_{organ.lower()}") for organ in ORGAN_ROWS},
+        max_by_organ={organ: getattr(row, f"dice_rca_max_{organ.lower()}") for organ in ORGAN_ROWS},
+    )
 
 
 def _label(image_id: int, image: SourceImage | None) -> str:

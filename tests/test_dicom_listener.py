@@ -276,3 +276,22 @@ def test_serve_segments_what_it_receives(tmp_path, samples_dir, random_weights):
             server.dicom.stop()
         server.stop()
         server.close()
+
+
+@pytest.mark.slow
+def test_serve_command_with_dicom_port_until_sigterm(tmp_path, samples_dir, random_weights):
+    """``chexmask serve --dicom-port`` as a user starts it: storescu-like pushes are
+    segmented, and SIGTERM stops the listener with the rest (exit 0)."""
+    home = tmp_path / "home"
+    args = ["serve", "--inbox", str(tmp_path / "inbox"), "--dicom-port", "0", "--ae-title", "CXR_SCP"]
+    server = Process.cli(args, embedded_env(home, random_weights), tmp_path / "serve.log")
+    try:
+        server.wait_output("watching")
+        match = re.search(r"receiving DICOM on port (\d+) as CXR_SCP", server.output())
+        assert match, server.output()
+        ds = read_sample(samples_dir / "sitk_cxr_JPEGLS.dcm")
+        assert send(int(match[1]), ds) == [SUCCESS]
+        server.wait_output("[1] segmented")
+    finally:
+        assert server.stop() == 0, server.output()
+    assert server.output().splitlines()[-1].startswith("1 segmented in")

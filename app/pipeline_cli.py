@@ -63,10 +63,18 @@ def _wait_for_stop() -> None:
         pass
 
 
+def _ae_title(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is not None and not 0 < len(value.strip()) <= 16:
+        raise click.BadParameter("a DICOM AE title has 1 to 16 characters")
+    return value
+
+
 def _dicom_options(command):
-    command = click.option("--ae-title", help="Our DICOM AE title (default: CHEXMASK_DICOM_AE_TITLE, else CHEXMASK).")(
-        command
-    )
+    command = click.option(
+        "--ae-title",
+        callback=_ae_title,
+        help="Our DICOM AE title, 1-16 characters (default: CHEXMASK_DICOM_AE_TITLE, else CHEXMASK).",
+    )(command)
     return click.option(
         "--dicom-port",
         type=click.IntRange(0, 65535),

@@ -21,6 +21,7 @@ from test_e2e_celery import Process, wait_for
 from test_e2e_embedded import embedded_env
 
 from chexmask.config import Settings
+from chexmask.errors import ConfigError
 from chexmask.ingest.dicom_listener import OUT_OF_RESOURCES, SUCCESS, DicomListener, received_key
 from chexmask.ingest.queue import Intake
 from chexmask.ingest.registry import Registry
@@ -219,6 +220,12 @@ def test_other_sop_classes_are_refused_at_negotiation(scp, pydicom_file, index):
         if assoc.is_established:
             assoc.release()
     assert index.images() == []
+
+
+def test_ae_title_setting_is_checked():
+    assert Settings(dicom_ae_title="CXR_SCP", dicom_port=104).dicom_ae_title == "CXR_SCP"
+    with pytest.raises(ConfigError, match="CHEXMASK_DICOM_AE_TITLE"):
+        Settings(dicom_ae_title="A_TITLE_LONGER_THAN_16")
 
 
 def test_listen_command_receives_into_the_store_and_queues(tmp_path, samples_dir):

@@ -175,11 +175,11 @@ def serve_command(
         if once:
             server.run_once()
         else:
-            server.watcher.start()
-            server.start_sweeping()
-            if server.dicom is not None:
+            if server.dicom is not None:  # first: a taken port stops the start with one line
                 server.dicom.start()
                 click.echo(f"receiving DICOM on port {server.dicom.port} as {server.dicom.ae.ae_title}")
+            server.watcher.start()
+            server.start_sweeping()
             click.echo(f"watching {server.watcher.root} (Ctrl-C to stop)")
             _wait_for_stop()
             if server.dicom is not None:

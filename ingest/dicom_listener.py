@@ -33,6 +33,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # generated at
 from pynetdicom.transport import ThreadedAssociationServer
 
 from chexmask.datasets import GENERIC, canonical
+from chexmask.errors import ConfigError
 from chexmask.ingest.queue import Intake
 from chexmask.messages import Arrival
 from chexmask.storage.objectstore import ObjectStore
@@ -94,7 +95,11 @@ class DicomListener:
         return int(self._server.server_address[1])
 
     def start(self) -> DicomListener:
-        self._server = self.ae.start_server(self.address, block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+        handlers = [(evt.EVT_C_STORE, self._on_store)]
+        try:
+            self._server = self.ae.start_server(self.address, block=False, evt_handlers=handlers)
+        except OSError as exc:  # the port is taken, or needs privileges
+            raise ConfigError(f"cannot listen for DICOM on {self.address[0]}:{self.address[1]}: {exc}") from exc
         return self
 
     def stop(self) -> None:

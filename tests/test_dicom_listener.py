@@ -222,6 +222,13 @@ def test_other_sop_classes_are_refused_at_negotiation(scp, pydicom_file, index):
     assert index.images() == []
 
 
+def test_a_taken_port_is_one_clear_error(scp, index, store, queue):
+    second = DicomListener(Intake(Registry(index), queue), store, port=scp.port, host="127.0.0.1", ae_title="X")
+    with pytest.raises(ConfigError, match=f"cannot listen for DICOM on 127.0.0.1:{scp.port}"):
+        second.start()
+    second.stop()
+
+
 def test_ae_title_setting_is_checked():
     assert Settings(dicom_ae_title="CXR_SCP", dicom_port=104).dicom_ae_title == "CXR_SCP"
     with pytest.raises(ConfigError, match="CHEXMASK_DICOM_AE_TITLE"):

@@ -23,6 +23,7 @@ import logging
 from typing import Any
 
 from pynetdicom import AE, evt
+from pynetdicom.events import EventHandlerType
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # generated at import
     ComputedRadiographyImageStorage,
     DigitalXRayImageStorageForPresentation,
@@ -95,7 +96,7 @@ class DicomListener:
         return int(self._server.server_address[1])
 
     def start(self) -> DicomListener:
-        handlers = [(evt.EVT_C_STORE, self._on_store)]
+        handlers: list[EventHandlerType] = [(evt.EVT_C_STORE, self._on_store)]
         try:
             self._server = self.ae.start_server(self.address, block=False, evt_handlers=handlers)
         except OSError as exc:  # the port is taken, or needs privileges

@@ -16,7 +16,12 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.association import Association
-from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    CTImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
+    Verification,
+)
 from test_e2e_celery import Process, wait_for
 from test_e2e_embedded import embedded_env
 
@@ -172,6 +177,19 @@ def test_pydicom_data_radiographs(name, pydicom_file, scp, store, index, queue):
     assert image.dataset_image_id == ds.SOPInstanceUID and len(queue.arrivals) == 1
 
 
+@pytest.mark.parametrize("sop_class", [DigitalXRayImageStorageForPresentation, DigitalXRayImageStorageForProcessing])
+def test_digital_x_ray_classes_are_accepted(sop_class, samples_dir, scp, store, queue):
+    """The SimpleITK CR re-labelled as a DX modality would label it."""
+    ds = read_sample(samples_dir / "sitk_cxr_ExplicitLE.dcm")
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.Modality = "DX"
+    assert send(scp.port, ds) == [SUCCESS]
+    [key] = stored_keys(store)
+    stored = pydicom.dcmread(store.url(key).removeprefix("file://"))
+    assert stored.SOPClassUID == stored.file_meta.MediaStorageSOPClassUID == sop_class
+    assert len(queue.arrivals) == 1
+
+
 def test_an_instance_sent_twice_is_one_image(samples_dir, scp, store, index, queue):
     ds = read_sample(samples_dir / "sitk_cxr_JPEGLS.dcm")
     assert send(scp.port, ds, ds) == [SUCCESS, SUCCESS]  # twice in one association
@@ -213,12 +231,9 @@ def test_other_sop_classes_are_refused_at_negotiation(scp, pydicom_file, index):
     ae = AE(ae_title="MODALITY")
     ae.add_requested_context(CTImageStorage, ct.file_meta.TransferSyntaxUID)
     assoc = ae.associate("127.0.0.1", scp.port, ae_title="CHEXMASK")
-    try:
-        # pynetdicom rejects an association in which no context was accepted.
-        assert not assoc.is_established or assoc.accepted_contexts == []
-    finally:
-        if assoc.is_established:
-            assoc.release()
+    # The SCP rejects the CT context; with nothing accepted the SCU gives up.
+    assert [context.abstract_syntax for context in assoc.rejected_contexts] == [CTImageStorage]
+    assert not assoc.is_established and assoc.accepted_contexts == []
     assert index.images() == []
 
 

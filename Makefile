@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 INBOX ?= inbox
 
-.PHONY: setup run test lint test-all bench bench-gpu bench-qc bench-storage bench-serve bench-web bench-import clean
+.PHONY: setup run test lint test-all bench bench-gpu bench-qc bench-storage bench-serve bench-web bench-import bench-dicom clean
 
 setup:
 	@bash scripts/setup.sh
@@ -54,6 +54,10 @@ bench-serve: setup
 ## QC CPU per image against segmentation's in serve (target <= 1), and the QC validation numbers.
 bench-qc: setup
 	nice -n 10 $(PY) -m benchmarks.bench_qc
+
+## DICOM C-STORE SCP instances/s against the disk's write speed; acknowledgement to segmentation (and SEG).
+bench-dicom: setup
+	nice -n 5 $(PY) -m benchmarks.bench_dicom
 
 clean:
 	rm -rf $(VENV) .chexmask .pytest_cache chexmask-out

@@ -63,6 +63,25 @@ def _wait_for_stop() -> None:
         pass
 
 
+def _ae_title(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is not None and not 0 < len(value.strip()) <= 16:
+        raise click.BadParameter("a DICOM AE title has 1 to 16 characters")
+    return value
+
+
+def _dicom_options(command):
+    command = click.option(
+        "--ae-title",
+        callback=_ae_title,
+        help="Our DICOM AE title, 1-16 characters (default: CHEXMASK_DICOM_AE_TITLE, else CHEXMASK).",
+    )(command)
+    return click.option(
+        "--dicom-port",
+        type=click.IntRange(0, 65535),
+        help="Receive DICOM C-STORE (and C-ECHO) on this port (default: CHEXMASK_DICOM_PORT).",
+    )(command)
+
+
 def _keep_our_logging(fmt: str) -> None:
     """Celery configures logging itself unless someone answers its ``setup_logging``
     signal: answer it with ours (CHEXMASK_LOG_FORMAT, the image context on every line)
@@ -99,6 +118,7 @@ def _intake(settings: Settings):
 @_dataset_options
 @_watch_options
 @click.option("--threads", type=int, help="Images in flight (default: twice CHEXMASK_BATCH_SIZE).")
+@_dicom_options
 def serve_command(
     inbox: Path,
     once: bool,
@@ -108,6 +128,8 @@ def serve_command(
     settle: float,
     reconcile_every: float,
     threads: int | None,
+    dicom_port: int | None,
+    ae_title: str | None,
 ) -> int:
     """Segment every chest X-ray that lands in INBOX, all in this process.
 
@@ -119,6 +141,9 @@ def serve_command(
     from chexmask.app.serve import Done, Server
 
     settings = Settings.from_env()
+    dicom_port = dicom_port if dicom_port is not None else settings.dicom_port
+    if once and dicom_port is not None:
+        raise click.UsageError("--once processes the inbox and exits; it cannot listen on --dicom-port")
     lock = threading.Lock()
     server: Server
 
@@ -137,6 +162,8 @@ def serve_command(
         settle=settle,
         reconcile_every=reconcile_every,
         on_done=report,
+        dicom_port=dicom_port,
+        dicom_ae_title=ae_title,
     )
     finished = True
     try:
@@ -148,10 +175,15 @@ def serve_command(
         if once:
             server.run_once()
         else:
+            if server.dicom is not None:  # first: a taken port stops the start with one line
+                server.dicom.start()
+                click.echo(f"receiving DICOM on port {server.dicom.port} as {server.dicom.ae.ae_title}")
             server.watcher.start()
             server.start_sweeping()
             click.echo(f"watching {server.watcher.root} (Ctrl-C to stop)")
             _wait_for_stop()
+            if server.dicom is not None:
+                server.dicom.stop()
             server.watcher.stop()
             finished = server.stop()
     finally:
@@ -205,6 +237,7 @@ def watch_command(
 @click.option("--webhook-port", type=int, help="Serve POST /events for MinIO's webhook target on this port.")
 @click.option("--webhook-host", default="0.0.0.0", show_default=True)
 @click.option("--webhook-token", help="Token MinIO sends (its webhook auth_token; default: CHEXMASK_WEBHOOK_TOKEN).")
+@_dicom_options
 @_dataset_options
 def listen_command(
     sqs_queue_url: str | None,
@@ -213,21 +246,30 @@ def listen_command(
     webhook_port: int | None,
     webhook_host: str,
     webhook_token: str | None,
+    dicom_port: int | None,
+    ae_title: str | None,
     dataset: str | None,
     release: str | None,
 ) -> None:
-    """Queue objects announced by bucket notifications (S3 via SQS, or MinIO).
+    """Queue objects announced by bucket notifications (S3 via SQS, or MinIO), or
+    DICOM instances pushed by a PACS or modality (C-STORE).
 
-    Give exactly one of --sqs-queue-url, --redis-list, --webhook-port. Only
-    ObjectCreated events are used; repeats of a notification and objects the
-    index already has unchanged are dropped. A notification is acknowledged
-    only once its objects are queued.
+    Give exactly one of --sqs-queue-url, --redis-list, --webhook-port,
+    --dicom-port. Only ObjectCreated events are used; repeats of a notification
+    and objects the index already has unchanged are dropped. A notification is
+    acknowledged only once its objects are queued; a DICOM instance once it is in
+    the store (CHEXMASK_STORE_URL) and queued.
     """
     from chexmask.ingest import s3events
 
-    if sum(x is not None for x in (sqs_queue_url, redis_list, webhook_port)) != 1:
-        raise click.UsageError("give exactly one of --sqs-queue-url, --redis-list, --webhook-port")
     settings = Settings.from_env()
+    if dicom_port is None and not (sqs_queue_url or redis_list or webhook_port is not None):
+        dicom_port = settings.dicom_port
+    if sum(x is not None for x in (sqs_queue_url, redis_list, webhook_port, dicom_port)) != 1:
+        raise click.UsageError("give exactly one of --sqs-queue-url, --redis-list, --webhook-port, --dicom-port")
+    if dicom_port is not None:
+        _listen_dicom(settings, dicom_port, ae_title or settings.dicom_ae_title, dataset, release)
+        return
     listener = s3events.Listener(_intake(settings), dataset=dataset, release=release)
     if webhook_port is not None:
         import uvicorn
@@ -253,6 +295,17 @@ def listen_command(
     _wait_for_stop()
     stop.set()
     thread.join()
+
+
+def _listen_dicom(settings: Settings, port: int, ae_title: str, dataset: str | None, release: str | None) -> None:
+    from chexmask.ingest.dicom_listener import DicomListener
+    from chexmask.storage.objectstore import open_store
+
+    store = open_store(settings.store_url, settings.s3_endpoint_url)
+    listener = DicomListener(_intake(settings), store, port=port, ae_title=ae_title, dataset=dataset, release=release)
+    with listener:
+        click.echo(f"receiving DICOM on port {listener.port} as {ae_title}; store {mask_url(settings.store_url)}")
+        _wait_for_stop()
 
 
 @click.command("scan")

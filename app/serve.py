@@ -31,6 +31,7 @@ from urllib.parse import unquote
 import numpy as np
 
 from chexmask.config import Settings
+from chexmask.ingest.dicom_listener import DicomListener
 from chexmask.ingest.queue import Intake
 from chexmask.ingest.registry import Registry
 from chexmask.ingest.watcher import DEFAULT_RECONCILE_S, DEFAULT_SETTLE_S, FolderWatcher
@@ -97,6 +98,8 @@ class Server:
         settle: float = DEFAULT_SETTLE_S,
         reconcile_every: float = DEFAULT_RECONCILE_S,
         on_done: Callable[[Done], None] = lambda done: None,
+        dicom_port: int | None = None,
+        dicom_ae_title: str | None = None,
     ):
         self.service = Service(settings)
         self.dataset, self.release = dataset, release
@@ -116,6 +119,19 @@ class Server:
         self.registry = Registry(self.service.index)
         self.intake = Intake(self.registry, self)
         self.watcher = FolderWatcher(inbox, self.offer, polling=polling, settle=settle, reconcile_every=reconcile_every)
+        # DICOM pushed by a PACS or modality: stored, then offered to the same intake.
+        self.dicom = (
+            DicomListener(
+                self.intake,
+                self.service.store,
+                port=dicom_port,
+                ae_title=dicom_ae_title or settings.dicom_ae_title,
+                dataset=dataset,
+                release=release,
+            )
+            if dicom_port is not None
+            else None
+        )
 
     def start(self) -> ModelInfo:
         """Migrate the index, load the model, and take up unfinished images."""

@@ -90,6 +90,13 @@ def test_the_pieces_agree(services):
         mounts = {v.split(":")[1] for v in services[worker]["volumes"]}
         assert watched in mounts, worker
 
+    # The DICOM listener publishes the port it listens on; what it receives goes to the
+    # shared S3 store, which every worker reads (checked for all services below).
+    dicom = [str(a) for a in services["dicom-listener"]["command"]]
+    port = dicom[dicom.index("--dicom-port") + 1]
+    assert f"{port}:{port}" in services["dicom-listener"]["ports"] and port == "11112"
+    assert services["dicom-listener"]["environment"]["CHEXMASK_STORE_URL"].startswith("s3://")
+
     gpu = services["worker-gpu"]
     devices = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]

@@ -29,7 +29,13 @@ import pydicom
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
-from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    UID,
+    AllTransferSyntaxes,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 
 from chexmask.errors import RefusedInput
 
@@ -595,6 +601,20 @@ def _refuse_unusable_dataset(ds: Dataset, data: bytes) -> None:
         raise RefusedInput(
             "unsupported_transfer_syntax", f"No installed plugin decodes transfer syntax {uid} ({uid.name})."
         )
+
+
+def decodable_transfer_syntaxes() -> list[UID]:
+    """The transfer syntaxes whose pixel data this decoder reads with the plugins
+    installed here (what a DICOM listener may accept: anything else would be refused
+    as ``unsupported_transfer_syntax`` after the sender was told it was stored)."""
+    readable = []
+    for uid in AllTransferSyntaxes:
+        try:
+            if get_decoder(uid).is_available:
+                readable.append(uid)
+        except NotImplementedError:  # no decoder for it at all
+            continue
+    return readable
 
 
 def _pixel_array(ds: Dataset) -> np.ndarray:

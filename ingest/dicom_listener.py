@@ -1,0 +1,140 @@
+"""Radiographs pushed over the network by a PACS or a modality: a DICOM C-STORE SCP.
+
+The listener accepts the radiograph storage SOP classes (CR, DX for
+presentation and for processing, Secondary Capture) in every transfer syntax
+the decoder reads here (``decodable_transfer_syntaxes``), and answers C-ECHO.
+Other SOP classes and syntaxes are refused when the association is negotiated,
+so a sender never hears "stored" for something we would refuse to decode.
+
+Each received instance is written as a DICOM Part-10 file (the file meta built
+from the association, then the dataset exactly as it was sent) to the object
+store under the sha256 of those bytes, and only then acknowledged. A write that
+fails answers 0xA700 (out of resources): the sender keeps the instance and sends
+it again, so nothing is lost. The stored object then goes through ``Intake``
+like a file the watcher found or an object an S3 event announced: an instance
+sent twice is the same object under the same key, which the index already has,
+so it is queued once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import Any
+
+from pynetdicom import AE, evt
+from pynetdicom.events import EventHandlerType
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # generated at import
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
+    SecondaryCaptureImageStorage,
+    Verification,
+)
+from pynetdicom.transport import ThreadedAssociationServer
+
+from chexmask.datasets import GENERIC, canonical
+from chexmask.errors import ConfigError
+from chexmask.ingest.queue import Intake
+from chexmask.messages import Arrival
+from chexmask.storage.objectstore import ObjectStore
+from chexmask.worker.decode import decodable_transfer_syntaxes
+
+log = logging.getLogger(__name__)
+
+STORAGE_SOP_CLASSES = (
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
+    SecondaryCaptureImageStorage,
+)
+# C-STORE statuses (PS3.4 Table B.2-1).
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+# The largest PDU we tell senders we take: fewer, larger reads of 5-10 MB images
+# than pynetdicom's default 16 KiB.
+MAX_PDU_BYTES = 4 << 20
+
+
+def received_key(sha256: str) -> str:
+    """Where a received instance lives in the store: named by its content, fanned out
+    by the first two hex digits like the segmentations."""
+    return f"received/dicom/{sha256[:2]}/{sha256}.dcm"
+
+
+class DicomListener:
+    """A C-STORE SCP that stores every instance, then hands it to ``intake``."""
+
+    def __init__(
+        self,
+        intake: Intake,
+        store: ObjectStore,
+        *,
+        port: int,
+        ae_title: str,
+        host: str = "0.0.0.0",
+        dataset: str | None = None,
+        release: str | None = None,
+    ):
+        self.intake = intake
+        self.store = store
+        self.address = (host, port)
+        self.dataset = canonical(dataset) if dataset else GENERIC
+        self.release = release
+        self.ae = AE(ae_title=ae_title)
+        self.ae.maximum_pdu_size = MAX_PDU_BYTES
+        syntaxes = decodable_transfer_syntaxes()
+        for sop_class in STORAGE_SOP_CLASSES:
+            self.ae.add_supported_context(sop_class, syntaxes)
+        self.ae.add_supported_context(Verification)  # C-ECHO: pynetdicom answers success itself
+        self._server: ThreadedAssociationServer | None = None
+
+    @property
+    def port(self) -> int:
+        """The port listened on (the one the system chose when asked for port 0)."""
+        assert self._server is not None, "not started"
+        return int(self._server.server_address[1])
+
+    def start(self) -> DicomListener:
+        handlers: list[EventHandlerType] = [(evt.EVT_C_STORE, self._on_store)]
+        try:
+            self._server = self.ae.start_server(self.address, block=False, evt_handlers=handlers)
+        except OSError as exc:  # the port is taken, or needs privileges
+            raise ConfigError(f"cannot listen for DICOM on {self.address[0]}:{self.address[1]}: {exc}") from exc
+        return self
+
+    def stop(self) -> None:
+        """Stop listening; associations in progress are aborted (their senders retry
+        what they did not hear acknowledged)."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+        self.ae.shutdown()
+
+    def __enter__(self) -> DicomListener:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _on_store(self, event: Any) -> int:
+        # The bytes as received, with the file meta of the association: nothing decoded.
+        data = bytes(event.encoded_dataset())
+        sop_instance_uid = str(event.request.AffectedSOPInstanceUID)
+        sha256 = hashlib.sha256(data).hexdigest()
+        key = received_key(sha256)
+        try:
+            if not self.store.exists(key):
+                self.store.put(key, data, "application/dicom")
+        except Exception:
+            log.exception("could not store DICOM instance %s; answering out of resources", sop_instance_uid)
+            return OUT_OF_RESOURCES
+        arrival = Arrival(self.store.url(key), self.dataset, sop_instance_uid, self.release, sha256, len(data))
+        try:
+            self.intake.offer([arrival])
+        except Exception:
+            # Stored but not queued: the sender retries, and the same key is offered again.
+            log.exception("could not queue DICOM instance %s; answering out of resources", sop_instance_uid)
+            return OUT_OF_RESOURCES
+        log.info("received %s from %s as %s", sop_instance_uid, event.assoc.requestor.ae_title, key)
+        return SUCCESS

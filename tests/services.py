@@ -22,6 +22,7 @@ import socket
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 from urllib.parse import urlparse
 
 import pytest
@@ -249,6 +250,7 @@ def add_sample(
     height: int = 512,
     width: int = 512,
     object_keys: dict[str, str] | None = None,
+    measurements: dict[str, Any] | None = None,
 ):
     """Register an image called ``name`` and give it a segmentation (and QC when
     Dice values are given). Returns ``(image, segmentation)``."""
@@ -280,6 +282,7 @@ def add_sample(
         rle=rle or masks,
         rle_1024=rle_1024 or masks,
         object_keys=object_keys,
+        measurements=measurements,
     )
     if dice_mean is not None or dice_max is not None:
         segmentation = index.set_qc(segmentation.id, dice_rca_mean=dice_mean, dice_rca_max=dice_max)

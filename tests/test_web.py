@@ -371,3 +371,30 @@ def test_datasets_listed_once_each_in_order(seeded):
 
     index, _, _ = seeded
     assert browse.datasets(index) == ["chestx-ray8", "padchest"]
+
+
+@local_store_only
+def test_image_page_shows_the_measurements(index, store, sample):
+    measured = {
+        "ctr": 0.512,
+        "right_lung_area_px": 90000,
+        "left_lung_area_px": 80000,
+        "heart_area_px": 40000,
+        "heart_lung_area_ratio": 40000 / 170000,
+        "right_lung_area_mm2": 90000 * 0.02,
+        "left_lung_area_mm2": 80000 * 0.02,
+        "heart_area_mm2": 40000 * 0.02,
+        "pixel_spacing_row_mm": 0.1,
+        "pixel_spacing_col_mm": 0.2,
+        "pixel_spacing_source": "ImagerPixelSpacing",
+    }
+    _, with_spacing = sample("a.dcm", measurements=measured)
+    no_spacing = {k: v for k, v in measured.items() if not k.endswith("_mm2") and "spacing" not in k}
+    _, pixels_only = sample("b.png", measurements=no_spacing)
+    _, unmeasured = sample("c.png")
+    with client_for(index, store) as client:
+        html = client.get(f"/image/{with_spacing.id}").text
+        assert "0.512" in html and "0.235" in html and "1,800 mm²" in html and "ImagerPixelSpacing" in html
+        html = client.get(f"/image/{pixels_only.id}").text
+        assert "0.512" in html and "90,000 px" in html and "No pixel spacing known" in html
+        assert "Measurements" not in client.get(f"/image/{unmeasured.id}").text

@@ -8,7 +8,11 @@ so a sender never hears "stored" for something we would refuse to decode.
 
 Each received instance is written as a DICOM Part-10 file (the file meta built
 from the association, then the dataset exactly as it was sent) to the object
-store under the sha256 of those bytes, and only then acknowledged. A write that
+store under the sha256 of those bytes, and only then acknowledged. pynetdicom
+writes that file to a temporary folder while the fragments arrive
+(``STORE_RECV_CHUNKED_DATASET``: nothing assembled in memory or decoded), and the
+store takes it by a hard link where the temporary folder (``TMPDIR``) is on the
+store's filesystem, so the bytes reach the disk once. A write that
 fails answers 0xA700 (out of resources): the sender keeps the instance and sends
 it again, so nothing is lost. The stored object then goes through ``Intake``
 like a file the watcher found or an object an S3 event announced: an instance
@@ -20,9 +24,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from pathlib import Path
 from typing import Any
 
-from pynetdicom import AE, evt
+from pynetdicom import AE, _config, evt
 from pynetdicom.events import EventHandlerType
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # generated at import
     ComputedRadiographyImageStorage,
@@ -54,6 +59,9 @@ OUT_OF_RESOURCES = 0xA700
 # The largest PDU we tell senders we take: fewer, larger reads of 5-10 MB images
 # than pynetdicom's default 16 KiB.
 MAX_PDU_BYTES = 4 << 20
+# Received datasets go straight to a temporary Part-10 file (``event.dataset_path``).
+# A process-wide pynetdicom setting: this SCP is the only one receiving C-STOREs here.
+_config.STORE_RECV_CHUNKED_DATASET = True
 
 
 def received_key(sha256: str) -> str:
@@ -119,17 +127,19 @@ class DicomListener:
 
     def _on_store(self, event: Any) -> int:
         # The bytes as received, with the file meta of the association: nothing decoded.
-        data = bytes(event.encoded_dataset())
+        received = Path(event.dataset_path)
         sop_instance_uid = str(event.request.AffectedSOPInstanceUID)
-        sha256 = hashlib.sha256(data).hexdigest()
+        with received.open("rb") as f:
+            sha256 = hashlib.file_digest(f, "sha256").hexdigest()
+        size = received.stat().st_size
         key = received_key(sha256)
         try:
             if not self.store.exists(key):
-                self.store.put(key, data, "application/dicom")
+                self.store.put_file(key, received, "application/dicom")
         except Exception:
             log.exception("could not store DICOM instance %s; answering out of resources", sop_instance_uid)
             return OUT_OF_RESOURCES
-        arrival = Arrival(self.store.url(key), self.dataset, sop_instance_uid, self.release, sha256, len(data))
+        arrival = Arrival(self.store.url(key), self.dataset, sop_instance_uid, self.release, sha256, size)
         try:
             self.intake.offer([arrival])
         except Exception:

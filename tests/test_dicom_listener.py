@@ -16,6 +16,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.association import Association
+from pynetdicom.dsutils import encode, split_dataset
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     CTImageStorage,
     DigitalXRayImageStorageForPresentation,
@@ -188,6 +189,23 @@ def test_digital_x_ray_classes_are_accepted(sop_class, samples_dir, scp, store, 
     stored = pydicom.dcmread(store.url(key).removeprefix("file://"))
     assert stored.SOPClassUID == stored.file_meta.MediaStorageSOPClassUID == sop_class
     assert len(queue.arrivals) == 1
+
+
+def test_stored_file_is_the_file_meta_then_the_bytes_sent(samples_dir, scp, store):
+    """Received in chunks straight to a file, stored by a link: the object is the
+    preamble and file meta of the association, then the dataset byte for byte as the
+    SCU encoded it, and named by the sha256 of exactly that."""
+    ds = read_sample(samples_dir / "sitk_cxr_ExplicitLE.dcm")
+    assert send(scp.port, ds) == [SUCCESS]
+    [key] = stored_keys(store)
+    path = Path(store.url(key).removeprefix("file://"))
+    data = path.read_bytes()
+    assert key == received_key(hashlib.sha256(data).hexdigest())
+    meta, offset = split_dataset(path)
+    assert data[:132] == b"\0" * 128 + b"DICM"
+    assert (meta.MediaStorageSOPInstanceUID, meta.TransferSyntaxUID) == (ds.SOPInstanceUID, ExplicitVRLittleEndian)
+    assert data[offset:] == encode(ds, is_implicit_vr=False, is_little_endian=True)
+    assert path.stat().st_nlink == 1  # pynetdicom's temporary name is gone
 
 
 def test_an_instance_sent_twice_is_one_image(samples_dir, scp, store, index, queue):

@@ -24,6 +24,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import queue
+import threading
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +73,51 @@ def received_key(sha256: str) -> str:
     return f"received/dicom/{sha256[:2]}/{sha256}.dcm"
 
 
+class GroupOffer:
+    """Arrivals from concurrent associations offered to ``intake`` together (a group
+    commit): one thread offers everything that gathered while its previous offer was
+    committing, so parallel senders share the index's and the broker's transactions
+    instead of queueing for SQLite's write lock one by one."""
+
+    def __init__(self, intake: Intake):
+        self.intake = intake
+        self._waiting: queue.SimpleQueue[tuple[Arrival, Future[None]] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="chexmask-dicom-intake", daemon=True)
+        self._thread.start()
+
+    def offer(self, arrival: Arrival) -> None:
+        """Returns once ``arrival`` is queued; raises what its group's offer raised."""
+        if not self._thread.is_alive():
+            raise RuntimeError("the DICOM listener is stopping")
+        done: Future[None] = Future()
+        self._waiting.put((arrival, done))
+        done.result()
+
+    def close(self) -> None:
+        """Offer what is waiting, then stop the thread."""
+        self._waiting.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        closing = False
+        while not closing:
+            group = [self._waiting.get()]
+            while not self._waiting.empty():
+                group.append(self._waiting.get())
+            closing = None in group
+            self._offer([entry for entry in group if entry is not None])
+
+    def _offer(self, group: list[tuple[Arrival, Future[None]]]) -> None:
+        try:
+            self.intake.offer([arrival for arrival, _ in group])
+        except Exception as exc:
+            for _, done in group:
+                done.set_exception(exc)
+        else:
+            for _, done in group:
+                done.set_result(None)
+
+
 class DicomListener:
     """A C-STORE SCP that stores every instance, then hands it to ``intake``."""
 
@@ -96,6 +144,7 @@ class DicomListener:
             self.ae.add_supported_context(sop_class, syntaxes)
         self.ae.add_supported_context(Verification)  # C-ECHO: pynetdicom answers success itself
         self._server: ThreadedAssociationServer | None = None
+        self._group: GroupOffer | None = None
 
     @property
     def port(self) -> int:
@@ -105,9 +154,12 @@ class DicomListener:
 
     def start(self) -> DicomListener:
         handlers: list[EventHandlerType] = [(evt.EVT_C_STORE, self._on_store)]
+        self._group = GroupOffer(self.intake)
         try:
             self._server = self.ae.start_server(self.address, block=False, evt_handlers=handlers)
         except OSError as exc:  # the port is taken, or needs privileges
+            self._group.close()
+            self._group = None
             raise ConfigError(f"cannot listen for DICOM on {self.address[0]}:{self.address[1]}: {exc}") from exc
         return self
 
@@ -117,6 +169,9 @@ class DicomListener:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+        if self._group is not None:
+            self._group.close()
+            self._group = None
         self.ae.shutdown()
 
     def __enter__(self) -> DicomListener:
@@ -141,7 +196,8 @@ class DicomListener:
             return OUT_OF_RESOURCES
         arrival = Arrival(self.store.url(key), self.dataset, sop_instance_uid, self.release, sha256, size)
         try:
-            self.intake.offer([arrival])
+            assert self._group is not None, "not started"
+            self._group.offer(arrival)
         except Exception:
             # Stored but not queued: the sender retries, and the same key is offered again.
             log.exception("could not queue DICOM instance %s; answering out of resources", sop_instance_uid)

@@ -186,11 +186,11 @@ class DicomListener:
         # The bytes as received, with the file meta of the association: nothing decoded.
         received = Path(event.dataset_path)
         sop_instance_uid = str(event.request.AffectedSOPInstanceUID)
-        with received.open("rb") as f:
-            sha256 = hashlib.file_digest(f, "sha256").hexdigest()
-        size = received.stat().st_size
-        key = received_key(sha256)
         try:
+            with received.open("rb") as f:
+                sha256 = hashlib.file_digest(f, "sha256").hexdigest()
+            size = received.stat().st_size
+            key = received_key(sha256)
             if not self.store.exists(key):
                 self.store.put_file(key, received, "application/dicom")
         except Exception:

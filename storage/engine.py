@@ -48,7 +48,7 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     # WAL lets readers run while a worker writes; the busy timeout makes writers queue
     # instead of failing at once; NORMAL sync is crash-safe in WAL mode.
     cursor.execute("PRAGMA busy_timeout=30000")
-    _enable_wal(cursor)
+    enable_wal(cursor)
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     # PostgreSQL's LIKE is case sensitive; make SQLite's agree.
@@ -56,7 +56,7 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def _enable_wal(cursor: Any, attempts: int = 100) -> None:
+def enable_wal(cursor: Any, attempts: int = 100) -> None:
     """Switch the file to WAL (the first connection to a new file does). Connections racing
     to switch a new file get "database is locked" at once, without the busy timeout
     (SQLite does not wait where waiting could deadlock), so they try again."""

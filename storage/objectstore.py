@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import tempfile
+import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,6 +34,10 @@ class ObjectStore(ABC):
     @abstractmethod
     def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
         """Store ``data`` under ``key`` atomically, replacing any previous object."""
+
+    def put_file(self, key: str, source: Path, content_type: str = "application/octet-stream") -> None:
+        """Store the file at ``source`` under ``key`` as ``put`` does; ``source`` stays."""
+        self.put(key, source.read_bytes(), content_type)
 
     @abstractmethod
     def get(self, key: str) -> bytes: ...
@@ -82,7 +88,26 @@ class LocalStore(ObjectStore):
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        _fsync_dir(path.parent)  # make the rename itself durable
+        _fsync(path.parent)  # make the rename itself durable
+
+    def put_file(self, key: str, source: Path, content_type: str = "application/octet-stream") -> None:
+        """A hard link to ``source`` where it is on the store's filesystem: its bytes
+        are written to disk once, never copied; a copy where it is not."""
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f"{_TEMP_PREFIX}{uuid.uuid4().hex}"
+        try:
+            try:
+                os.link(source, tmp)
+            except OSError:  # another filesystem, or one without hard links
+                shutil.copyfile(source, tmp)
+            _fsync(tmp)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync(path.parent)
 
     def get(self, key: str) -> bytes:
         try:
@@ -123,7 +148,8 @@ def _read_chunks(f, chunk_size: int) -> Iterator[bytes]:
             yield chunk
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync(path: Path) -> None:
+    """Flush a file's or a folder's entries to disk (a read-only descriptor suffices)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -175,6 +201,10 @@ class S3Store(ObjectStore):
         # One PutObject is atomic in S3: the object appears complete or not at all.
         with _s3_errors(key):
             self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, ContentType=content_type)
+
+    def put_file(self, key: str, source: Path, content_type: str = "application/octet-stream") -> None:
+        with _s3_errors(key), source.open("rb") as body:  # streamed, not read into memory
+            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=body, ContentType=content_type)
 
     def get(self, key: str) -> bytes:
         with _s3_errors(key):

@@ -37,6 +37,21 @@ def test_defaults_derive_from_home(tmp_path, monkeypatch):
     assert Settings.from_env().home == (tmp_path / ".chexmask").resolve()
 
 
+def test_embedded_broker_file_is_in_wal_mode(tmp_path):
+    """One fsync per publish rather than a rollback journal's several; the mode is kept
+    by the file, so kombu's own connections use it too."""
+    import sqlite3
+
+    from chexmask.worker.celery_app import create_app
+
+    create_app(Settings(home=tmp_path))
+    connection = sqlite3.connect(tmp_path / "broker.db")
+    try:
+        assert connection.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    finally:
+        connection.close()
+
+
 def test_environment_is_parsed_and_typed(tmp_path, monkeypatch):
     monkeypatch.setenv("CHEXMASK_HOME", str(tmp_path))
     monkeypatch.setenv("CHEXMASK_DATABASE_URL", "postgresql://u:pw@db/chexmask")

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import hashlib
 import re
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pydicom
@@ -16,6 +18,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.association import Association
+from pynetdicom.dsutils import encode, split_dataset
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     CTImageStorage,
     DigitalXRayImageStorageForPresentation,
@@ -50,16 +53,22 @@ PYDICOM_SAMPLES = ("RG1_UNCR.dcm", "RG1_J2KR.dcm")
 
 
 class ListQueue:
-    """An IngestQueue keeping what it was given; fails while ``broken``."""
+    """An IngestQueue keeping what it was given, and in which groups; fails while
+    ``broken``; once ``held``, a put waits until the event is set."""
 
     def __init__(self) -> None:
         self.arrivals: list[Arrival] = []
+        self.groups: list[int] = []
         self.broken = False
+        self.held: threading.Event | None = None
 
     def put(self, arrivals) -> None:
+        if self.held is not None:
+            self.held.wait(30)
         if self.broken:
             raise ConnectionError("broker down")
         self.arrivals += arrivals
+        self.groups.append(len(arrivals))
 
 
 @pytest.fixture
@@ -190,6 +199,23 @@ def test_digital_x_ray_classes_are_accepted(sop_class, samples_dir, scp, store, 
     assert len(queue.arrivals) == 1
 
 
+def test_stored_file_is_the_file_meta_then_the_bytes_sent(samples_dir, scp, store):
+    """Received in chunks straight to a file, stored by a link: the object is the
+    preamble and file meta of the association, then the dataset byte for byte as the
+    SCU encoded it, and named by the sha256 of exactly that."""
+    ds = read_sample(samples_dir / "sitk_cxr_ExplicitLE.dcm")
+    assert send(scp.port, ds) == [SUCCESS]
+    [key] = stored_keys(store)
+    path = Path(store.url(key).removeprefix("file://"))
+    data = path.read_bytes()
+    assert key == received_key(hashlib.sha256(data).hexdigest())
+    meta, offset = split_dataset(path)
+    assert data[:132] == b"\0" * 128 + b"DICM"
+    assert (meta.MediaStorageSOPInstanceUID, meta.TransferSyntaxUID) == (ds.SOPInstanceUID, ExplicitVRLittleEndian)
+    assert data[offset:] == encode(ds, is_implicit_vr=False, is_little_endian=True)
+    assert path.stat().st_nlink == 1  # pynetdicom's temporary name is gone
+
+
 def test_an_instance_sent_twice_is_one_image(samples_dir, scp, store, index, queue):
     ds = read_sample(samples_dir / "sitk_cxr_JPEGLS.dcm")
     assert send(scp.port, ds, ds) == [SUCCESS, SUCCESS]  # twice in one association
@@ -223,6 +249,36 @@ def test_queue_down_answers_failure_and_the_retry_is_queued_once(samples_dir, sc
     queue.broken = False
     assert send(scp.port, ds) == [SUCCESS]  # the sender's retry: same key, queued now
     assert len(stored_keys(store)) == 1 and len(queue.arrivals) == 1 and len(index.images()) == 1
+
+
+def test_instances_arriving_during_an_offer_are_queued_together(samples_dir, scp, store, index, queue):
+    """Parallel associations: while the first instance's offer waits on the queue, the
+    others are stored and gather; they go in one offer once it returns (a group
+    commit), and every sender hears success only after its instance is queued."""
+    datasets = [read_sample(samples_dir / name) for name in SAMPLES[:4]]
+    queue.held = threading.Event()
+    with ThreadPoolExecutor(len(datasets)) as pool:
+        first = pool.submit(send, scp.port, datasets[0])
+        wait_for("the first offer", lambda: len(stored_keys(store)) == 1, timeout=30)
+        others = [pool.submit(send, scp.port, ds) for ds in datasets[1:]]
+        wait_for("the others stored", lambda: len(stored_keys(store)) == len(datasets), timeout=30)
+        time.sleep(0.5)  # from stored to waiting for the offer: microseconds
+        assert queue.arrivals == [] and not any(f.done() for f in [first, *others])  # none acknowledged yet
+        queue.held.set()
+        assert [f.result() for f in [first, *others]] == [[SUCCESS]] * len(datasets)
+    assert queue.groups == [1, len(datasets) - 1]
+    assert len(index.images()) == len(datasets)
+
+
+def test_a_failed_group_offer_fails_every_instance_in_it(samples_dir, scp, store, index, queue):
+    datasets = [read_sample(samples_dir / name) for name in SAMPLES[4:7]]
+    queue.broken = True
+    with ThreadPoolExecutor(len(datasets)) as pool:
+        statuses = list(pool.map(lambda ds: send(scp.port, ds), datasets))
+    assert statuses == [[OUT_OF_RESOURCES]] * len(datasets) and index.images() == []
+    queue.broken = False
+    assert send(scp.port, *datasets) == [SUCCESS] * len(datasets)  # the senders' retries
+    assert len(index.images()) == len(datasets) == len(queue.arrivals)
 
 
 def test_other_sop_classes_are_refused_at_negotiation(scp, pydicom_file, index):

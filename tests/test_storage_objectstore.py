@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -27,6 +28,41 @@ def test_put_get_exists_list_url(store):
     assert list(store.list("nothing/")) == []
     assert store.url(keys.record).endswith(keys.record)
     assert store.url(keys.record).split(":")[0] in ("file", "s3")
+
+
+def test_put_file_stores_the_file_and_leaves_it(store, tmp_path):
+    source = tmp_path / "received.dcm"
+    source.write_bytes(os.urandom(300_000))
+    store.put_file("received/dicom/ab/x.dcm", source, "application/dicom")
+    assert store.get("received/dicom/ab/x.dcm") == source.read_bytes()
+    store.put_file("received/dicom/ab/x.dcm", source)  # again: replaced, same bytes
+    assert list(store.list("received/")) == ["received/dicom/ab/x.dcm"]
+
+
+def test_local_put_file_links_on_the_same_filesystem_and_copies_across(tmp_path):
+    """A hard link where the source shares the store's filesystem (the bytes are not
+    written again); a copy from another one (/dev/shm, a tmpfs, where there is one)."""
+    store = LocalStore(tmp_path / "store")
+    source = tmp_path / "received.dcm"
+    source.write_bytes(b"DICM" * 1000)
+    store.put_file("a/linked.dcm", source)
+    stored = store.root / "a" / "linked.dcm"
+    assert stored.stat().st_ino == source.stat().st_ino and stored.stat().st_mode & 0o777 == 0o644
+    source.unlink()  # as pynetdicom removes its temporary file once answered
+    assert store.get("a/linked.dcm") == b"DICM" * 1000
+
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("no second filesystem to copy from")
+    elsewhere = shm / f"chexmask-test-{os.getpid()}.dcm"
+    elsewhere.write_bytes(b"other" * 1000)
+    try:
+        store.put_file("a/copied.dcm", elsewhere)
+        copied = store.root / "a" / "copied.dcm"
+        assert copied.stat().st_ino != elsewhere.stat().st_ino and copied.read_bytes() == b"other" * 1000
+    finally:
+        elsewhere.unlink()
+    assert sorted(p.name for p in copied.parent.iterdir()) == ["copied.dcm", "linked.dcm"]  # no temp left
 
 
 def test_missing_key_raises_not_found(store):

@@ -144,20 +144,29 @@ def _filters(
     created_after: datetime | None = None,
     created_before: datetime | None = None,
     id_pattern: str | None = None,
+    compare_to: str | None = None,
+    min_agreement_dice: Annotated[float | None, Query(ge=0, le=1)] = None,
+    max_agreement_dice: Annotated[float | None, Query(ge=0, le=1)] = None,
 ) -> QueryFilters:
-    return QueryFilters(
-        dataset=dataset,
-        release=release,
-        model=model,
-        status=status,
-        min_dice_mean=min_dice_mean,
-        max_dice_mean=max_dice_mean,
-        min_dice_max=min_dice_max,
-        max_dice_max=max_dice_max,
-        created_after=created_after,
-        created_before=created_before,
-        id_pattern=id_pattern,
-    )
+    try:
+        return QueryFilters(
+            dataset=dataset,
+            release=release,
+            model=model,
+            status=status,
+            min_dice_mean=min_dice_mean,
+            max_dice_mean=max_dice_mean,
+            min_dice_max=min_dice_max,
+            max_dice_max=max_dice_max,
+            created_after=created_after,
+            created_before=created_before,
+            id_pattern=id_pattern,
+            compare_to=compare_to,
+            min_agreement_dice=min_agreement_dice,
+            max_agreement_dice=max_agreement_dice,
+        )
+    except ValueError as exc:  # an agreement bound without compare_to
+        raise HTTPException(HTTPStatus.UNPROCESSABLE_ENTITY, str(exc)) from None
 
 
 def _without_secrets(text: str, url: str) -> str:

@@ -179,7 +179,7 @@ def _store(index: MaskIndex, context: _Context, rows: list[ParsedRow]) -> _Store
     try:
         with index.engine.begin() as connection:
             _write(connection, context, uris, stored, insert_new=True)
-    except sa.exc.IntegrityError:
+    except (sa.exc.IntegrityError, index.engine.dialect.loaded_dbapi.IntegrityError):  # the latter: driver-level writes
         # Another import stored some of these rows between the lookup and the write:
         # the batch again, every row an upsert.
         stored = _Stored(repeated=stored.repeated)
@@ -207,14 +207,11 @@ def _write(
     work = new + changed
     images = [_image_row(context, uri, etag, row, now) for uri, etag, row in work]
     segmentations = [_segmentation_row(context, uri, row, now) for uri, _, row in work]
-    cursor = connection.connection.cursor()
-    if connection.dialect.name == "postgresql":
-        _write_postgresql(cursor, images, segmentations)
-    else:
-        # A new image has no segmentation yet (its surrogate hash is its own): a plain
-        # INSERT, half the cost of SQLite's upsert; changed ones are upserted.
-        fresh = len(new) if insert_new else 0
-        _write_sqlite(cursor, images, segmentations[:fresh], segmentations[fresh:])
+    # A new image has no segmentation yet (its surrogate hash is its own), so new rows
+    # are plainly inserted, much cheaper than upserts; changed ones are upserted.
+    fresh = len(new) if insert_new else 0
+    write = _write_postgresql if connection.dialect.name == "postgresql" else _write_sqlite
+    write(connection.connection.cursor(), images, segmentations, fresh)
 
 
 def _last_per_id(rows: list[ParsedRow], stored: _Stored) -> list[ParsedRow]:
@@ -229,13 +226,24 @@ def _last_per_id(rows: list[ParsedRow], stored: _Stored) -> list[ParsedRow]:
 
 def _known(connection: sa.Connection, uris: list[str]) -> dict[str, str | None]:
     """The stored row fingerprint (etag) of each of ``uris`` already in the index."""
+    if connection.dialect.name == "postgresql":
+        # A join with the array, probing the URI index once per element: an IN list of
+        # parameters was planned, once the table had grown during an import, as a scan
+        # of the whole table per batch (each row against every parameter).
+        return {uri: etag for uri, etag in connection.exec_driver_sql(_PG_KNOWN, (uris,))}
     found: dict[str, str | None] = {}
-    for start in range(0, len(uris), 500):  # under every backend's parameter limit
+    for start in range(0, len(uris), 500):  # under SQLite's parameter limit
         statement = sa.select(SourceImage.uri, SourceImage.etag_or_version).where(
             SourceImage.uri.in_(uris[start : start + 500])
         )
         found.update((uri, etag) for uri, etag in connection.execute(statement))
     return found
+
+
+_PG_KNOWN = (
+    "SELECT image.uri, image.etag_or_version FROM unnest(%s::text[]) AS wanted(uri) "
+    "JOIN source_image AS image ON image.uri = wanted.uri"
+)
 
 
 def _database_time(connection: sa.Connection, now: datetime) -> Any:
@@ -297,17 +305,13 @@ def _update(columns: Iterable[str], kept: frozenset[str]) -> str:
     return ", ".join(f"{c} = excluded.{c}" for c in columns if c not in kept)
 
 
-def _write_sqlite(
-    cursor: Any,
-    images: list[tuple[Any, ...]],
-    new: list[tuple[Any, ...]],
-    changed: list[tuple[Any, ...]],
-) -> None:
+def _write_sqlite(cursor: Any, images: list[tuple[Any, ...]], segmentations: list[tuple[Any, ...]], fresh: int) -> None:
     """executemany of prepared statements on the driver's cursor, inside the batch's
-    transaction (the leading file line of each row is not a column here)."""
+    transaction: the first ``fresh`` segmentations are inserted, the others upserted
+    (the leading file line of each row is not a column here)."""
     cursor.executemany(_SQLITE_IMAGES, [image[1:] for image in images])
-    cursor.executemany(_SQLITE_NEW_SEGMENTATIONS, [segmentation[1:] for segmentation in new])
-    cursor.executemany(_SQLITE_SEGMENTATIONS, [segmentation[1:] for segmentation in changed])
+    cursor.executemany(_SQLITE_NEW_SEGMENTATIONS, [segmentation[1:] for segmentation in segmentations[:fresh]])
+    cursor.executemany(_SQLITE_SEGMENTATIONS, [segmentation[1:] for segmentation in segmentations[fresh:]])
 
 
 _SQLITE_IMAGES = (
@@ -325,22 +329,35 @@ _SQLITE_SEGMENTATIONS = (
 )
 
 
-def _write_postgresql(cursor: Any, images: list[tuple[Any, ...]], segmentations: list[tuple[Any, ...]]) -> None:
-    """COPY into temporary staging tables (dropped at commit), then one
-    INSERT ... SELECT ... ON CONFLICT DO UPDATE per table, in file order."""
-    for statement in _PG_STAGING:
-        cursor.execute(statement)
-    for table, columns, rows in (
-        ("import_image", ("line", *_IMAGE_COLUMNS), images),
-        ("import_segmentation", ("line", "uri", *_SEGMENTATION_COLUMNS), segmentations),
-    ):
-        with cursor.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
-            for row in rows:
-                copy.write_row(row)
-    for statement in _PG_UPSERTS:
-        cursor.execute(statement)
+def _write_postgresql(
+    cursor: Any, images: list[tuple[Any, ...]], segmentations: list[tuple[Any, ...]], fresh: int
+) -> None:
+    """The first ``fresh`` rows are new: their image ids are taken from the sequence and
+    both tables filled by COPY. The others go through temporary staging tables (dropped
+    at commit) and one INSERT ... SELECT ... ON CONFLICT DO UPDATE per table. File
+    order is kept (ids ascend with it)."""
+    if fresh:
+        cursor.execute(_PG_NEW_IDS, (fresh,))
+        ids = sorted(image_id for (image_id,) in cursor.fetchall())
+        pairs = list(zip(ids, images[:fresh], segmentations[:fresh], strict=True))
+        _copy(cursor, "source_image", ("id", *_IMAGE_COLUMNS), [(i, *image[1:]) for i, image, _ in pairs])
+        _copy(cursor, "segmentation", ("image_id", *_SEGMENTATION_COLUMNS), [(i, *seg[2:]) for i, _, seg in pairs])
+    if len(images) > fresh:
+        for statement in _PG_STAGING:
+            cursor.execute(statement)
+        _copy(cursor, "import_image", ("line", *_IMAGE_COLUMNS), images[fresh:])
+        _copy(cursor, "import_segmentation", ("line", "uri", *_SEGMENTATION_COLUMNS), segmentations[fresh:])
+        for statement in _PG_UPSERTS:
+            cursor.execute(statement)
 
 
+def _copy(cursor: Any, table: str, columns: tuple[str, ...], rows: list[tuple[Any, ...]]) -> None:
+    with cursor.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
+        for row in rows:
+            copy.write_row(row)
+
+
+_PG_NEW_IDS = "SELECT nextval(pg_get_serial_sequence('source_image', 'id')) FROM generate_series(1, %s)"
 _PG_STAGING = (
     "CREATE TEMPORARY TABLE import_image ON COMMIT DROP AS "
     f"SELECT 0 AS line, {', '.join(_IMAGE_COLUMNS)} FROM source_image WITH NO DATA",

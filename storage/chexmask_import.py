@@ -307,17 +307,18 @@ def _update(columns: Iterable[str], kept: frozenset[str]) -> str:
 
 def _write_sqlite(cursor: Any, images: list[tuple[Any, ...]], segmentations: list[tuple[Any, ...]], fresh: int) -> None:
     """executemany of prepared statements on the driver's cursor, inside the batch's
-    transaction: the first ``fresh`` segmentations are inserted, the others upserted
+    transaction: the first ``fresh`` rows are inserted, the others upserted
     (the leading file line of each row is not a column here)."""
-    cursor.executemany(_SQLITE_IMAGES, [image[1:] for image in images])
+    cursor.executemany(_SQLITE_NEW_IMAGES, [image[1:] for image in images[:fresh]])
+    cursor.executemany(_SQLITE_IMAGES, [image[1:] for image in images[fresh:]])
     cursor.executemany(_SQLITE_NEW_SEGMENTATIONS, [segmentation[1:] for segmentation in segmentations[:fresh]])
     cursor.executemany(_SQLITE_SEGMENTATIONS, [segmentation[1:] for segmentation in segmentations[fresh:]])
 
 
-_SQLITE_IMAGES = (
-    f"INSERT INTO source_image ({', '.join(_IMAGE_COLUMNS)}) VALUES ({', '.join('?' * len(_IMAGE_COLUMNS))}) "
-    f"ON CONFLICT (uri) DO UPDATE SET {_update(_IMAGE_COLUMNS, _IMAGE_KEPT)}"
+_SQLITE_NEW_IMAGES = (
+    f"INSERT INTO source_image ({', '.join(_IMAGE_COLUMNS)}) VALUES ({', '.join('?' * len(_IMAGE_COLUMNS))})"
 )
+_SQLITE_IMAGES = f"{_SQLITE_NEW_IMAGES} ON CONFLICT (uri) DO UPDATE SET {_update(_IMAGE_COLUMNS, _IMAGE_KEPT)}"
 # the image's id looked up by its URI (unique index) inside the statement
 _SQLITE_NEW_SEGMENTATIONS = (
     f"INSERT INTO segmentation (image_id, {', '.join(_SEGMENTATION_COLUMNS)}) "

@@ -170,8 +170,9 @@ class _Context:
 
 
 def _store(index: MaskIndex, context: _Context, rows: list[ParsedRow]) -> _Stored:
-    """One batch in one transaction: new and changed images upserted on their URI, their
-    segmentations on (image_sha256, model_version); unchanged rows are not written."""
+    """One batch in one transaction: rows new to the index inserted, changed ones upserted
+    (images on their URI, segmentations on (image_sha256, model_version)), unchanged
+    ones not written."""
     stored = _Stored()
     rows = _last_per_id(rows, stored)
     if not rows:

@@ -22,7 +22,8 @@ from chexmask.app.index_cli import _open_index, _table
 def compare_command(dataset: str, models: tuple[str, str], limit: int | None, plot: str | None, fmt: str) -> None:
     """Per-organ Dice and Hausdorff distance between two models' masks of the images
     both have segmented (paired by dataset image id), and the agreement of their
-    Dice RCA (Mean): Pearson, Spearman, mean absolute difference."""
+    Dice RCA (Mean): Pearson, Spearman, mean absolute difference. Each image's result
+    is stored (replacing an earlier one) for query --compare-to."""
     from chexmask.worker.compare import compare, plot_comparison
 
     result = compare(_open_index(), dataset, models[0], models[1], limit)
@@ -54,6 +55,11 @@ def compare_command(dataset: str, models: tuple[str, str], limit: int | None, pl
         )
         for image_id, reason in result.skipped:
             click.echo(f"not compared: {image_id}: {reason}", err=True)
+    click.echo(
+        f"stored {len(result.pairs)} per-image result(s): `chexmask query --compare-to {models[1]} "
+        "--max-agreement-dice X` lists the masks that disagree",
+        err=True,
+    )
     if plot:
         plot_comparison(result, plot)
         click.echo(f"plot written to {plot}", err=True)

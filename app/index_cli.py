@@ -50,6 +50,11 @@ def _filter_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--id", "id_pattern", help="Dataset image id: exact, glob (* ?) or LIKE (%)."),
         click.option("--min-ctr", type=float, help="Cardiothoracic ratio at least this (README: Measurements)."),
         click.option("--max-ctr", type=float, help="Cardiothoracic ratio at most this."),
+        click.option(
+            "--compare-to", help="Only masks `chexmask compare` paired with this model's mask of the same image."
+        ),
+        click.option("--min-agreement-dice", type=float, help="With --compare-to: lowest organ Dice >= this."),
+        click.option("--max-agreement-dice", type=float, help="With --compare-to: lowest organ Dice <= this."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -78,8 +83,12 @@ def query_command(sort: str, limit: int, offset: int, fmt: str, **filters: Any) 
     if status in PROBLEM_STATUSES:
         _print_problems(filters, ImageStatus(status), limit, offset, fmt)
         return
+    try:
+        query = QueryFilters(status=ImageStatus(status) if status else None, **filters)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
     rows = _open_index().query(
-        QueryFilters(status=ImageStatus(status) if status else None, **filters),
+        query,
         sort=sort,
         limit=limit,
         offset=offset,

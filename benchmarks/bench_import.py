@@ -4,7 +4,8 @@
 
 1. Import: a synthetic original-resolution CheXmask CSV of ``--rows`` rows, written
    with the exporter's layout (numpy landmark text, RLE of ``--rle-runs`` runs per
-   organ), imported through ``import_csv`` (parse, validate, batched upserts); then
+   organ), imported through ``import_csv`` (parse and check, batched driver-level
+   writes in a second thread); then
    imported again (every row unchanged). Target: 20,000 rows/s.
 2. Scan: a listing of ``--objects`` files of which 1% are new since the import.
    A folder of a million files takes too long to make, so the listing is an

@@ -146,22 +146,31 @@ def _filters(
     id_pattern: str | None = None,
     min_ctr: Annotated[float | None, Query(ge=0)] = None,
     max_ctr: Annotated[float | None, Query(ge=0)] = None,
+    compare_to: str | None = None,
+    min_agreement_dice: Annotated[float | None, Query(ge=0, le=1)] = None,
+    max_agreement_dice: Annotated[float | None, Query(ge=0, le=1)] = None,
 ) -> QueryFilters:
-    return QueryFilters(
-        dataset=dataset,
-        release=release,
-        model=model,
-        status=status,
-        min_dice_mean=min_dice_mean,
-        max_dice_mean=max_dice_mean,
-        min_dice_max=min_dice_max,
-        max_dice_max=max_dice_max,
-        created_after=created_after,
-        created_before=created_before,
-        id_pattern=id_pattern,
-        min_ctr=min_ctr,
-        max_ctr=max_ctr,
-    )
+    try:
+        return QueryFilters(
+            dataset=dataset,
+            release=release,
+            model=model,
+            status=status,
+            min_dice_mean=min_dice_mean,
+            max_dice_mean=max_dice_mean,
+            min_dice_max=min_dice_max,
+            max_dice_max=max_dice_max,
+            created_after=created_after,
+            created_before=created_before,
+            id_pattern=id_pattern,
+            min_ctr=min_ctr,
+            max_ctr=max_ctr,
+            compare_to=compare_to,
+            min_agreement_dice=min_agreement_dice,
+            max_agreement_dice=max_agreement_dice,
+        )
+    except ValueError as exc:  # an agreement bound without compare_to
+        raise HTTPException(HTTPStatus.UNPROCESSABLE_ENTITY, str(exc)) from None
 
 
 def _without_secrets(text: str, url: str) -> str:

@@ -22,7 +22,7 @@ from sqlalchemy.orm import aliased
 
 from chexmask.datasets import canonical
 from chexmask.errors import ConfigError
-from chexmask.storage.chexmask_import import IMPORT_PIPELINE, Frame
+from chexmask.storage.chexmask_csv import IMPORT_PIPELINE, Frame
 from chexmask.storage.index import MaskIndex
 from chexmask.storage.layout import csv_line, header, landmarks_1024_text
 from chexmask.storage.models import IMPORT_PIPELINES, Segmentation, SourceImage

@@ -284,3 +284,35 @@ class Review(StorageModel, table=True):
     heart: int | None = Field(default=None, sa_type=sa.SmallInteger)
     comment: str | None = Field(default=None, sa_type=sa.Text)
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, nullable=False)
+
+
+class MaskComparison(StorageModel, table=True):
+    """How a segmentation agrees with another model's mask of the same image (paired by
+    dataset and dataset image id), as the last ``chexmask compare`` of the two found it.
+
+    Kept once per direction, the other side's model on each row, so "masks of A that
+    disagree with B's" is a lookup on this table alone from either side. ``dice_min``,
+    the lowest of the organs' Dice, is the agreement the filters use: an image
+    disagrees when any organ does.
+    """
+
+    __tablename__ = "comparison"
+    __table_args__ = (
+        sa.UniqueConstraint("segmentation_id", "other_segmentation_id"),
+        sa.Index("ix_comparison_other_model_dice_min", "other_model", "dice_min"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    segmentation_id: int = Field(foreign_key="segmentation.id", nullable=False)
+    other_segmentation_id: int = Field(foreign_key="segmentation.id", nullable=False)
+    other_model: str = Field(sa_type=sa.String(128), nullable=False)
+    frame: str = Field(sa_type=sa.String(16), nullable=False)  # "original" or "1024": where the masks met
+    dice_min: float = Field(nullable=False)
+    dice_right_lung: float = Field(nullable=False)
+    dice_left_lung: float = Field(nullable=False)
+    dice_heart: float = Field(nullable=False)
+    # pixels of the frame; NULL when only one of the two masks is empty (no finite distance)
+    hausdorff_right_lung: float | None = None
+    hausdorff_left_lung: float | None = None
+    hausdorff_heart: float | None = None
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, nullable=False)

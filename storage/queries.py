@@ -7,9 +7,11 @@ from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any
 
+import sqlalchemy as sa
+
 from chexmask.datasets import canonical
 from chexmask.status import ImageStatus, QCStatus
-from chexmask.storage.models import Segmentation, SourceImage, as_utc
+from chexmask.storage.models import MaskComparison, Segmentation, SourceImage, as_utc
 
 
 @dataclass(frozen=True)
@@ -21,6 +23,11 @@ class QueryFilters:
     sensitive on every backend. ``created_after`` (inclusive) and
     ``created_before`` (exclusive) bound the segmentation time; naive datetimes
     are taken as UTC. ``status`` is the image's.
+
+    ``compare_to`` keeps segmentations that ``chexmask compare`` paired with that
+    model's mask of the same image (stored comparisons); ``min_agreement_dice``
+    and ``max_agreement_dice`` (inclusive, need ``compare_to``) bound their
+    agreement: the lowest of the organs' Dice between the two masks.
     """
 
     dataset: str | None = None
@@ -36,6 +43,13 @@ class QueryFilters:
     id_pattern: str | None = None
     min_ctr: float | None = None
     max_ctr: float | None = None
+    compare_to: str | None = None
+    min_agreement_dice: float | None = None
+    max_agreement_dice: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.compare_to is None and (self.min_agreement_dice, self.max_agreement_dice) != (None, None):
+            raise ValueError("an agreement Dice bound needs compare_to (the model compared with)")
 
     @property
     def segmentation_level(self) -> bool:
@@ -179,7 +193,19 @@ def segmentation_conditions(filters: QueryFilters) -> list[Any]:
         conditions.append(Segmentation.created_at >= as_utc(filters.created_after))
     if filters.created_before is not None:
         conditions.append(Segmentation.created_at < as_utc(filters.created_before))
+    if filters.compare_to is not None:
+        conditions.append(_agreement_condition(filters))
     return conditions
+
+
+def _agreement_condition(filters: QueryFilters) -> Any:
+    """Some stored comparison with a mask of ``compare_to`` within the agreement bounds."""
+    bounds = [MaskComparison.segmentation_id == Segmentation.id, MaskComparison.other_model == filters.compare_to]
+    if filters.min_agreement_dice is not None:
+        bounds.append(MaskComparison.dice_min >= filters.min_agreement_dice)
+    if filters.max_agreement_dice is not None:
+        bounds.append(MaskComparison.dice_min <= filters.max_agreement_dice)
+    return sa.exists().where(*bounds)
 
 
 def order_by(sort: str) -> list[Any]:

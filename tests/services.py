@@ -202,7 +202,7 @@ def _empty_postgres_tables(index) -> None:
 
     # DELETE, not TRUNCATE: on tables this small it is ~30x faster.
     with index.engine.begin() as connection:
-        for table in ("review", "segmentation", "source_image", "model_version"):
+        for table in ("comparison", "review", "segmentation", "source_image", "model_version"):
             connection.execute(sa.text(f"DELETE FROM {table}"))
 
 

@@ -4,6 +4,7 @@ export of published and new rows together (SQLite and PostgreSQL)."""
 from __future__ import annotations
 
 import gzip
+import json
 import re
 from pathlib import Path
 
@@ -204,3 +205,40 @@ def test_import_and_compare_commands(index, tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert "1 image(s) segmented by both" in result.output
     assert re.search(r"left_lung +1\.0000", result.output)  # a model agrees with itself
+
+
+def test_rows_stored_by_another_import_meanwhile_are_upserted(index, tmp_path, monkeypatch):
+    """A concurrent import commits the same rows between this batch's lookup and its write:
+    the batch's plain INSERTs then conflict, and it is written again as upserts."""
+    from chexmask.storage import chexmask_import
+
+    ids = [f"{i:08d}_000.png" for i in range(3)]
+    path = write_csv(tmp_path / "in.csv", "Image Index", [original_row(i) for i in ids])
+    run_import(index, path, "nih")
+    before = index.query(QueryFilters(dataset="nih"))
+    lookup = chexmask_import._known
+    calls = []
+
+    def lookup_before_the_other_import_committed(connection, uris):
+        calls.append(uris)
+        return {} if len(calls) == 1 else lookup(connection, uris)
+
+    monkeypatch.setattr(chexmask_import, "_known", lookup_before_the_other_import_committed)
+    report = run_import(index, path, "nih")
+    assert len(calls) == 2  # the batch was written twice: first as new rows, then as upserts
+    assert (report.taken, report.updated, report.unchanged, report.skipped) == (0, 0, 3, 0)
+    assert index.query(QueryFilters(dataset="nih")) == before
+
+
+def test_landmark_texts_with_signs_or_leading_zeros_are_normalised_or_refused():
+    from chexmask.storage.chexmask_csv import BadRow, landmarks_json
+
+    points = [[i, 2 * i] for i in range(120)]
+    assert json.loads(landmarks_json(numpy_text(points))) == points
+    assert json.loads(landmarks_json(",".join(str(v) for p in points for v in p))) == points
+    signed = [[-3, 7], *points[1:]]
+    assert json.loads(landmarks_json(numpy_text(signed))) == signed
+    padded = "[[007 1]" + numpy_text(points[1:])[1:]
+    assert json.loads(landmarks_json(padded)) == [[7, 1], *points[1:]]
+    with pytest.raises(BadRow, match="not all integers"):
+        landmarks_json(numpy_text(points).replace(" 2]", " 2.5]", 1))

@@ -44,6 +44,7 @@ def test_fresh_database_has_no_revision_until_upgraded(tmp_path):
         "source_image",
         "segmentation",
         "review",
+        "comparison",
     }
     index.close()
 

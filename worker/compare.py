@@ -21,6 +21,7 @@ from sqlalchemy.orm import aliased
 
 from chexmask.anatomy import ORGANS
 from chexmask.datasets import canonical
+from chexmask.storage.comparisons import Agreement, save_comparisons
 from chexmask.storage.index import MaskIndex
 from chexmask.storage.models import IMPORT_PIPELINE_1024, Segmentation, SourceImage
 from chexmask.worker.metrics import dice
@@ -30,6 +31,7 @@ from chexmask.worker.postprocess import rle_decode
 @dataclass(frozen=True)
 class Pair:
     image_id: str
+    segmentations: tuple[int, int]  # ids of model A's and model B's segmentation
     frame: str  # "original" or "1024"
     dice: dict[str, float]  # by organ
     hausdorff: dict[str, float]  # pixels of the frame, by organ
@@ -90,21 +92,30 @@ def _boundary(mask: np.ndarray) -> np.ndarray:
     return np.argwhere(inside & ~interior)
 
 
-def compare(index: MaskIndex, dataset: str, model_a: str, model_b: str, limit: int | None = None) -> Comparison:
-    """Compare ``model_a`` with ``model_b`` on every image of ``dataset`` both have segmented."""
+def compare(
+    index: MaskIndex, dataset: str, model_a: str, model_b: str, limit: int | None = None, store: bool = True
+) -> Comparison:
+    """Compare ``model_a`` with ``model_b`` on every image of ``dataset`` both have segmented;
+    ``store``: keep each image's result in the index (replacing an earlier one), which is
+    what query filters on agreement read."""
     result = Comparison((model_a, model_b))
     for row in _pairs(index, dataset, model_a, model_b, limit):
         try:
             result.pairs.append(_compare_row(row))
         except ValueError as exc:
-            result.skipped.append((row[0], str(exc)))
+            result.skipped.append((row[2], str(exc)))
+    if store:
+        save_comparisons(
+            index,
+            (Agreement(p.segmentations, (model_a, model_b), p.frame, p.dice, p.hausdorff) for p in result.pairs),
+        )
     return result
 
 
 def _pairs(index: MaskIndex, dataset: str, model_a: str, model_b: str, limit: int | None) -> Iterator[sa.Row]:
     seg_a, seg_b = aliased(Segmentation), aliased(Segmentation)
     image_a, image_b = aliased(SourceImage), aliased(SourceImage)
-    columns = [image_a.dataset_image_id]
+    columns = [seg_a.id, seg_b.id, image_a.dataset_image_id]
     for seg in (seg_a, seg_b):
         columns += [
             seg.pipeline_version,
@@ -137,7 +148,7 @@ def _pairs(index: MaskIndex, dataset: str, model_a: str, model_b: str, limit: in
 
 
 def _compare_row(row: sa.Row) -> Pair:
-    image_id, *rest = row
+    id_a, id_b, image_id, *rest = row
     half = len(rest) // 2
     a, b = rest[:half], rest[half:]
     # The original frame when both rows hold it; a 1024 import forces the 1024 frame.
@@ -148,6 +159,7 @@ def _compare_row(row: sa.Row) -> Pair:
     masks = [_masks(side, at_1024) for side in (a, b)]
     return Pair(
         image_id=image_id,
+        segmentations=(id_a, id_b),
         frame="1024" if at_1024 else "original",
         dice={o: dice(masks[0][o], masks[1][o]) for o in ORGANS},
         hausdorff={o: boundary_hausdorff(masks[0][o], masks[1][o]) for o in ORGANS},

@@ -274,6 +274,9 @@ class HybridGNet(nn.Module):
     def __init__(self, cfg: HybridGNetConfig = HybridGNetConfig()):
         super().__init__()
         self.cfg = cfg
+        # Whether encoder.fc_logvar holds trained weights: compact files may leave it out,
+        # and then there is no latent distribution to sample (load_model sets it).
+        self.has_logvar = True
         f, K = cfg.filters, cfg.K
         skip_channels = cfg.encoder_channels[-1]
         self.encoder = Encoder(cfg)

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch_geometric.nn import ChebConv
 
 from chexmask.anatomy import FRAME, ORGAN_SIZES
+from chexmask.errors import WeightsError
 from chexmask.worker import cpu_kernels
 from chexmask.worker.cpu_kernels import add_relu_pool, max_pool2
 
@@ -204,6 +205,7 @@ def roi_lookup(pos: torch.Tensor, fmap: torch.Tensor, counts: torch.Tensor | Non
 
     pos [B,N,2] in [0,1] image units (x, y); fmap [B,C,S,S]; counts [B,N,2] optional
     per-axis sample counts (a test hook for the official ones). Returns [B,N,C].
+    A ``fmap`` of batch 1 serves all B position sets (the samples of one image).
     Like roi_align it passes gradients to ``fmap`` only.
     """
     B, N, _ = pos.shape
@@ -212,8 +214,10 @@ def roi_lookup(pos: torch.Tensor, fmap: torch.Tensor, counts: torch.Tensor | Non
     start = (p - 1) - 0.5
     width = ((p + 2) - 0.5) - start
     counts = roi_sample_counts(pos, S) if counts is None else counts.to(torch.int64)
-    flat = fmap.flatten(2).transpose(1, 2)  # [B, S*S, C]
+    flat = fmap.flatten(2).transpose(1, 2)  # [B, S*S, C], or [1, S*S, C] shared by all B
     batch = torch.arange(B, device=pos.device)[:, None]
+    if fmap.shape[0] == 1:  # one image's maps for a batch of its latent samples
+        batch = torch.zeros_like(batch)
     total = torch.zeros(B, N, C, dtype=fmap.dtype, device=fmap.device)
     n_max = int(counts.max())
     for iy in range(n_max):
@@ -353,3 +357,62 @@ def segment_batch(model: HybridGNet, images: np.ndarray, together: bool = False)
         landmarks.append(lm[0].float().cpu().numpy())
         latents.append(mu[0].float().cpu().numpy())
     return np.stack(landmarks), np.stack(latents)
+
+
+@torch.inference_mode()
+def segment_with_uncertainty(
+    model: HybridGNet, images: np.ndarray, samples: int, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``segment_batch`` (image by image) plus each landmark's spread under the model's
+    latent distribution: ``samples`` latents z = mu + eps * exp(logvar / 2) per image,
+    decoded as one batch through the graph decoder only (the encoder runs once). Returns
+    landmarks [B,120,2] and latents [B,64] as ``segment_batch`` does, and std [B,120]: the
+    root mean squared distance of the sampled landmarks to their mean, in pixels of the
+    1024 frame. The same ``seed`` draws the same eps for every image (batch-invariant)."""
+    check_uncertainty(model, samples)
+    device = next(model.parameters()).device
+    landmarks, latents, stds = [], [], []
+    for image in images:
+        mu, _, conv5, conv6 = model.encoder(to_input(image[None]).to(device))
+        logvar = model.encoder.fc_logvar(conv6.flatten(1))
+        landmarks.append(model.decode(mu, conv5, conv6)[0][0].float().cpu().numpy())
+        latents.append(mu[0].float().cpu().numpy())
+        sampled = decode_samples(model, mu[0], logvar[0], conv5, conv6, samples, seed)
+        stds.append(landmark_spread(sampled.float().cpu().numpy() * FRAME))
+    return np.stack(landmarks), np.stack(latents), np.stack(stds)
+
+
+def check_uncertainty(model: HybridGNet, samples: int) -> None:
+    """Stop with one sentence when ``samples`` latent samples cannot be drawn: weights
+    without a trained fc_logvar have no latent distribution (its zeros would give
+    std 1 noise, not an uncertainty)."""
+    if not model.has_logvar:
+        raise WeightsError(
+            "these weights have no encoder.fc_logvar (compact files such as chexmask-jsrt-v2 leave it "
+            "out), so there is no latent distribution to sample: uncertainty needs weights that keep "
+            "it (the official checkpoint, or a model bundled with it)"
+        )
+    if samples < 2:
+        raise ValueError(f"uncertainty needs at least 2 samples, got {samples}")
+
+
+def decode_samples(
+    model: HybridGNet,
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    conv5: torch.Tensor,
+    conv6: torch.Tensor,
+    samples: int,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Landmarks [samples,120,2] ([0,1] units) of latents drawn from N(mu, exp(logvar))
+    for one image (mu, logvar [64]; its encoder maps, batch of 1, shared by all)."""
+    eps = torch.randn((samples, mu.shape[-1]), generator=torch.Generator().manual_seed(seed))
+    z = mu[None] + eps.to(mu.device, mu.dtype) * torch.exp(0.5 * logvar)[None]
+    return model.decode(z, conv5, conv6)[0]
+
+
+def landmark_spread(sampled: np.ndarray) -> np.ndarray:
+    """[N,120,2] -> [120]: root mean squared distance of each landmark's samples to their mean."""
+    sampled = sampled.astype(np.float64)  # identical samples: a mean that equals them, std 0
+    return np.sqrt(((sampled - sampled.mean(0)) ** 2).sum(-1).mean(0)).astype(np.float32)

@@ -172,6 +172,12 @@ def _table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 @click.option(
     "--format", "fmt", type=click.Choice(["csv", "parquet"]), help="Default: from the --out suffix (.parquet or CSV)."
 )
+@click.option(
+    "--uncertainty",
+    is_flag=True,
+    help="Add the landmark uncertainty after the CheXmask columns: mean std per organ and the 120 "
+    "stds (pixels, 1024 frame); empty for segmentations made without it.",
+)
 def export_command(
     dataset: str,
     release: str | None,
@@ -180,6 +186,7 @@ def export_command(
     min_dice_mean: float | None,
     out: str,
     fmt: str | None,
+    uncertainty: bool,
 ) -> None:
     """Write a dataset's masks in the CheXmask CSV layout (or Parquet)."""
     from chexmask.storage.export import Resolution, export
@@ -193,6 +200,7 @@ def export_command(
         resolution=Resolution(resolution),
         min_dice_mean=min_dice_mean,
         fmt=fmt,
+        uncertainty=uncertainty,
     )
     click.echo(f"wrote {count} rows to {out}", err=True)
 

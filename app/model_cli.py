@@ -38,8 +38,21 @@ from chexmask.files import image_files
     "--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="Default: CHEXMASK_DEVICE or auto."
 )
 @click.option("--dataset", default="", help="Dataset name; picks the CheXmask id column of the CSV (default image_id).")
+@click.option(
+    "--uncertainty",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Latent samples per image for a per-landmark standard deviation (default: "
+    "CHEXMASK_UNCERTAINTY_SAMPLES or 0 = none); needs weights with encoder.fc_logvar.",
+)
 def segment_command(
-    paths: tuple[Path, ...], weights: str | None, out: Path, batch_size: int | None, device: str | None, dataset: str
+    paths: tuple[Path, ...],
+    weights: str | None,
+    out: Path,
+    batch_size: int | None,
+    device: str | None,
+    dataset: str,
+    uncertainty: int | None,
 ) -> int:
     """Segment chest X-rays (files or folders of DICOM, PNG or JPEG).
 
@@ -65,7 +78,14 @@ def segment_command(
     if not files:
         raise click.UsageError("no image files found in the given paths")
     out.mkdir(parents=True, exist_ok=True)
-    segmenter = Segmenter(model, info, batch_size or settings.batch_size, settings.model_threads, settings.max_pixels)
+    segmenter = Segmenter(
+        model,
+        info,
+        batch_size or settings.batch_size,
+        settings.model_threads,
+        settings.max_pixels,
+        uncertainty=settings.uncertainty_samples if uncertainty is None else uncertainty,
+    )
     # Regular files only: a FIFO would block the run, a device never end.
     sources = [(str(p.name), functools.partial(read_regular_file, p)) for p in files]
     refused = failed = 0

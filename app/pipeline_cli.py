@@ -99,6 +99,13 @@ def _intake(settings: Settings):
 @_dataset_options
 @_watch_options
 @click.option("--threads", type=int, help="Images in flight (default: twice CHEXMASK_BATCH_SIZE).")
+@click.option(
+    "--uncertainty",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Latent samples per image for a per-landmark standard deviation, stored with each "
+    "segmentation (default: CHEXMASK_UNCERTAINTY_SAMPLES or 0 = none).",
+)
 def serve_command(
     inbox: Path,
     once: bool,
@@ -108,6 +115,7 @@ def serve_command(
     settle: float,
     reconcile_every: float,
     threads: int | None,
+    uncertainty: int | None,
 ) -> int:
     """Segment every chest X-ray that lands in INBOX, all in this process.
 
@@ -119,6 +127,8 @@ def serve_command(
     from chexmask.app.serve import Done, Server
 
     settings = Settings.from_env()
+    if uncertainty is not None:
+        settings = settings.model_copy(update={"uncertainty_samples": uncertainty})
     lock = threading.Lock()
     server: Server
 

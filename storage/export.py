@@ -20,6 +20,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import aliased
 
+from chexmask.anatomy import LANDMARK_STD_COLUMN, UNCERTAINTY_COLUMNS
 from chexmask.datasets import canonical
 from chexmask.errors import ConfigError
 from chexmask.storage.chexmask_import import IMPORT_PIPELINE, Frame
@@ -85,18 +86,22 @@ def iter_rows(
     resolution: Resolution = Resolution.ORIGINAL,
     min_dice_mean: float | None = None,
     batch_size: int = BATCH_SIZE,
+    uncertainty: bool = False,
 ) -> Iterator[tuple[Any, ...]]:
     """The export rows as tuples matching ``header(dataset)``: one per dataset image id,
     from the first source that has it (see ``_sources``), each source in the order
-    its rows were stored. Published rows imported unchanged come out byte for byte."""
+    its rows were stored. Published rows imported unchanged come out byte for byte.
+    With ``uncertainty`` each row goes on with ``UNCERTAINTY_HEADER`` (empty where none)."""
     resolution = Resolution(resolution)
     sources = _sources(index, dataset, _resolve_models(index, model))
+    sources_before: list[tuple[str | None, bool | None, list[tuple[str | None, bool]]]]
     if len(sources) == 1:  # the common case: one model, nothing imported, no dedup
-        yield from _rows_of(index, dataset, release, sources[0][0], None, [], resolution, min_dice_mean, batch_size)
-        return
-    for position, (name, imported) in enumerate(sources):
+        sources_before = [(sources[0][0], None, [])]
+    else:
+        sources_before = [(name, imported, sources[:position]) for position, (name, imported) in enumerate(sources)]
+    for name, imported, earlier in sources_before:
         yield from _rows_of(
-            index, dataset, release, name, imported, sources[:position], resolution, min_dice_mean, batch_size
+            index, dataset, release, name, imported, earlier, resolution, min_dice_mean, batch_size, uncertainty
         )
 
 
@@ -110,6 +115,7 @@ def _rows_of(
     resolution: Resolution,
     min_dice_mean: float | None,
     batch_size: int,
+    uncertainty: bool = False,
 ) -> Iterator[tuple[Any, ...]]:
     filters = QueryFilters(dataset=dataset, release=release, model=model, min_dice_mean=min_dice_mean)
     if resolution is Resolution.ORIGINAL:
@@ -129,6 +135,7 @@ def _rows_of(
         landmarks,
         *masks,
         *size,
+        *(UNCERTAINTY_SELECT if uncertainty else ()),
     )
     statement = statement.where(_in_frame(Segmentation, resolution))
     if imported is not None:
@@ -137,13 +144,32 @@ def _rows_of(
         statement = statement.where(~_covered_by(dataset, earlier, resolution))
     statement = statement.order_by(Segmentation.id)
 
-    if resolution is Resolution.ORIGINAL:
-        for name, uri, mean, max_, text, left, right, heart, height, width in index.stream(statement, batch_size):
-            yield (name or uri, mean, max_, text, left, right, heart, height, width)
-    else:
-        for name, uri, mean, max_, points, left, right, heart in index.stream(statement, batch_size):
-            text = landmarks_1024_text(points)
-            yield (name or uri, mean, max_, text, left, right, heart, 1024, 1024)
+    extra = len(UNCERTAINTY_SELECT) if uncertainty else 0
+    for row in index.stream(statement, batch_size):
+        values, more = tuple(row[: len(row) - extra]), tuple(row[len(row) - extra :])
+        if resolution is Resolution.ORIGINAL:
+            name, uri, mean, max_, text, left, right, heart, height, width = values
+            line = (name or uri, mean, max_, text, left, right, heart, height, width)
+        else:
+            name, uri, mean, max_, points, left, right, heart = values
+            line = (name or uri, mean, max_, landmarks_1024_text(points), left, right, heart, 1024, 1024)
+        yield line + (_uncertainty_values(*more) if uncertainty else ())
+
+
+# The uncertainty columns of an export that asks for them, after the CheXmask ones.
+UNCERTAINTY_HEADER = [*UNCERTAINTY_COLUMNS, LANDMARK_STD_COLUMN]
+UNCERTAINTY_SELECT = (
+    Segmentation.uncertainty_rl,
+    Segmentation.uncertainty_ll,
+    Segmentation.uncertainty_h,
+    Segmentation.landmark_std,
+)
+
+
+def _uncertainty_values(rl: Any, ll: Any, h: Any, std: list[float] | None) -> tuple[Any, ...]:
+    """Organ means rounded as ``chexmask segment`` writes them; the 120 stds as x,y,... text."""
+    means = tuple(None if v is None else round(v, 4) for v in (rl, ll, h))
+    return (*means, None if std is None else ",".join(f"{v:.3f}" for v in std))
 
 
 def _covered_by(dataset: str, earlier: list[tuple[str | None, bool]], resolution: Resolution) -> Any:
@@ -169,6 +195,7 @@ def export(
     resolution: Resolution = Resolution.ORIGINAL,
     min_dice_mean: float | None = None,
     fmt: str | None = None,
+    uncertainty: bool = False,
 ) -> int:
     """Write the export to ``out`` (replaced only once complete); returns the row count.
 
@@ -186,8 +213,9 @@ def export(
         model=model,
         resolution=resolution,
         min_dice_mean=min_dice_mean,
+        uncertainty=uncertainty,
     )
-    columns = header(dataset)
+    columns = header(dataset) + (UNCERTAINTY_HEADER if uncertainty else [])
     with _replace_when_done(out) as tmp:
         return _write_csv(tmp, columns, rows) if fmt == "csv" else _write_parquet(tmp, columns, rows)
 
@@ -231,6 +259,7 @@ def _write_parquet(path: Path, columns: list[str], rows: Iterator[tuple[Any, ...
         pa.string(),
         pa.int64(),
         pa.int64(),
+        *([pa.float64()] * 3 + [pa.string()] if len(columns) > 9 else []),
     ]
     schema = pa.schema(list(zip(columns, types, strict=True)))
     count = 0

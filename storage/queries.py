@@ -69,6 +69,10 @@ class SegmentationSummary:
     dice_rca_max_h: float | None = None
     qc_flags: list[str] | None = None
     qc_reason: str | None = None
+    # mean landmark standard deviation per organ (pixels, 1024 frame), when sampled
+    uncertainty_rl: float | None = None
+    uncertainty_ll: float | None = None
+    uncertainty_h: float | None = None
 
 
 SUMMARY_COLUMNS = (
@@ -94,6 +98,9 @@ SUMMARY_COLUMNS = (
     Segmentation.dice_rca_max_h,
     Segmentation.qc_flags,
     Segmentation.qc_reason,
+    Segmentation.uncertainty_rl,
+    Segmentation.uncertainty_ll,
+    Segmentation.uncertainty_h,
 )
 
 SORT_KEYS: dict[str, Any] = {

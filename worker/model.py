@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch_geometric.nn import ChebConv
 
 from chexmask.anatomy import FRAME, ORGAN_SIZES
-from chexmask.errors import WeightsError
+from chexmask.errors import ConfigError, WeightsError
 from chexmask.worker import cpu_kernels
 from chexmask.worker.cpu_kernels import add_relu_pool, max_pool2
 
@@ -393,7 +393,7 @@ def check_uncertainty(model: HybridGNet, samples: int) -> None:
             "it (the official checkpoint, or a model bundled with it)"
         )
     if samples < 2:
-        raise ValueError(f"uncertainty needs at least 2 samples, got {samples}")
+        raise ConfigError(f"uncertainty needs at least 2 latent samples, got {samples}")
 
 
 def decode_samples(

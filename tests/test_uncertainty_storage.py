@@ -1,0 +1,89 @@
+"""Uncertainty in the index, the API and the export: stored with the segmentation,
+served as JSON, exported as extra columns only when asked (the default export keeps
+the CheXmask layout), and migration 0007 keeps existing rows."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import sqlalchemy as sa
+
+from chexmask.anatomy import LANDMARK_STD_COLUMN, UNCERTAINTY_COLUMNS
+from chexmask.storage.export import export
+from chexmask.storage.index import MaskIndex
+from chexmask.storage.layout import header
+
+STD = [0.5] * 44 + [1.0] * 50 + [round(2.0 + i / 100, 2) for i in range(26)]
+
+
+def test_uncertainty_round_trips_through_the_index_and_api(index, store, sample):
+    from test_storage_api import client_for
+
+    _, plain = sample("plain.png")
+    _, with_std = sample("sampled.png", landmark_std=STD)
+    row = index.get_segmentation(with_std.id)
+    assert row.landmark_std == STD and row.uncertainty_samples == 20
+    assert row.uncertainty_rl == pytest.approx(0.5) and row.uncertainty_ll == pytest.approx(1.0)
+    assert row.uncertainty_h == pytest.approx(sum(STD[94:]) / 26)
+    empty = index.get_segmentation(plain.id)
+    assert empty.landmark_std is None and empty.uncertainty_h is None
+
+    client = client_for(index, store)
+    record = client.get(f"/segmentations/{with_std.id}").json()
+    assert record["landmark_std"] == STD and record["uncertainty_samples"] == 20
+    assert record["uncertainty_h"] == pytest.approx(row.uncertainty_h)
+    listed = {r["id"]: r for r in client.get("/segmentations").json()["items"]}
+    assert listed[with_std.id]["uncertainty_ll"] == pytest.approx(1.0)
+    assert listed[plain.id]["uncertainty_ll"] is None
+
+
+def test_index_refuses_a_std_of_the_wrong_length(index, sample):
+    with pytest.raises(ValueError, match="120"):
+        sample("short.png", landmark_std=[1.0] * 10)
+
+
+def test_export_adds_uncertainty_columns_only_when_asked(index, sample, tmp_path):
+    sample("plain.png")
+    sample("sampled.png", landmark_std=STD)
+    default, asked = tmp_path / "default.csv", tmp_path / "asked.csv"
+    export(index, default, dataset="chestx-ray8")
+    export(index, asked, dataset="chestx-ray8", uncertainty=True)
+    with default.open() as fh:
+        assert next(csv.reader(fh)) == header("chestx-ray8")
+    with asked.open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0]) == [*header("chestx-ray8"), *UNCERTAINTY_COLUMNS, LANDMARK_STD_COLUMN]
+    by_id = {r[header("chestx-ray8")[0]]: r for r in rows}
+    assert by_id["plain.png"]["Uncertainty Heart"] == "" and by_id["plain.png"][LANDMARK_STD_COLUMN] == ""
+    assert float(by_id["sampled.png"]["Uncertainty Left Lung"]) == 1.0
+    assert [float(v) for v in by_id["sampled.png"][LANDMARK_STD_COLUMN].split(",")] == STD
+    # The CheXmask part of each row is the default export's, byte for byte.
+    cut = len(header("chestx-ray8"))
+    with default.open() as a, asked.open() as b:
+        assert [r[:cut] for r in csv.reader(a)] == [r[:cut] for r in csv.reader(b)]
+
+
+def test_uncertainty_migration_keeps_existing_rows(tmp_path):
+    from alembic import command
+    from services import add_sample
+
+    from chexmask.storage.engine import alembic_config
+
+    index = MaskIndex(f"sqlite:///{tmp_path / 'index.db'}")
+    try:
+        index.upgrade()
+        _, before = add_sample(index, "old.png", dice_mean=0.7)
+        config = alembic_config()
+        with index.engine.begin() as connection:
+            config.attributes["connection"] = connection
+            command.downgrade(config, "0004")
+        columns = {c["name"] for c in sa.inspect(index.engine).get_columns("segmentation")}
+        assert "landmark_std" not in columns and index.current_revision() == "0004"
+        index.upgrade()
+        kept = index.get_segmentation(before.id)
+        assert kept.dice_rca_mean == 0.7 and kept.landmark_std is None
+        _, segmentation = add_sample(index, "a.png", dice_mean=0.8, landmark_std=STD)
+        assert index.get_segmentation(segmentation.id).uncertainty_rl == pytest.approx(0.5)
+    finally:
+        index.close()

@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 INBOX ?= inbox
 
-.PHONY: setup run test lint test-all bench bench-gpu bench-qc bench-storage bench-serve bench-web bench-import clean
+.PHONY: setup run test lint test-all bench bench-gpu bench-qc bench-storage bench-serve bench-web bench-import bench-uncertainty clean
 
 setup:
 	@bash scripts/setup.sh
@@ -54,6 +54,10 @@ bench-serve: setup
 ## QC CPU per image against segmentation's in serve (target <= 1), and the QC validation numbers.
 bench-qc: setup
 	nice -n 10 $(PY) -m benchmarks.bench_qc
+
+## Uncertainty (N = 20 latent samples) cost as a ratio of a segmentation on the CPU, same run (target <= 0.3).
+bench-uncertainty: setup
+	$(PY) -m benchmarks.bench_uncertainty
 
 clean:
 	rm -rf $(VENV) .chexmask .pytest_cache chexmask-out

@@ -123,3 +123,33 @@ def test_pipeline_record_and_csv_carry_uncertainty(model, random_weights, image)
     stripped.has_logvar = False
     with pytest.raises(WeightsError):
         Segmenter(stripped, info, workers=1, uncertainty=5)
+
+
+def test_segment_command_writes_uncertainty_and_refuses_it_without_fc_logvar(random_weights, image, tmp_path):
+    import csv
+    import json
+    import subprocess
+    import sys
+
+    import cv2
+
+    cv2.imwrite(str(tmp_path / "x.png"), image)
+
+    def segment(*args: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "chexmask.app.cli", "segment", str(tmp_path / "x.png"), *args]
+        return subprocess.run(command, capture_output=True, text=True)
+
+    done = segment("--weights", str(random_weights), "--out", str(tmp_path / "out"), "--uncertainty", "4")
+    assert done.returncode == 0, done.stderr
+    record = json.loads((tmp_path / "out" / "x.json").read_text())["uncertainty"]
+    assert record["samples"] == 4 and len(record["landmark_std"]) == 120
+    with open(tmp_path / "out" / "segmentations.csv") as fh:
+        columns = next(csv.reader(fh))
+    assert columns[-4:] == [*UNCERTAINTY_COLUMNS, LANDMARK_STD_COLUMN]
+
+    compact = tmp_path / "compact.pt"  # as chexmask-jsrt-v2 is stored: fp16, no fc_logvar
+    torch.save(compact_state_dict(load_model(random_weights)), compact)
+    refused = segment("--weights", str(compact), "--out", str(tmp_path / "v2"), "--uncertainty", "20")
+    assert refused.returncode != 0
+    assert "fc_logvar" in refused.stderr and "Traceback" not in refused.stderr
+    assert not (tmp_path / "v2" / "x.json").exists()

@@ -130,3 +130,39 @@ def test_ood_samples_are_deterministic_per_condition_and_image(points):
         assert a[0].shape == (FRAME, FRAME) and a[0].dtype == np.uint8
         assert not np.array_equal(a[0], image), condition
         assert not np.array_equal(a[0], c[0]), condition
+
+
+def test_fine_tuning_from_weights_without_fc_logvar_starts_from_a_narrow_posterior(tmp_path):
+    import torch
+
+    from chexmask.worker.model import HybridGNet
+    from chexmask.worker.train import load_init_weights
+    from chexmask.worker.weights import compact_state_dict
+
+    torch.manual_seed(0)
+    source = HybridGNet()
+    compact = tmp_path / "compact.pt"
+    torch.save(compact_state_dict(source), compact)
+    model = HybridGNet()
+    load_init_weights(model, compact, -9.0)
+    assert (model.encoder.fc_logvar.weight == 0).all() and (model.encoder.fc_logvar.bias == -9.0).all()
+    torch.testing.assert_close(model.encoder.fc_mu.weight, source.encoder.fc_mu.weight.half().float())
+
+    kept = tmp_path / "kept.pt"
+    torch.save(compact_state_dict(source, keep_logvar=True), kept)
+    load_init_weights(model, kept, -9.0)
+    torch.testing.assert_close(model.encoder.fc_logvar.bias, source.encoder.fc_logvar.bias.half().float())
+
+
+def test_evaluate_ood_scores_every_condition(jsrt, random_weights):
+    from chexmask.worker.evaluate import condition_table, evaluate
+    from chexmask.worker.weights import load_model
+
+    rows, summary = evaluate(load_model(random_weights), jsrt / "images", jsrt / "landmarks", ["JPCLN001"], ood=True)
+    assert [r["condition"] for r in rows] == list(CONDITIONS)
+    assert set(summary) == {"images", "ood", *CONDITIONS}
+    for condition in CONDITIONS:
+        assert 0 <= summary[condition]["dice_lungs"] <= 1
+    assert summary["ood"]["dice_heart"] == pytest.approx(np.mean([r["dice_heart"] for r in rows]))
+    table = condition_table(summary)
+    assert table.count("\n") == len(CONDITIONS) + 2 and "zoomed_out" in table

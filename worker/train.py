@@ -179,6 +179,19 @@ def validate(model: HybridGNet, loader, device: str) -> dict:
     return {k: float(np.mean([s[k] for s in scores])) for k in scores[0]}
 
 
+def load_init_weights(model: HybridGNet, path: Path, init_logvar: float) -> None:
+    """Start from ``path``. A file without fc_logvar (compact) gets zero weights and the
+    bias ``init_logvar``: every image the same narrow posterior around its mu, so the
+    model starts with the file's landmarks and the KL term trains the variance from there."""
+    from chexmask.worker.weights import read_checkpoint
+
+    weights, stored_logvar = read_checkpoint(path)
+    model.load_state_dict(weights)
+    if not stored_logvar:
+        torch.nn.init.zeros_(model.encoder.fc_logvar.weight)
+        torch.nn.init.constant_(model.encoder.fc_logvar.bias, init_logvar)
+
+
 def selection_score(entry: dict) -> float:
     """What chooses the best epoch: Dice of lungs and heart on the validation images,
     plus on their OOD versions when those were validated too."""
@@ -212,13 +225,7 @@ def train(
     model = HybridGNet().to(device, memory_format=torch.channels_last)  # type: ignore[call-overload]  # missing in torch's stubs
     init_official(model)
     if init_weights is not None:
-        from chexmask.worker.weights import read_checkpoint
-
-        weights, stored_logvar = read_checkpoint(init_weights)
-        model.load_state_dict(weights)
-        if not stored_logvar:
-            torch.nn.init.zeros_(model.encoder.fc_logvar.weight)
-            torch.nn.init.constant_(model.encoder.fc_logvar.bias, cfg.init_logvar)
+        load_init_weights(model, init_weights, cfg.init_logvar)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, cfg.lr_step, cfg.lr_gamma)
     state: dict[str, Any] = {"epoch": 0, "best": None, "history": [], "seconds": 0.0}

@@ -13,6 +13,7 @@ from chexmask.anatomy import LANDMARK_STD_COLUMN, UNCERTAINTY_COLUMNS
 from chexmask.storage.export import export
 from chexmask.storage.index import MaskIndex
 from chexmask.storage.layout import header
+from chexmask.storage.queries import QueryFilters
 
 STD = [0.5] * 44 + [1.0] * 50 + [round(2.0 + i / 100, 2) for i in range(26)]
 
@@ -87,3 +88,40 @@ def test_uncertainty_migration_keeps_existing_rows(tmp_path):
         assert index.get_segmentation(segmentation.id).uncertainty_rl == pytest.approx(0.5)
     finally:
         index.close()
+
+
+def test_serve_stores_uncertainty_and_export_writes_it(tmp_path, random_weights):
+    import os
+    import subprocess
+    import sys
+
+    import cv2
+    import numpy as np
+
+    inbox, home = tmp_path / "inbox", tmp_path / "home"
+    inbox.mkdir()
+    disc = np.hypot(*np.mgrid[-300:300, -300:300]) < 250
+    cv2.imwrite(str(inbox / "x.png"), (disc * 150 + 40).astype(np.uint8))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHEXMASK_")}
+    env.update(CHEXMASK_HOME=str(home), CHEXMASK_WEIGHTS=str(random_weights), CHEXMASK_QC_BANK="none")
+
+    def chexmask(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "chexmask.app.cli", *args], env=env, capture_output=True, text=True
+        )
+
+    served = chexmask("serve", "--inbox", str(inbox), "--once", "--dataset", "test", "--uncertainty", "3")
+    assert served.returncode == 0, served.stderr
+    index = MaskIndex(f"sqlite:///{home / 'index.db'}")
+    try:
+        (row,) = index.query(QueryFilters())
+        stored = index.get_segmentation(row.id)
+        assert stored.uncertainty_samples == 3 and len(stored.landmark_std) == 120
+        assert row.uncertainty_h == pytest.approx(np.mean(stored.landmark_std[94:]))
+    finally:
+        index.close()
+    exported = chexmask("export", "--dataset", "test", "--uncertainty", "--out", str(tmp_path / "out.csv"))
+    assert exported.returncode == 0, exported.stderr
+    with open(tmp_path / "out.csv") as fh:
+        (line,) = list(csv.DictReader(fh))
+    assert len(line[LANDMARK_STD_COLUMN].split(",")) == 120

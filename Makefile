@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 INBOX ?= inbox
 
-.PHONY: setup run test lint test-all bench bench-gpu bench-qc bench-storage bench-serve bench-web bench-import bench-dicom clean
+.PHONY: setup run test lint test-all bench bench-gpu bench-qc bench-storage bench-serve bench-web bench-import bench-dicom bench-uncertainty clean
 
 setup:
 	@bash scripts/setup.sh
@@ -58,6 +58,10 @@ bench-qc: setup
 ## DICOM C-STORE SCP instances/s against the disk's write speed; acknowledgement to segmentation (and SEG).
 bench-dicom: setup
 	nice -n 5 $(PY) -m benchmarks.bench_dicom
+
+## Uncertainty (N = 20 latent samples) cost as a ratio of a segmentation on the CPU, same run (target <= 0.3).
+bench-uncertainty: setup
+	$(PY) -m benchmarks.bench_uncertainty
 
 clean:
 	rm -rf $(VENV) .chexmask .pytest_cache chexmask-out

@@ -190,6 +190,12 @@ def _table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 @click.option(
     "--measurements", is_flag=True, help="Add the measurement columns (CTR, areas) after the CheXmask columns."
 )
+@click.option(
+    "--uncertainty",
+    is_flag=True,
+    help="Add the landmark uncertainty after the CheXmask columns: mean std per organ and the 120 "
+    "stds (pixels, 1024 frame); empty for segmentations made without it.",
+)
 def export_command(
     dataset: str,
     release: str | None,
@@ -199,6 +205,7 @@ def export_command(
     out: str,
     fmt: str | None,
     measurements: bool,
+    uncertainty: bool,
 ) -> None:
     """Write a dataset's masks in the CheXmask CSV layout (or Parquet, or DICOM SEG and SR files)."""
     from chexmask.storage.export import Resolution, export
@@ -216,6 +223,7 @@ def export_command(
         min_dice_mean=min_dice_mean,
         fmt=fmt,
         measurements=measurements,
+        uncertainty=uncertainty,
     )
     click.echo(f"wrote {count} rows to {out}", err=True)
 

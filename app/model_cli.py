@@ -38,8 +38,21 @@ from chexmask.files import image_files
     "--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="Default: CHEXMASK_DEVICE or auto."
 )
 @click.option("--dataset", default="", help="Dataset name; picks the CheXmask id column of the CSV (default image_id).")
+@click.option(
+    "--uncertainty",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Latent samples per image for a per-landmark standard deviation (default: "
+    "CHEXMASK_UNCERTAINTY_SAMPLES or 0 = none); needs weights with encoder.fc_logvar.",
+)
 def segment_command(
-    paths: tuple[Path, ...], weights: str | None, out: Path, batch_size: int | None, device: str | None, dataset: str
+    paths: tuple[Path, ...],
+    weights: str | None,
+    out: Path,
+    batch_size: int | None,
+    device: str | None,
+    dataset: str,
+    uncertainty: int | None,
 ) -> int:
     """Segment chest X-rays (files or folders of DICOM, PNG or JPEG).
 
@@ -65,7 +78,14 @@ def segment_command(
     if not files:
         raise click.UsageError("no image files found in the given paths")
     out.mkdir(parents=True, exist_ok=True)
-    segmenter = Segmenter(model, info, batch_size or settings.batch_size, settings.model_threads, settings.max_pixels)
+    segmenter = Segmenter(
+        model,
+        info,
+        batch_size or settings.batch_size,
+        settings.model_threads,
+        settings.max_pixels,
+        uncertainty=settings.uncertainty_samples if uncertainty is None else uncertainty,
+    )
     # Regular files only: a FIFO would block the run, a device never end.
     sources = [(str(p.name), functools.partial(read_regular_file, p)) for p in files]
     refused = failed = 0
@@ -141,9 +161,37 @@ def output_names(files: list[Path]) -> list[str]:
     "--init-weights", type=click.Path(exists=True, path_type=Path), help="Start from these weights (fine-tuning)."
 )
 @click.option("--limit", type=int, help="Use only the first N images (a smoke run).")
+@click.option(
+    "--augment",
+    type=click.Choice(["none", "basic", "world"]),
+    default="basic",
+    show_default=True,
+    help="basic: small affine, gamma, contrast; world: other framing, collimation, text, processing, "
+    "noise, blur, JPEG (worker/augment.py).",
+)
+@click.option(
+    "--ood-val/--no-ood-val",
+    default=False,
+    show_default=True,
+    help="Also validate on re-framed, re-processed validation images and choose the best epoch on both.",
+)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 def train_command(
-    images, landmarks, out, epochs, batch_size, lr, lr_step, val_fraction, seed, resume, init_weights, limit, device
+    images,
+    landmarks,
+    out,
+    epochs,
+    batch_size,
+    lr,
+    lr_step,
+    val_fraction,
+    seed,
+    resume,
+    init_weights,
+    limit,
+    augment,
+    ood_val,
+    device,
 ) -> int:
     """Train HybridGNet on landmark-annotated chest X-rays (resumable).
 
@@ -152,7 +200,15 @@ def train_command(
     from chexmask.worker.train import TrainConfig, train
 
     cfg = TrainConfig(
-        epochs=epochs, batch_size=batch_size, lr=lr, lr_step=lr_step, val_fraction=val_fraction, seed=seed, limit=limit
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        lr_step=lr_step,
+        val_fraction=val_fraction,
+        seed=seed,
+        limit=limit,
+        augment=augment,
+        ood_val=ood_val,
     )
     best = train(images, landmarks, out, cfg, resolve_device(device), resume, init_weights)
     click.echo(json.dumps({"best": best, "weights": str(out / "best.pt")}, indent=1))
@@ -169,18 +225,28 @@ def train_command(
     help="A split.json from training; evaluates its --split part only.",
 )
 @click.option("--split", default="val", show_default=True)
+@click.option(
+    "--ood",
+    is_flag=True,
+    help="Score re-framed and re-processed versions of the images instead (zoomed out, shifted, "
+    "cropped aspect, collimated, text and markers, rotated, gamma/contrast, processed, "
+    "noise/blur/JPEG; seeded), Dice per condition.",
+)
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs/evaluate"), show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-def evaluate_command(weights, images, landmarks, ids_file, split, out, device) -> int:
+def evaluate_command(weights, images, landmarks, ids_file, split, ood, out, device) -> int:
     """Dice (lungs, heart), Hausdorff distance and landmark error against annotations;
-    writes out/summary.json and out/per_image.csv."""
-    from chexmask.worker.evaluate import evaluate, write_report
+    writes out/summary.json and out/per_image.csv (with --ood also out/conditions.md)."""
+    from chexmask.worker.evaluate import condition_table, evaluate, write_report
     from chexmask.worker.weights import load
 
     model, info = load(weights, Settings.from_env(), resolve_device(device))
     ids = json.loads(ids_file.read_text())[split] if ids_file else None
-    rows, summary = evaluate(model, images, landmarks, ids)
+    rows, summary = evaluate(model, images, landmarks, ids, ood=ood)
     summary["model"] = info.version
     write_report(rows, summary, out)
     click.echo(json.dumps(summary, indent=1))
+    if ood:
+        (out / "conditions.md").write_text(condition_table(summary) + "\n")
+        click.echo(condition_table(summary))
     return 0

@@ -119,6 +119,13 @@ def _intake(settings: Settings):
 @_watch_options
 @click.option("--threads", type=int, help="Images in flight (default: twice CHEXMASK_BATCH_SIZE).")
 @_dicom_options
+@click.option(
+    "--uncertainty",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Latent samples per image for a per-landmark standard deviation, stored with each "
+    "segmentation (default: CHEXMASK_UNCERTAINTY_SAMPLES or 0 = none).",
+)
 def serve_command(
     inbox: Path,
     once: bool,
@@ -130,6 +137,7 @@ def serve_command(
     threads: int | None,
     dicom_port: int | None,
     ae_title: str | None,
+    uncertainty: int | None,
 ) -> int:
     """Segment every chest X-ray that lands in INBOX, all in this process.
 
@@ -144,6 +152,8 @@ def serve_command(
     dicom_port = dicom_port if dicom_port is not None else settings.dicom_port
     if once and dicom_port is not None:
         raise click.UsageError("--once processes the inbox and exits; it cannot listen on --dicom-port")
+    if uncertainty is not None:
+        settings = settings.model_copy(update={"uncertainty_samples": uncertainty})
     lock = threading.Lock()
     server: Server
 

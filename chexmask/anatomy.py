@@ -25,3 +25,12 @@ ORGANS: tuple[str, ...] = tuple(ORGAN_NAMES.values())
 
 # CheXmask CSV mask columns, in the CSV's order.
 CSV_MASK_COLUMNS: dict[str, str] = {"Left Lung": "LL", "Right Lung": "RL", "Heart": "H"}
+
+# Columns appended after the CheXmask ones when uncertainty is asked for: the mean
+# landmark standard deviation per organ and all 120 of them (pixels of the 1024 frame).
+UNCERTAINTY_COLUMNS: dict[str, str] = {
+    "Uncertainty Right Lung": "RL",
+    "Uncertainty Left Lung": "LL",
+    "Uncertainty Heart": "H",
+}
+LANDMARK_STD_COLUMN = "Landmark Std"

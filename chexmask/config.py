@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     device: str = "auto"  # CHEXMASK_DEVICE: auto, cpu, cuda
     batch_size: int = 2  # CHEXMASK_BATCH_SIZE: images in the model at once, over its threads
     model_threads: int = 0  # CHEXMASK_MODEL_THREADS: images inferred at once; 0 = one per core
+    uncertainty_samples: int = Field(
+        0, ge=0
+    )  # CHEXMASK_UNCERTAINTY_SAMPLES: latent samples for per-landmark uncertainty; 0 = none
     api_token: SecretStr | None = None  # CHEXMASK_API_TOKEN: bearer token for the HTTP API
     visibility_timeout_s: int = _env(
         "VISIBILITY_TIMEOUT", 3600

@@ -20,6 +20,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import aliased
 
+from chexmask.anatomy import LANDMARK_STD_COLUMN, UNCERTAINTY_COLUMNS
 from chexmask.datasets import canonical
 from chexmask.errors import ConfigError
 from chexmask.storage.chexmask_csv import IMPORT_PIPELINE, Frame
@@ -89,22 +90,24 @@ def iter_rows(
     min_dice_mean: float | None = None,
     batch_size: int = BATCH_SIZE,
     measurements: bool = False,
+    uncertainty: bool = False,
 ) -> Iterator[tuple[Any, ...]]:
-    """The export rows as tuples matching ``header(dataset)`` (plus ``MEASUREMENT_HEADER``
-    with ``measurements``): one per dataset image id, from the first source that has it
-    (see ``_sources``), each source in the order its rows were stored. Published rows
-    imported unchanged come out byte for byte."""
+    """The export rows as tuples matching ``header(dataset)``: one per dataset image id,
+    from the first source that has it (see ``_sources``), each source in the order
+    its rows were stored. Published rows imported unchanged come out byte for byte.
+    With ``measurements`` each row goes on with ``MEASUREMENT_HEADER``, then with
+    ``uncertainty`` with ``UNCERTAINTY_HEADER`` (empty where none)."""
     resolution = Resolution(resolution)
     sources = _sources(index, dataset, _resolve_models(index, model))
     extra = MEASUREMENT_COLUMNS if measurements else ()
+    sources_before: list[tuple[str | None, bool | None, list[tuple[str | None, bool]]]]
     if len(sources) == 1:  # the common case: one model, nothing imported, no dedup
+        sources_before = [(sources[0][0], None, [])]
+    else:
+        sources_before = [(name, imported, sources[:position]) for position, (name, imported) in enumerate(sources)]
+    for name, imported, earlier in sources_before:
         yield from _rows_of(
-            index, dataset, release, sources[0][0], None, [], resolution, min_dice_mean, batch_size, extra
-        )
-        return
-    for position, (name, imported) in enumerate(sources):
-        yield from _rows_of(
-            index, dataset, release, name, imported, sources[:position], resolution, min_dice_mean, batch_size, extra
+            index, dataset, release, name, imported, earlier, resolution, min_dice_mean, batch_size, extra, uncertainty
         )
 
 
@@ -119,6 +122,7 @@ def _rows_of(
     min_dice_mean: float | None,
     batch_size: int,
     extra: Sequence[Any] = (),
+    uncertainty: bool = False,
 ) -> Iterator[tuple[Any, ...]]:
     filters = QueryFilters(dataset=dataset, release=release, model=model, min_dice_mean=min_dice_mean)
     if resolution is Resolution.ORIGINAL:
@@ -139,6 +143,7 @@ def _rows_of(
         *masks,
         *size,
         *extra,
+        *(UNCERTAINTY_SELECT if uncertainty else ()),
     )
     statement = statement.where(_in_frame(Segmentation, resolution))
     if imported is not None:
@@ -147,16 +152,34 @@ def _rows_of(
         statement = statement.where(~_covered_by(dataset, earlier, resolution))
     statement = statement.order_by(Segmentation.id)
 
-    # The measurements (``extra``) ride at the end of each row, after the CheXmask columns.
-    if resolution is Resolution.ORIGINAL:
-        for name, uri, mean, max_, text, left, right, heart, height, width, *more in index.stream(
-            statement, batch_size
-        ):
-            yield (name or uri, mean, max_, text, left, right, heart, height, width, *more)
-    else:
-        for name, uri, mean, max_, points, left, right, heart, *more in index.stream(statement, batch_size):
-            text = landmarks_1024_text(points)
-            yield (name or uri, mean, max_, text, left, right, heart, 1024, 1024, *more)
+    # The measurements (``extra``), then the uncertainty, ride after the CheXmask columns.
+    tail = len(extra) + (len(UNCERTAINTY_SELECT) if uncertainty else 0)
+    for row in index.stream(statement, batch_size):
+        values, measured = tuple(row[: len(row) - tail]), tuple(row[len(row) - tail :][: len(extra)])
+        more = tuple(row[len(row) - tail + len(extra) :])
+        if resolution is Resolution.ORIGINAL:
+            name, uri, mean, max_, text, left, right, heart, height, width = values
+            line = (name or uri, mean, max_, text, left, right, heart, height, width)
+        else:
+            name, uri, mean, max_, points, left, right, heart = values
+            line = (name or uri, mean, max_, landmarks_1024_text(points), left, right, heart, 1024, 1024)
+        yield line + measured + (_uncertainty_values(*more) if uncertainty else ())
+
+
+# The uncertainty columns of an export that asks for them, after the CheXmask ones.
+UNCERTAINTY_HEADER = [*UNCERTAINTY_COLUMNS, LANDMARK_STD_COLUMN]
+UNCERTAINTY_SELECT = (
+    Segmentation.uncertainty_rl,
+    Segmentation.uncertainty_ll,
+    Segmentation.uncertainty_h,
+    Segmentation.landmark_std,
+)
+
+
+def _uncertainty_values(rl: Any, ll: Any, h: Any, std: list[float] | None) -> tuple[Any, ...]:
+    """Organ means rounded as ``chexmask segment`` writes them; the 120 stds as x,y,... text."""
+    means = tuple(None if v is None else round(v, 4) for v in (rl, ll, h))
+    return (*means, None if std is None else ",".join(f"{v:.3f}" for v in std))
 
 
 def _covered_by(dataset: str, earlier: list[tuple[str | None, bool]], resolution: Resolution) -> Any:
@@ -183,6 +206,7 @@ def export(
     min_dice_mean: float | None = None,
     fmt: str | None = None,
     measurements: bool = False,
+    uncertainty: bool = False,
 ) -> int:
     """Write the export to ``out`` (replaced only once complete); returns the row count.
 
@@ -202,8 +226,11 @@ def export(
         resolution=resolution,
         min_dice_mean=min_dice_mean,
         measurements=measurements,
+        uncertainty=uncertainty,
     )
-    columns = header(dataset) + (MEASUREMENT_HEADER if measurements else [])
+    columns = (
+        header(dataset) + (MEASUREMENT_HEADER if measurements else []) + (UNCERTAINTY_HEADER if uncertainty else [])
+    )
     with _replace_when_done(out) as tmp:
         return _write_csv(tmp, columns, rows) if fmt == "csv" else _write_parquet(tmp, columns, rows)
 
@@ -248,7 +275,7 @@ def _write_parquet(path: Path, columns: list[str], rows: Iterator[tuple[Any, ...
         pa.int64(),
         pa.int64(),
     ]
-    types += [_arrow_type(pa, name) for name in columns[len(types) :]]  # --measurements
+    types += [_arrow_type(pa, name) for name in columns[len(types) :]]  # --measurements, --uncertainty
     schema = pa.schema(list(zip(columns, types, strict=True)))
     count = 0
     with pq.ParquetWriter(path, schema) as writer:
@@ -261,7 +288,9 @@ def _write_parquet(path: Path, columns: list[str], rows: Iterator[tuple[Any, ...
 
 
 def _arrow_type(pa: Any, name: str) -> Any:
-    """The Arrow type of a measurement column, from its type in the index."""
+    """The Arrow type of an extra column: the uncertainty's, or a measurement's type in the index."""
+    if name in UNCERTAINTY_HEADER:
+        return pa.string() if name == LANDMARK_STD_COLUMN else pa.float64()
     python_type = Segmentation.__table__.c[name].type.python_type
     return {int: pa.int64(), float: pa.float64(), str: pa.string()}[python_type]
 

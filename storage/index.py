@@ -27,7 +27,7 @@ from sqlalchemy.orm import aliased
 from sqlmodel import Session, select
 
 from chexmask import PIPELINE_VERSION
-from chexmask.anatomy import N_LANDMARKS, ORGANS
+from chexmask.anatomy import N_LANDMARKS, ORGAN_ROWS, ORGANS
 from chexmask.datasets import canonical
 from chexmask.errors import ConfigError, NotFound
 from chexmask.status import ImageStatus, QCStatus
@@ -423,6 +423,8 @@ class MaskIndex:
         rle_1024: Mapping[str, str],
         pipeline_version: str = PIPELINE_VERSION,
         latent: Sequence[float] | None = None,
+        landmark_std: Sequence[float] | None = None,
+        uncertainty_samples: int | None = None,
         object_keys: Mapping[str, str] | None = None,
         timings: Mapping[str, float] | None = None,
         qc_owner: str | None = None,
@@ -436,6 +438,8 @@ class MaskIndex:
         registered on first use. Its pending QC is held by ``qc_owner`` for
         ``qc_lease_s`` seconds, so a crash before QC leaves a lease that runs out.
         ``measurements``: the measurement columns (``Measurements.columns()``).
+        ``landmark_std`` ([120], pixels of the 1024 frame, from ``uncertainty_samples``
+        latent samples) is stored with its per-organ means.
         """
         original = _points(landmarks_original)
         values = {
@@ -448,6 +452,7 @@ class MaskIndex:
             "landmarks_original": original,
             "landmarks_original_str": numpy_text(original),
             "latent": None if latent is None else [float(v) for v in latent],
+            **_uncertainty(landmark_std, uncertainty_samples),
             "height": int(height),
             "width": int(width),
             **{f"rle_{organ}": value for organ, value in _organs(rle).items()},
@@ -814,3 +819,14 @@ def _organs(rle: Mapping[str, str]) -> dict[str, str]:
     if set(rle) != set(ORGANS):
         raise ValueError(f"RLE must give exactly {', '.join(ORGANS)}; got {sorted(rle)}")
     return {organ: str(rle[organ]) for organ in ORGANS}
+
+
+def _uncertainty(landmark_std: Sequence[float] | None, samples: int | None) -> dict[str, Any]:
+    """The uncertainty columns of a segmentation: the per-landmark std and its organ means."""
+    if landmark_std is None:
+        return {}
+    std = [float(v) for v in landmark_std]
+    if len(std) != N_LANDMARKS:
+        raise ValueError(f"landmark_std needs {N_LANDMARKS} values, got {len(std)}")
+    means = {f"uncertainty_{k.lower()}": sum(std[rows]) / len(std[rows]) for k, rows in ORGAN_ROWS.items()}
+    return {"landmark_std": std, "uncertainty_samples": samples, **means}

@@ -217,6 +217,12 @@ class Segmentation(StorageModel, table=True):
     qc_flags: list[str] | None = Field(default=None, sa_type=JSONType)
     qc_reason: str | None = Field(default=None, sa_type=sa.Text)  # why RCA was skipped or distrusted
     shape_outlier_score: float | None = None
+    # Per-organ mean of the landmarks' standard deviation over latent samples (pixels of
+    # the 1024 frame), and the sample count; NULL when uncertainty was not asked for.
+    uncertainty_rl: float | None = None
+    uncertainty_ll: float | None = None
+    uncertainty_h: float | None = None
+    uncertainty_samples: int | None = None
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, nullable=False)
     # The holder of a pending QC and until when (see SourceImage.lease_owner).
     qc_lease_owner: str | None = Field(default=None, sa_type=sa.String(128))
@@ -229,6 +235,7 @@ class Segmentation(StorageModel, table=True):
     # made once here because formatting it per row took two thirds of an export.
     landmarks_original_str: str = Field(sa_type=sa.Text, nullable=False)
     latent: list[float] | None = Field(default=None, sa_type=JSONType)
+    landmark_std: list[float] | None = Field(default=None, sa_type=JSONType)  # [120] pixels, 1024 frame
     rle_right_lung: str = Field(sa_type=sa.Text, nullable=False)
     rle_left_lung: str = Field(sa_type=sa.Text, nullable=False)
     rle_heart: str = Field(sa_type=sa.Text, nullable=False)

@@ -97,6 +97,10 @@ class SegmentationSummary:
     pixel_spacing_row_mm: float | None = None
     pixel_spacing_col_mm: float | None = None
     pixel_spacing_source: str | None = None
+    # mean landmark standard deviation per organ (pixels, 1024 frame), when sampled
+    uncertainty_rl: float | None = None
+    uncertainty_ll: float | None = None
+    uncertainty_h: float | None = None
 
 
 # The measurement columns, in the order queries and the export's --measurements add them.
@@ -138,6 +142,9 @@ SUMMARY_COLUMNS = (
     Segmentation.qc_flags,
     Segmentation.qc_reason,
     *MEASUREMENT_COLUMNS,
+    Segmentation.uncertainty_rl,
+    Segmentation.uncertainty_ll,
+    Segmentation.uncertainty_h,
 )
 
 SORT_KEYS: dict[str, Any] = {

@@ -251,9 +251,11 @@ def add_sample(
     width: int = 512,
     object_keys: dict[str, str] | None = None,
     measurements: dict[str, Any] | None = None,
+    landmark_std: list[float] | None = None,
 ):
     """Register an image called ``name`` and give it a segmentation (and QC when
-    Dice values are given). Returns ``(image, segmentation)``."""
+    Dice values are given; uncertainty from 20 samples with ``landmark_std``).
+    Returns ``(image, segmentation)``."""
     import hashlib
 
     from chexmask.status import ImageStatus
@@ -283,6 +285,8 @@ def add_sample(
         rle_1024=rle_1024 or masks,
         object_keys=object_keys,
         measurements=measurements,
+        landmark_std=landmark_std,
+        uncertainty_samples=None if landmark_std is None else 20,
     )
     if dice_mean is not None or dice_max is not None:
         segmentation = index.set_qc(segmentation.id, dice_rca_mean=dice_mean, dice_rca_max=dice_max)

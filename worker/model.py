@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch_geometric.nn import ChebConv
 
 from chexmask.anatomy import FRAME, ORGAN_SIZES
+from chexmask.errors import ConfigError, WeightsError
 from chexmask.worker import cpu_kernels
 from chexmask.worker.cpu_kernels import add_relu_pool, max_pool2
 
@@ -228,6 +229,17 @@ def roi_lookup(pos: torch.Tensor, fmap: torch.Tensor, counts: torch.Tensor | Non
 
 def _bilinear(flat: torch.Tensor, batch: torch.Tensor, coord: torch.Tensor, S: int) -> torch.Tensor:
     """One bilinear sample with torchvision's border rules."""
+    index, weights, outside = _bilinear_taps(coord, S)
+    v = lambda k: flat[batch, index[..., k]]  # noqa: E731
+    w1, w2, w3, w4 = (w[..., None] for w in weights)
+    value = w1 * v(0) + w2 * v(1) + w3 * v(2) + w4 * v(3)
+    return torch.where(outside[..., None], torch.zeros_like(value), value)
+
+
+def _bilinear_taps(coord: torch.Tensor, S: int) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor]:
+    """The four pixels (flat indices [...,4]) and weights of a bilinear sample at ``coord``
+    [...,2] (x, y) on an S x S map, with torchvision's border rules, and where it falls
+    outside the map (value 0)."""
     outside = ((coord < -1) | (coord > S)).any(-1)
     c = coord.clamp(min=0)
     low = c.floor().to(torch.int64)
@@ -239,10 +251,35 @@ def _bilinear(flat: torch.Tensor, batch: torch.Tensor, coord: torch.Tensor, S: i
     rest = 1 - frac
     (lx, ly), (hx, hy) = frac.unbind(-1), rest.unbind(-1)
     (x0, y0), (x1, y1) = low.unbind(-1), high.unbind(-1)
-    v = lambda y, x: flat[batch, y * S + x]  # noqa: E731
-    w1, w2, w3, w4 = (hy * hx)[..., None], (hy * lx)[..., None], (ly * hx)[..., None], (ly * lx)[..., None]
-    value = w1 * v(y0, x0) + w2 * v(y0, x1) + w3 * v(y1, x0) + w4 * v(y1, x1)
-    return torch.where(outside[..., None], torch.zeros_like(value), value)
+    index = torch.stack([y0 * S + x0, y0 * S + x1, y1 * S + x0, y1 * S + x1], -1)
+    return index, (hy * hx, hy * lx, ly * hx, ly * lx), outside
+
+
+def roi_lookup_shared(pos: torch.Tensor, fmap: torch.Tensor) -> torch.Tensor:
+    """``roi_lookup`` of many position sets on one image's map (``fmap`` [1,C,S,S]): the
+    same samples and weights, summed by one ``embedding_bag`` instead of a gather per
+    sample point, which makes decoding the latent samples of the uncertainty cheap.
+    Equal to ``roi_lookup`` up to float rounding (another summation order)."""
+    B, N, _ = pos.shape
+    C, S = fmap.shape[1], fmap.shape[-1]
+    p = pos.detach().float() * S
+    start = (p - 1) - 0.5
+    width = ((p + 2) - 0.5) - start
+    counts = roi_sample_counts(pos, S)
+    n_max = int(counts.max())
+    indices, weights = [], []
+    for iy in range(n_max):
+        for ix in range(n_max):
+            i = torch.tensor([ix + 0.5, iy + 0.5], device=pos.device)
+            index, taps, outside = _bilinear_taps(start + (i * width) / counts, S)
+            valid = (ix < counts[..., 0]) & (iy < counts[..., 1]) & ~outside
+            indices.append(index)
+            weights.append(torch.stack(taps, -1) * valid[..., None])
+    area = (counts[..., 0] * counts[..., 1]).to(fmap.dtype)[..., None]
+    index = torch.cat(indices, -1).reshape(B * N, -1)
+    weight = (torch.cat(weights, -1).to(fmap.dtype) / area).reshape(B * N, -1)
+    table = fmap[0].flatten(1).t()  # [S*S, C]
+    return F.embedding_bag(index, table, per_sample_weights=weight, mode="sum").reshape(B, N, C)
 
 
 class SkipLookup(nn.Module):
@@ -254,7 +291,10 @@ class SkipLookup(nn.Module):
 
     def forward(self, x, edges, fmap, counts=None):
         pos = self.graphConv_pre(x, edges)
-        skip = roi_lookup(pos, fmap, counts)
+        if fmap.shape[0] == 1 and pos.shape[0] > 1 and counts is None:
+            skip = roi_lookup_shared(pos, fmap)  # latent samples of one image
+        else:
+            skip = roi_lookup(pos, fmap, counts)
         return torch.cat([x, skip, pos], dim=2), pos
 
 
@@ -274,6 +314,9 @@ class HybridGNet(nn.Module):
     def __init__(self, cfg: HybridGNetConfig = HybridGNetConfig()):
         super().__init__()
         self.cfg = cfg
+        # Whether encoder.fc_logvar holds trained weights: compact files may leave it out,
+        # and then there is no latent distribution to sample (load_model sets it).
+        self.has_logvar = True
         f, K = cfg.filters, cfg.K
         skip_channels = cfg.encoder_channels[-1]
         self.encoder = Encoder(cfg)
@@ -350,3 +393,62 @@ def segment_batch(model: HybridGNet, images: np.ndarray, together: bool = False)
         landmarks.append(lm[0].float().cpu().numpy())
         latents.append(mu[0].float().cpu().numpy())
     return np.stack(landmarks), np.stack(latents)
+
+
+@torch.inference_mode()
+def segment_with_uncertainty(
+    model: HybridGNet, images: np.ndarray, samples: int, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``segment_batch`` (image by image) plus each landmark's spread under the model's
+    latent distribution: ``samples`` latents z = mu + eps * exp(logvar / 2) per image,
+    decoded as one batch through the graph decoder only (the encoder runs once). Returns
+    landmarks [B,120,2] and latents [B,64] as ``segment_batch`` does, and std [B,120]: the
+    root mean squared distance of the sampled landmarks to their mean, in pixels of the
+    1024 frame. The same ``seed`` draws the same eps for every image (batch-invariant)."""
+    check_uncertainty(model, samples)
+    device = next(model.parameters()).device
+    landmarks, latents, stds = [], [], []
+    for image in images:
+        mu, _, conv5, conv6 = model.encoder(to_input(image[None]).to(device))
+        logvar = model.encoder.fc_logvar(conv6.flatten(1))
+        landmarks.append(model.decode(mu, conv5, conv6)[0][0].float().cpu().numpy())
+        latents.append(mu[0].float().cpu().numpy())
+        sampled = decode_samples(model, mu[0], logvar[0], conv5, conv6, samples, seed)
+        stds.append(landmark_spread(sampled.float().cpu().numpy() * FRAME))
+    return np.stack(landmarks), np.stack(latents), np.stack(stds)
+
+
+def check_uncertainty(model: HybridGNet, samples: int) -> None:
+    """Stop with one sentence when ``samples`` latent samples cannot be drawn: weights
+    without a trained fc_logvar have no latent distribution (its zeros would give
+    std 1 noise, not an uncertainty)."""
+    if not model.has_logvar:
+        raise WeightsError(
+            "these weights have no encoder.fc_logvar (compact files such as chexmask-jsrt-v2 leave it "
+            "out), so there is no latent distribution to sample: uncertainty needs weights that keep "
+            "it (the official checkpoint, or a model bundled with it)"
+        )
+    if samples < 2:
+        raise ConfigError(f"uncertainty needs at least 2 latent samples, got {samples}")
+
+
+def decode_samples(
+    model: HybridGNet,
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    conv5: torch.Tensor,
+    conv6: torch.Tensor,
+    samples: int,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Landmarks [samples,120,2] ([0,1] units) of latents drawn from N(mu, exp(logvar))
+    for one image (mu, logvar [64]; its encoder maps, batch of 1, shared by all)."""
+    eps = torch.randn((samples, mu.shape[-1]), generator=torch.Generator().manual_seed(seed))
+    z = mu[None] + eps.to(mu.device, mu.dtype) * torch.exp(0.5 * logvar)[None]
+    return model.decode(z, conv5, conv6)[0]
+
+
+def landmark_spread(sampled: np.ndarray) -> np.ndarray:
+    """[N,120,2] -> [120]: root mean squared distance of each landmark's samples to their mean."""
+    sampled = sampled.astype(np.float64)  # identical samples: a mean that equals them, std 0
+    return np.sqrt(((sampled - sampled.mean(0)) ** 2).sum(-1).mean(0)).astype(np.float32)

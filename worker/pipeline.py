@@ -28,12 +28,19 @@ import numpy as np
 import torch
 
 from chexmask import PIPELINE_VERSION
-from chexmask.anatomy import CSV_MASK_COLUMNS, FRAME, ORGAN_NAMES
+from chexmask.anatomy import (
+    CSV_MASK_COLUMNS,
+    FRAME,
+    LANDMARK_STD_COLUMN,
+    ORGAN_NAMES,
+    ORGAN_ROWS,
+    UNCERTAINTY_COLUMNS,
+)
 from chexmask.errors import RefusedInput
 from chexmask.worker.decode import DEFAULT_MAX_PIXELS, decode_image
 from chexmask.worker.measure import Measurements, measure, spacing_of
 from chexmask.worker.memory import keep_freed_memory
-from chexmask.worker.model import HybridGNet, segment_batch
+from chexmask.worker.model import HybridGNet, check_uncertainty, segment_batch, segment_with_uncertainty
 from chexmask.worker.postprocess import (
     csv_landmarks_original,
     landmarks_to_pixels,
@@ -69,6 +76,10 @@ class Segmentation:
     landmarks: np.ndarray  # [120,2] float pixels of the 1024 frame
     latent: np.ndarray  # [64]
     model: ModelInfo
+    # Per-landmark standard deviation [120] (pixels, 1024 frame) over this many latent
+    # samples, when uncertainty was asked for.
+    landmark_std: np.ndarray | None = None
+    uncertainty_samples: int = 0
     landmarks_1024: np.ndarray = field(init=False)  # int, half-to-even rounding
     landmarks_original: np.ndarray = field(init=False)  # int, original frame
     rle: dict[str, str] = field(init=False)  # organ -> RLE at original resolution
@@ -85,6 +96,23 @@ class Segmentation:
         self.measurements: Measurements = measure(
             self.landmarks_original, self.masks_original, spacing_of(self.prepared.source)
         )
+
+    def organ_std(self) -> dict[str, float] | None:
+        """Mean landmark standard deviation per organ (RL, LL, H), pixels of the 1024 frame."""
+        if self.landmark_std is None:
+            return None
+        return {k: float(self.landmark_std[rows].mean()) for k, rows in ORGAN_ROWS.items()}
+
+    def uncertainty(self) -> dict | None:
+        """The uncertainty part of the record: samples, per-organ mean and per-landmark std."""
+        organs = self.organ_std()
+        if organs is None or self.landmark_std is None:
+            return None
+        return {
+            "samples": self.uncertainty_samples,
+            "organ_mean_std": {ORGAN_NAMES[k]: round(v, 4) for k, v in organs.items()},
+            "landmark_std": np.round(self.landmark_std, 4).tolist(),
+        }
 
     @property
     def image_id(self) -> str:
@@ -109,6 +137,7 @@ class Segmentation:
             "model": self.model.to_dict(),
             "pipeline_version": PIPELINE_VERSION,
             "seconds": {k: round(v, 4) for k, v in p.seconds.items()},
+            **({"uncertainty": u} if (u := self.uncertainty()) else {}),
         }
 
     def rle_by_name(self) -> tuple[dict[str, str], dict[str, str]]:
@@ -127,7 +156,16 @@ class Segmentation:
         row["Landmarks"] = csv_landmarks_original(self.landmarks_original)
         row.update({col: self.rle[organ] for col, organ in CSV_MASK_COLUMNS.items()})
         row.update({"Height": self.prepared.padding.height, "Width": self.prepared.padding.width})
+        if (organs := self.organ_std()) is not None and self.landmark_std is not None:
+            row.update(uncertainty_columns(organs, self.landmark_std.tolist()))
         return row
+
+
+def uncertainty_columns(organ_std: dict[str, float], landmark_std: list[float]) -> dict[str, object]:
+    """The extra CSV columns (after the CheXmask ones) of a segmentation with uncertainty."""
+    row: dict[str, object] = {col: round(organ_std[k], 4) for col, k in UNCERTAINTY_COLUMNS.items()}
+    row[LANDMARK_STD_COLUMN] = ",".join(f"{v:.3f}" for v in landmark_std)
+    return row
 
 
 def _png(mask: np.ndarray) -> bytes:
@@ -216,8 +254,14 @@ class Segmenter:
         workers: int | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         together: bool = False,
+        uncertainty: int = 0,
     ):
         self.model, self.info = model, info
+        # Latent samples per image for the per-landmark uncertainty; 0: none. Checked
+        # here so that weights without fc_logvar stop the run before any image.
+        self.uncertainty = uncertainty
+        if uncertainty:
+            check_uncertainty(model, uncertainty)
         self.together = together  # one forward pass per batch (a device path; see segment_batch)
         self.batch_size = max(1, batch_size)
         self.workers = max(1, workers or os.cpu_count() or 1)
@@ -242,11 +286,20 @@ class Segmenter:
             torch.set_num_threads(self.torch_threads)  # a per-thread setting
             self._thread.torch_threads = self.torch_threads
         started = time.perf_counter()
-        landmarks, latents = segment_batch(self.model, np.stack([p.image for p in items]), self.together)
+        images = np.stack([p.image for p in items])
+        stds: list[np.ndarray | None] = [None] * len(items)
+        if self.uncertainty:
+            landmarks, latents, std = segment_with_uncertainty(self.model, images, self.uncertainty)
+            stds = list(std)
+        else:
+            landmarks, latents = segment_batch(self.model, images, self.together)
         per_image = (time.perf_counter() - started) / len(items)
         for p in items:
             p.seconds["inference"] = per_image
-        return [Segmentation(p, lm * FRAME, z, self.info) for p, lm, z in zip(items, landmarks, latents, strict=True)]
+        return [
+            Segmentation(p, lm * FRAME, z, self.info, s, self.uncertainty if s is not None else 0)
+            for p, lm, z, s in zip(items, landmarks, latents, stds, strict=True)
+        ]
 
     def run(
         self,

@@ -104,7 +104,12 @@ class Service:
 
                 model, info = load(None, self.settings, resolve_device(self.settings.device))
                 self._segmenter = Segmenter(
-                    model, info, self.settings.batch_size, self.settings.model_threads, self.settings.max_pixels
+                    model,
+                    info,
+                    self.settings.batch_size,
+                    self.settings.model_threads,
+                    self.settings.max_pixels,
+                    uncertainty=self.settings.uncertainty_samples,
                 )
                 log.info("model %s loaded", info.version)
             return self._segmenter
@@ -273,6 +278,8 @@ class Service:
             rle=rle,
             rle_1024=rle_1024,
             latent=segmentation.latent.tolist(),
+            landmark_std=None if segmentation.landmark_std is None else segmentation.landmark_std.tolist(),
+            uncertainty_samples=segmentation.uncertainty_samples or None,
             object_keys={**keys.as_dict(), **{name: getattr(keys, name) for name in artefacts}},
             timings=seconds,
             # QC run here is held by this process; QC sent to a queue, for as long as

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from chexmask.anatomy import FRAME, ORGAN_ROWS, ORGAN_SIZES
+from chexmask.worker.augment import CONDITIONS, POLICIES, ood_sample
 from chexmask.worker.memory import keep_freed_memory
 from chexmask.worker.metrics import landmark_scores
 from chexmask.worker.model import HybridGNet, to_input
@@ -46,7 +47,13 @@ class TrainConfig:
     val_fraction: float = 0.1
     val_every: int = 1
     seed: int = 1234
-    augment: bool = True
+    augment: str = "basic"  # a policy of worker.augment.POLICIES: none, basic, world
+    # Also validate on the re-framed, re-processed validation images (worker.augment
+    # CONDITIONS) and choose the best epoch on JSRT and OOD Dice together.
+    ood_val: bool = False
+    # fc_logvar for weights that come without it (compact files): zero weights and this
+    # log-variance, a narrow posterior that leaves the starting model's landmarks as they are.
+    init_logvar: float = -9.0
     # bf16 autocast on CPU: ~2x faster where oneDNN has AMX kernels for it, but 10x slower
     # with some torch builds (2.13 CPU here); off unless asked for.
     bf16_on_cpu: bool = False
@@ -74,24 +81,10 @@ def split_ids(ids: list[str], val_fraction: float, seed: int) -> tuple[list[str]
     return sorted(shuffled[n_val:]), sorted(shuffled[:n_val])
 
 
-def augment(image: np.ndarray, points: np.ndarray, rng: np.random.Generator):
-    """A small random affine (rotation, scale, shift) applied to image and landmarks
-    together, then a random gamma and contrast change."""
-    angle = rng.uniform(-8, 8)
-    scale = rng.uniform(0.9, 1.1)
-    shift = rng.uniform(-40, 40, size=2)
-    M = np.asarray(cv2.getRotationMatrix2D((FRAME / 2, FRAME / 2), angle, scale), dtype=np.float64)
-    M[:, 2] += shift
-    image = cv2.warpAffine(image, M, (FRAME, FRAME), flags=cv2.INTER_LINEAR, borderValue=(0,))
-    points = points @ M[:, :2].T + M[:, 2]
-    x = image.astype(np.float32) / 255
-    x = np.clip((x ** rng.uniform(0.7, 1.4)) * rng.uniform(0.85, 1.15) + rng.uniform(-0.08, 0.08), 0, 1)
-    return (x * 255).astype(np.uint8), points.astype(np.float32)
-
-
 class LandmarkDataset(torch.utils.data.Dataset):
-    def __init__(self, images: Path, landmarks: Path, ids: list[str], train: bool, seed: int):
-        self.images, self.landmarks, self.ids, self.train = images, landmarks, ids, train
+    def __init__(self, images: Path, landmarks: Path, ids: list[str], policy: str, seed: int):
+        self.images, self.landmarks, self.ids = images, landmarks, ids
+        self.transform = POLICIES[policy]
         self.rng = np.random.default_rng(seed)
 
     def __len__(self) -> int:
@@ -100,8 +93,33 @@ class LandmarkDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         image = cv2.imread(str(self.images / f"{self.ids[i]}.png"), cv2.IMREAD_GRAYSCALE)
         points = load_landmarks(self.landmarks, self.ids[i])
-        if self.train:
-            image, points = augment(image, points, self.rng)
+        if self.transform is not None:
+            image, points = self.transform(image, points, self.rng)
+        return to_input(image[None])[0], torch.from_numpy(points / FRAME)
+
+
+def ood_cases(images: Path, landmarks: Path, ids: list[str], seed: int = 0):
+    """(condition, image id, image, landmarks) of the OOD validation set: each image of
+    ``ids`` under each condition of ``worker.augment.CONDITIONS``, the same on every run."""
+    for image_id in ids:
+        image = cv2.imread(str(images / f"{image_id}.png"), cv2.IMREAD_GRAYSCALE)
+        points = load_landmarks(landmarks, image_id)
+        for condition in CONDITIONS:
+            yield (condition, image_id, *ood_sample(image, points, condition, image_id, seed))
+
+
+class OODDataset(torch.utils.data.Dataset):
+    def __init__(self, images: Path, landmarks: Path, ids: list[str], seed: int = 0):
+        self.cases = [(c, i) for i in ids for c in CONDITIONS]
+        self.images, self.landmarks, self.seed = images, landmarks, seed
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def __getitem__(self, i: int):
+        condition, image_id = self.cases[i]
+        image = cv2.imread(str(self.images / f"{image_id}.png"), cv2.IMREAD_GRAYSCALE)
+        image, points = ood_sample(image, load_landmarks(self.landmarks, image_id), condition, image_id, self.seed)
         return to_input(image[None])[0], torch.from_numpy(points / FRAME)
 
 
@@ -161,6 +179,25 @@ def validate(model: HybridGNet, loader, device: str) -> dict:
     return {k: float(np.mean([s[k] for s in scores])) for k in scores[0]}
 
 
+def load_init_weights(model: HybridGNet, path: Path, init_logvar: float) -> None:
+    """Start from ``path``. A file without fc_logvar (compact) gets zero weights and the
+    bias ``init_logvar``: every image the same narrow posterior around its mu, so the
+    model starts with the file's landmarks and the KL term trains the variance from there."""
+    from chexmask.worker.weights import read_checkpoint
+
+    weights, stored_logvar = read_checkpoint(path)
+    model.load_state_dict(weights)
+    if not stored_logvar:
+        torch.nn.init.zeros_(model.encoder.fc_logvar.weight)
+        torch.nn.init.constant_(model.encoder.fc_logvar.bias, init_logvar)
+
+
+def selection_score(entry: dict) -> float:
+    """What chooses the best epoch: Dice of lungs and heart on the validation images,
+    plus on their OOD versions when those were validated too."""
+    return sum(entry.get(f"{prefix}dice_{organ}", 0.0) for prefix in ("", "ood_") for organ in ("lungs", "heart"))
+
+
 def train(
     images: Path,
     landmarks: Path,
@@ -179,17 +216,16 @@ def train(
     train_ids, val_ids = split_ids(ids, cfg.val_fraction, cfg.seed)
     (out / "split.json").write_text(json.dumps({"train": train_ids, "val": val_ids}, indent=1))
     train_set = LandmarkDataset(images, landmarks, train_ids, cfg.augment, cfg.seed)
-    val_set = LandmarkDataset(images, landmarks, val_ids, False, cfg.seed)
+    val_set = LandmarkDataset(images, landmarks, val_ids, "none", cfg.seed)
     train_loader = torch.utils.data.DataLoader(train_set, cfg.batch_size, shuffle=True, drop_last=True)
     val_loader = torch.utils.data.DataLoader(val_set, cfg.batch_size)
+    ood_loader = torch.utils.data.DataLoader(OODDataset(images, landmarks, val_ids), cfg.batch_size)
 
     # channels_last makes the CPU convolutions about 2x faster; results are unaffected.
     model = HybridGNet().to(device, memory_format=torch.channels_last)  # type: ignore[call-overload]  # missing in torch's stubs
     init_official(model)
     if init_weights is not None:
-        from chexmask.worker.weights import load_state_dict
-
-        model.load_state_dict(load_state_dict(init_weights))
+        load_init_weights(model, init_weights, cfg.init_logvar)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, cfg.lr_step, cfg.lr_gamma)
     state: dict[str, Any] = {"epoch": 0, "best": None, "history": [], "seconds": 0.0}
@@ -223,10 +259,11 @@ def train(
         entry = {"epoch": epoch + 1, "loss": running, "seconds": round(state["seconds"])}
         if (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs:
             entry.update(validate(model, val_loader, device))
-            score = entry["dice_lungs"] + entry["dice_heart"]
-            if state["best"] is None or score > state["best"]["dice_lungs"] + state["best"]["dice_heart"]:
+            if cfg.ood_val:
+                entry.update({f"ood_{k}": v for k, v in validate(model, ood_loader, device).items()})
+            if state["best"] is None or selection_score(entry) > selection_score(state["best"]):
                 state["best"] = entry
-                torch.save(compact_state_dict(model), out / "best.pt")
+                torch.save(compact_state_dict(model, keep_logvar=True), out / "best.pt")
         state["history"].append(entry)
         tqdm.write(json.dumps(entry))
         ckpt = {

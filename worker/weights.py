@@ -109,10 +109,12 @@ def fetch_weights(source: str, sha256: str | None, cache_dir: Path) -> Path:
     return path
 
 
-def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Read a checkpoint: the official ``torch.save(state_dict)`` file, or a compact one
-    (fp16 and/or without the eval-unused ``encoder.fc_logvar``), expanded to the
-    official layout in float32."""
+LOGVAR_KEYS = ("encoder.fc_logvar.weight", "encoder.fc_logvar.bias")
+
+
+def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
+    """A checkpoint expanded to the official float32 layout, and whether it stored
+    ``encoder.fc_logvar`` (compact files may leave it out; it is then zeros)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a bad file
@@ -120,24 +122,37 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]  # a training checkpoint
     state = {k: v.float() for k, v in state.items()}
+    stored_logvar = all(k in state for k in LOGVAR_KEYS)
     ref = HybridGNet().state_dict()
-    for key in ("encoder.fc_logvar.weight", "encoder.fc_logvar.bias"):
+    for key in LOGVAR_KEYS:
         state.setdefault(key, torch.zeros_like(ref[key]))
     wrong = sorted(set(ref) ^ set(state)) + [k for k in ref if k in state and ref[k].shape != state[k].shape]
     if wrong:
         raise WeightsError(f"{path} is not a HybridGNet checkpoint (unexpected or missing keys: {wrong[:5]})")
-    return state
+    return state, stored_logvar
 
 
-def compact_state_dict(model: HybridGNet) -> dict[str, torch.Tensor]:
-    """The inference weights in half the space: fp16 and without ``encoder.fc_logvar``.
-    ``load_state_dict`` expands it back (fc_logvar as zeros, unused in eval)."""
-    return {k: v.detach().half() for k, v in model.state_dict().items() if not k.startswith("encoder.fc_logvar")}
+def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Read a checkpoint: the official ``torch.save(state_dict)`` file, or a compact one
+    (fp16 and/or without ``encoder.fc_logvar``), expanded to the official layout in float32."""
+    return read_checkpoint(path)[0]
+
+
+def compact_state_dict(model: HybridGNet, keep_logvar: bool = False) -> dict[str, torch.Tensor]:
+    """The weights in fp16, without ``encoder.fc_logvar`` unless ``keep_logvar`` (it is
+    needed only for training and for uncertainty). ``load_state_dict`` expands it back."""
+    return {
+        k: v.detach().half()
+        for k, v in model.state_dict().items()
+        if keep_logvar or not k.startswith("encoder.fc_logvar")
+    }
 
 
 def load_model(path: Path, device: str = "cpu", cfg: HybridGNetConfig = HybridGNetConfig()) -> HybridGNet:
     model = HybridGNet(cfg)
-    model.load_state_dict(load_state_dict(path))
+    state, stored_logvar = read_checkpoint(path)
+    model.load_state_dict(state)
+    model.has_logvar = stored_logvar
     if cfg.fast_kernels and torch.device(device).type == "cpu":
         cpu_kernels.exact_here()  # compile and check the kernel now, not on the first image
     return model.to(device).eval()

@@ -153,3 +153,44 @@ def test_segment_command_writes_uncertainty_and_refuses_it_without_fc_logvar(ran
     assert refused.returncode != 0
     assert "fc_logvar" in refused.stderr and "Traceback" not in refused.stderr
     assert not (tmp_path / "v2" / "x.json").exists()
+
+
+def test_compact_weights_take_the_fitted_logvar_beside_them(model, image, tmp_path):
+    from chexmask.worker.weights import logvar_file
+
+    compact = tmp_path / "compact.pt"
+    torch.save(compact_state_dict(model), compact)
+    head = {"weight": torch.zeros(64, model.encoder.fc_logvar.in_features), "bias": torch.full((64,), -3.0)}
+    torch.save({k: v.half() for k, v in head.items()}, logvar_file(compact))
+    assert logvar_file(compact).name == "compact.logvar.pt"
+    loaded = load_model(compact)
+    assert loaded.has_logvar
+    assert torch.equal(loaded.encoder.fc_logvar.bias, head["bias"])
+    assert segment_with_uncertainty(loaded, image[None], 8)[2].mean() > 0
+
+    torch.save({"bias": head["bias"]}, logvar_file(compact))  # not a whole fc_logvar
+    with pytest.raises(WeightsError, match="fc_logvar"):
+        load_model(compact)
+
+
+def test_the_default_model_ships_a_pinned_fitted_logvar(tmp_path):
+    """chexmask-jsrt-v2 left fc_logvar out; scripts/fit_logvar.py fitted one beside it,
+    pinned in the manifest: uncertainty works out of the box and the landmarks are the
+    compact file's own (fc_mu and everything else untouched)."""
+    from chexmask.config import Settings
+    from chexmask.worker.weights import default_weights, file_sha256, logvar_file, read_checkpoint, resolve_weights
+
+    found = default_weights()
+    if found is None:
+        pytest.skip("this install has no default weights")
+    path, entry = found
+    assert file_sha256(logvar_file(path)) == entry["logvar"]["sha256"]
+    resolved, info = resolve_weights(None, Settings(home=tmp_path))
+    assert info.weights_sha256 == entry["sha256"]  # the model's identity is unchanged
+    loaded = load_model(resolved)
+    assert loaded.has_logvar
+    compact, _ = read_checkpoint(resolved)
+    state = loaded.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in compact.items() if not k.startswith("encoder.fc_logvar"))
+    logvar = loaded.encoder.fc_logvar.bias
+    assert -12 < float(logvar.mean()) < 0  # a narrow posterior around mu, not the zeros of a missing head

@@ -424,9 +424,10 @@ def check_uncertainty(model: HybridGNet, samples: int) -> None:
     std 1 noise, not an uncertainty)."""
     if not model.has_logvar:
         raise WeightsError(
-            "these weights have no encoder.fc_logvar (compact files such as chexmask-jsrt-v2 leave it "
-            "out), so there is no latent distribution to sample: uncertainty needs weights that keep "
-            "it (the official checkpoint, or a model bundled with it)"
+            "these weights have no encoder.fc_logvar (compact files leave it out), so there is no "
+            "latent distribution to sample: uncertainty needs weights that keep it (the official "
+            "checkpoint, the bundled default with its fitted .logvar.pt, or a file fitted with "
+            "scripts/fit_logvar.py placed beside the weights)"
         )
     if samples < 2:
         raise ConfigError(f"uncertainty needs at least 2 latent samples, got {samples}")

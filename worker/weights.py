@@ -57,6 +57,8 @@ def resolve_weights(source: str | None, settings: Settings) -> tuple[Path, Model
             )
         path, entry = found
         path = fetch_weights(str(path), entry["sha256"], settings.home / "weights")
+        if "logvar" in entry:  # the fitted fc_logvar beside compact weights: pinned too
+            fetch_weights(str(logvar_file(path)), entry["logvar"]["sha256"], settings.home / "weights")
         return path, ModelInfo(entry["name"], f"{entry['name']}-{entry['sha256'][:12]}", entry["sha256"], str(path))
     path = fetch_weights(source, settings.weights_sha256, settings.home / "weights")
     sha = file_sha256(path)
@@ -148,9 +150,32 @@ def compact_state_dict(model: HybridGNet, keep_logvar: bool = False) -> dict[str
     }
 
 
+def logvar_file(weights: Path) -> Path:
+    """Where the separately fitted ``encoder.fc_logvar`` of a compact checkpoint lives:
+    beside it, ``<stem>.logvar.pt`` (made by scripts/fit_logvar.py)."""
+    return weights.with_name(f"{weights.stem}.logvar.pt")
+
+
+def read_logvar(path: Path) -> dict[str, torch.Tensor]:
+    """A fitted fc_logvar (``weight``, ``bias``) as ``encoder.fc_logvar.*`` state in float32."""
+    try:
+        head = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a bad file
+        raise WeightsError(f"{path} is not a readable fc_logvar file: {exc}") from exc
+    ref = HybridGNet().encoder.fc_logvar.state_dict()
+    if not isinstance(head, dict) or set(head) != set(ref) or any(head[k].shape != ref[k].shape for k in ref):
+        raise WeightsError(f"{path} is not an fc_logvar of HybridGNet (keys {sorted(head)[:4]})")
+    return {f"encoder.fc_logvar.{k}": v.float() for k, v in head.items()}
+
+
 def load_model(path: Path, device: str = "cpu", cfg: HybridGNetConfig = HybridGNetConfig()) -> HybridGNet:
+    """The network of a checkpoint; a compact one without fc_logvar takes the fitted one
+    beside it (``logvar_file``) when there is one, so that uncertainty can be sampled."""
     model = HybridGNet(cfg)
     state, stored_logvar = read_checkpoint(path)
+    if not stored_logvar and logvar_file(path).is_file():
+        state.update(read_logvar(logvar_file(path)))
+        stored_logvar = True
     model.load_state_dict(state)
     model.has_logvar = stored_logvar
     if cfg.fast_kernels and torch.device(device).type == "cpu":

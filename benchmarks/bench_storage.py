@@ -195,13 +195,14 @@ def _chunks(rows: Iterator[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
 
 
 def _copy_rows(index: MaskIndex, table: sa.Table, rows: Iterator[dict[str, Any]]) -> None:
-    """PostgreSQL COPY: the fastest bulk path (JSON columns take their text as is)."""
+    """PostgreSQL COPY: the fastest bulk path (JSON columns take their text as is).
+    Columns a synthetic row leaves out (measurements, uncertainty) are NULL."""
     columns = [c.name for c in table.columns]
     raw = index.engine.raw_connection()
     try:
         with raw.cursor() as cursor, cursor.copy(f"COPY {table.name} ({', '.join(columns)}) FROM STDIN") as copy:
             for row in rows:
-                copy.write_row([row[c] for c in columns])
+                copy.write_row([row.get(c) for c in columns])
         raw.commit()
     finally:
         raw.close()
@@ -215,7 +216,7 @@ def _executemany_rows(index: MaskIndex, table: sa.Table, rows: Iterator[dict[str
     try:
         cursor = raw.cursor()
         for chunk in _chunks(rows):
-            cursor.executemany(sql, [[_sqlite_value(row[c]) for c in columns] for row in chunk])
+            cursor.executemany(sql, [[_sqlite_value(row.get(c)) for c in columns] for row in chunk])
         raw.commit()
     finally:
         raw.close()

@@ -16,6 +16,16 @@ from tqdm import tqdm
 from chexmask.config import Settings, resolve_device
 from chexmask.files import image_files
 
+# --uncertainty on every command that segments (segment here, serve in pipeline_cli).
+uncertainty_option = click.option(
+    "--uncertainty",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Latent samples per image for a per-landmark standard deviation, kept with each "
+    "segmentation (default: CHEXMASK_UNCERTAINTY_SAMPLES or 0 = none); needs weights with "
+    "encoder.fc_logvar (the bundled default has one).",
+)
+
 
 @click.command("segment")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
@@ -38,13 +48,7 @@ from chexmask.files import image_files
     "--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="Default: CHEXMASK_DEVICE or auto."
 )
 @click.option("--dataset", default="", help="Dataset name; picks the CheXmask id column of the CSV (default image_id).")
-@click.option(
-    "--uncertainty",
-    type=click.IntRange(min=0),
-    default=None,
-    help="Latent samples per image for a per-landmark standard deviation (default: "
-    "CHEXMASK_UNCERTAINTY_SAMPLES or 0 = none); needs weights with encoder.fc_logvar.",
-)
+@uncertainty_option
 def segment_command(
     paths: tuple[Path, ...],
     weights: str | None,

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from chexmask.app.model_cli import uncertainty_option
 from chexmask.config import Settings, mask_url
 from chexmask.ingest.watcher import DEFAULT_RECONCILE_S, DEFAULT_SETTLE_S
 from chexmask.queues import QUEUES, SEGMENT_QUEUE
@@ -119,13 +120,7 @@ def _intake(settings: Settings):
 @_watch_options
 @click.option("--threads", type=int, help="Images in flight (default: twice CHEXMASK_BATCH_SIZE).")
 @_dicom_options
-@click.option(
-    "--uncertainty",
-    type=click.IntRange(min=0),
-    default=None,
-    help="Latent samples per image for a per-landmark standard deviation, stored with each "
-    "segmentation (default: CHEXMASK_UNCERTAINTY_SAMPLES or 0 = none).",
-)
+@uncertainty_option
 def serve_command(
     inbox: Path,
     once: bool,

@@ -302,3 +302,25 @@ def sample(index):
         return add_sample(index, name, **options)
 
     return add
+
+
+@contextmanager
+def embedded_service(home, weights=None) -> Iterator[Any]:
+    """A worker ``Service`` over an embedded index and store under ``home`` (no broker),
+    its index upgraded; ``weights`` default to the bundled model."""
+    from chexmask.config import Settings
+    from chexmask.worker.service import Service
+
+    settings = Settings(
+        home=home,
+        database_url=f"sqlite:///{home / 'index.db'}",
+        store_url=(home / "store").as_uri(),
+        broker_url="",
+        **({"weights": str(weights)} if weights is not None else {}),
+    )
+    service = Service(settings)
+    try:
+        service.index.upgrade()
+        yield service
+    finally:
+        service.close()

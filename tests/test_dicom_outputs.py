@@ -16,10 +16,10 @@ import pydicom
 import pytest
 from click.testing import CliRunner
 from pydicom.uid import ExplicitVRLittleEndian, SegmentationStorage
+from services import embedded_service
 from test_measure import synthetic_landmarks
 
 from chexmask.app.cli import cli
-from chexmask.config import Settings
 from chexmask.ingest.registry import Registry
 from chexmask.messages import Arrival
 from chexmask.status import ImageStatus, QCStatus
@@ -35,17 +35,8 @@ SOURCE = "sitk_cxr_ExplicitLE.dcm"  # CR chest 2140x1760, Pixel Spacing 0.2 mm
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
     """With the bundled trained weights: untrained ones draw organs off the image."""
-    home = tmp_path_factory.mktemp("home")
-    settings = Settings(
-        home=home,
-        database_url=f"sqlite:///{home / 'index.db'}",
-        store_url=(home / "store").as_uri(),
-        broker_url="",
-    )
-    service = Service(settings)
-    service.index.upgrade()
-    yield service
-    service.close()
+    with embedded_service(tmp_path_factory.mktemp("home")) as service:
+        yield service
 
 
 @pytest.fixture(scope="module")

@@ -84,23 +84,7 @@ def test_compare_on_a_tiny_case_with_known_dice(index, tmp_path):
         weights_sha256="b7" * 32,
     )
     for name, rca in zip(names, ours_rca, strict=True):
-        sha = hashlib.sha256(name.encode()).hexdigest()
-        image = index.register_image(
-            uri=f"file:///nih/{name}", dataset="nih", dataset_image_id=name, sha256=sha, height=10, width=10
-        ).image
-        masks = {"right_lung": "1 40", "left_lung": "61 10", "heart": ""}
-        seg, _ = index.add_segmentation(
-            image_id=image.id,
-            image_sha256=sha,
-            model_version="ours",
-            weights_sha256="0" * 64,
-            landmarks_1024=POINTS,
-            landmarks_original=POINTS,
-            height=10,
-            width=10,
-            rle=masks,
-            rle_1024=masks,
-        )
+        seg = _add_ours(index, name, {"right_lung": "1 40", "left_lung": "61 10", "heart": ""})
         index.set_qc(seg.id, dice_rca_mean=rca, dice_rca_max=rca)
 
     result = compare(index, "nih", "hybridgnet-official", "ours")
@@ -137,22 +121,28 @@ def _published_and_ours(index, tmp_path, ours: dict[str, dict[str, str]]) -> Non
         weights_sha256="b7" * 32,
     )
     for name, masks in ours.items():
-        sha = hashlib.sha256(name.encode()).hexdigest()
-        image = index.register_image(
-            uri=f"file:///nih/{name}", dataset="nih", dataset_image_id=name, sha256=sha, height=10, width=10
-        ).image
-        index.add_segmentation(
-            image_id=image.id,
-            image_sha256=sha,
-            model_version="ours",
-            weights_sha256="0" * 64,
-            landmarks_1024=POINTS,
-            landmarks_original=POINTS,
-            height=10,
-            width=10,
-            rle=masks,
-            rle_1024=masks,
-        )
+        _add_ours(index, name, masks)
+
+
+def _add_ours(index, name: str, masks: dict[str, str]):
+    """A 10x10 nih image ``name`` segmented by the model "ours" with ``masks``."""
+    sha = hashlib.sha256(name.encode()).hexdigest()
+    image = index.register_image(
+        uri=f"file:///nih/{name}", dataset="nih", dataset_image_id=name, sha256=sha, height=10, width=10
+    ).image
+    segmentation, _ = index.add_segmentation(
+        image_id=image.id,
+        image_sha256=sha,
+        model_version="ours",
+        weights_sha256="0" * 64,
+        landmarks_1024=POINTS,
+        landmarks_original=POINTS,
+        height=10,
+        width=10,
+        rle=masks,
+        rle_1024=masks,
+    )
+    return segmentation
 
 
 AGREEING = {"right_lung": "1 50", "left_lung": "51 10", "heart": ""}  # the published masks

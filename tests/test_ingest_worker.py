@@ -8,8 +8,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from services import embedded_service
 
-from chexmask.config import Settings
 from chexmask.errors import NotFound, RefusedInput, TransientError
 from chexmask.ingest.registry import Registry
 from chexmask.messages import Arrival
@@ -62,18 +62,8 @@ def test_retry_run_waits_between_tries_and_gives_up_with_the_last_error():
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory, random_weights):
-    home = tmp_path_factory.mktemp("home")
-    settings = Settings(
-        home=home,
-        weights=str(random_weights),
-        database_url=f"sqlite:///{home / 'index.db'}",
-        store_url=(home / "store").as_uri(),
-        broker_url="",
-    )
-    service = Service(settings)
-    service.index.upgrade()
-    yield service
-    service.close()
+    with embedded_service(tmp_path_factory.mktemp("home"), random_weights) as service:
+        yield service
 
 
 def arrival_for(path: Path) -> Arrival:

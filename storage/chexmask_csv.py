@@ -1,9 +1,10 @@
 """Reading and checking the rows of a CheXmask CSV, ready for the index (see
 ``chexmask_import``, which writes them).
 
-Kept apart from the database code, and light to import, because the parsing runs
-in a worker process beside the one writing to the index: ``parse_batch`` is a
-plain function of picklable values.
+Kept apart from the database code, and light to import, because for a large
+file the reading and parsing run in a child process beside the one writing to
+the index (``read_batches_in_child``): the two then take a core each, where
+threads of one process would share one interpreter lock.
 
 Records are read with the csv module (a file of any size, gzip too). The checks
 are done on whole texts in C (``str.translate``, ``split``, one short regex)
@@ -18,6 +19,8 @@ import csv
 import gzip
 import hashlib
 import io
+import multiprocessing
+import queue
 import re
 import sys
 from collections.abc import Iterator
@@ -38,6 +41,8 @@ from chexmask.storage.models import IMPORT_PIPELINE_1024, IMPORT_PIPELINE_ORIGIN
 # CSV uses its own name. Either is accepted whatever the dataset.
 ID_HEADERS = frozenset({*ID_COLUMNS.values(), "Image ID", "image_id"})
 MAX_REPORTED = 50  # bad rows kept with their line numbers; all are counted
+CHILD_QUEUE_BATCHES = 2  # parsed batches waiting for the writer: bounded memory
+CHILD_POLL_S = 1.0  # how often the reader checks that the child is still alive
 
 
 class Frame(str, Enum):
@@ -130,6 +135,81 @@ class ParsedBatch:
     rows: list[ParsedRow]
     bad: list[tuple[int, str]]  # every bad row of the batch, in order
     mean_above_max: int
+
+
+@dataclass
+class ReadBatch:
+    """A batch of the file's records, parsed, and the frame its rows hold."""
+
+    frame: Frame | None  # None until a record with the header's field count is seen
+    parsed: ParsedBatch
+    records: int  # records read (good and bad), for the progress bar
+
+
+def read_batches(path: str | Path, frame: Frame, batch_size: int) -> Iterator[ReadBatch]:
+    """The CSV at ``path`` read, parsed and checked ``batch_size`` records at a time.
+    ``frame`` AUTO is told by the first whole record (``frame_of``)."""
+    with open_text(path) as handle:
+        columns, records = read_records(handle)
+        detected: Frame | None = None
+        for chunk in _chunks(records, batch_size):
+            if detected is None:
+                # until a record has the header's field count, every record is bad whatever the frame
+                whole = next((r for _, r in chunk if len(r) == columns.count), None)
+                detected = None if whole is None else frame_of(frame, columns, whole)
+            yield ReadBatch(detected, parse_batch(columns, detected or Frame.ORIGINAL, chunk), len(chunk))
+
+
+def read_batches_in_child(path: str | Path, frame: Frame, batch_size: int) -> Iterator[ReadBatch]:
+    """``read_batches`` run in a child process, its batches handed over through a
+    bounded queue; an error there (a header that is not CheXmask's) is raised here.
+    The child is spawned, not forked: the caller may hold threads or a model."""
+    context = multiprocessing.get_context("spawn")
+    batches: multiprocessing.Queue[ReadBatch | BaseException | None] = context.Queue(CHILD_QUEUE_BATCHES)
+    child = context.Process(
+        target=_read_into, args=(batches, str(path), frame, batch_size), name="chexmask-csv", daemon=True
+    )
+    child.start()
+    try:
+        while (item := _next_from(batches, child)) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+        child.join()
+    finally:
+        if child.is_alive():  # the caller stopped early or failed: the child's work is not wanted
+            child.terminate()
+            child.join()
+
+
+def _read_into(batches: multiprocessing.Queue[Any], path: str, frame: Frame, batch_size: int) -> None:
+    try:
+        for batch in read_batches(path, frame, batch_size):
+            batches.put(batch)
+    except Exception as exc:  # handed to the parent, which raises it: nothing dies silently here
+        batches.put(exc)
+        return
+    batches.put(None)
+
+
+def _next_from(batches: multiprocessing.Queue[Any], child: multiprocessing.process.BaseProcess) -> Any:
+    while True:
+        try:
+            return batches.get(timeout=CHILD_POLL_S)
+        except queue.Empty:
+            if not child.is_alive() and batches.empty():
+                raise RuntimeError(f"the CSV reader process ended with exit code {child.exitcode}") from None
+
+
+def _chunks(records: Iterator[tuple[int, list[str]]], size: int) -> Iterator[list[tuple[int, list[str]]]]:
+    chunk: list[tuple[int, list[str]]] = []
+    for record in records:
+        chunk.append(record)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 def open_text(path: str | Path) -> IO[str]:

@@ -18,7 +18,7 @@ the back-projection would need the dataset's padding tables). The export and
 ``compare`` read the frame a row has.
 
 Rows are read with the csv module one by one (a file of any size, gzip too),
-parsed and checked in batches (``chexmask_csv``; in worker processes for large
+parsed and checked in batches (``chexmask_csv``; in a child process for large
 files, so parsing and writing run on separate cores) and written one transaction
 per batch through the database driver: SQLite ``executemany`` of prepared
 upserts, PostgreSQL ``COPY`` into temporary staging tables and one
@@ -31,7 +31,7 @@ gives back the published bytes.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -47,15 +47,15 @@ from chexmask.storage.chexmask_csv import (
     Frame,
     ImportReport,
     ParsedRow,
-    frame_of,
-    open_text,
-    parse_batch,
-    read_records,
+    read_batches,
+    read_batches_in_child,
 )
 from chexmask.storage.index import MaskIndex
 from chexmask.storage.models import IMPORT_SCHEME, Segmentation, SourceImage, utcnow
 
 BATCH_SIZE = 2000
+# Above this a child process reads and parses (starting one costs about a second).
+CHILD_PARSE_BYTES = 32 << 20
 SQLITE_CACHE_KIB = 64 * 1024  # page cache of the importing connection
 
 # The columns an import writes. A newer file replaces all of them but those "kept":
@@ -90,35 +90,34 @@ def import_csv(
     frame: Frame = Frame.AUTO,
     batch_size: int = BATCH_SIZE,
     progress: Callable[[int], None] | None = None,
+    parse_in_child: bool | None = None,
 ) -> ImportReport:
     """Import the CheXmask CSV at ``path`` (plain or gzip) as ``model``'s segmentations
-    of ``dataset``; idempotent. ``progress`` is called with the rows of each batch
+    of ``dataset``; idempotent. ``progress`` is called with the records of each batch
     once it is stored.
 
-    One batch is written by a second thread while this one parses the next: the
-    database work (SQLite's B-trees, PostgreSQL's server) runs without the GIL,
-    so parsing and writing take a core each.
+    Reading and parsing run in a child process (``parse_in_child``; by default for
+    files over CHILD_PARSE_BYTES) while this process writes, and one batch is
+    written by a second thread while the next is received, so the two cores work
+    on reading and writing at once.
     """
     dataset = canonical(dataset)
     report = ImportReport()
     index.register_model(model, weights_sha256, "published CheXmask masks (imported)")
     context = _Context(dataset, release, model, weights_sha256)
-    with open_text(path) as handle, ThreadPoolExecutor(1, thread_name_prefix="chexmask-import") as writer:
-        columns, records = read_records(handle)
+    if parse_in_child is None:
+        parse_in_child = Path(path).stat().st_size > CHILD_PARSE_BYTES
+    read = read_batches_in_child if parse_in_child else read_batches
+    with ThreadPoolExecutor(1, thread_name_prefix="chexmask-import") as writer:
         writing: tuple[Future[_Stored], int] | None = None
-        for chunk in _chunks(records, batch_size):
-            if report.frame is None:
-                # told by the first record with the header's field count; until there is
-                # one, every record is bad whatever the frame
-                whole = next((r for _, r in chunk if len(r) == columns.count), None)
-                report.frame = None if whole is None else frame_of(Frame(frame), columns, whole)
-            batch = parse_batch(columns, report.frame or Frame.ORIGINAL, chunk)
-            for line, reason in batch.bad:
+        for batch in read(path, Frame(frame), batch_size):
+            report.frame = batch.frame
+            for line, reason in batch.parsed.bad:
                 report.skip(line, reason)
-            report.mean_above_max += batch.mean_above_max
+            report.mean_above_max += batch.parsed.mean_above_max
             if writing:  # one batch in flight at a time: bounded memory, file order kept
                 _finish(report, *writing, progress)
-            writing = (writer.submit(_store, index, context, batch.rows), len(chunk))
+            writing = (writer.submit(_store, index, context, batch.parsed.rows), batch.records)
         if writing:
             _finish(report, *writing, progress)
     return report
@@ -133,17 +132,6 @@ def _finish(report: ImportReport, written: Future[_Stored], rows: int, progress:
         report.skip(line, reason)
     if progress:
         progress(rows)
-
-
-def _chunks(records: Iterator[tuple[int, list[str]]], size: int) -> Iterator[list[tuple[int, list[str]]]]:
-    chunk: list[tuple[int, list[str]]] = []
-    for record in records:
-        chunk.append(record)
-        if len(chunk) >= size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
 
 
 @dataclass

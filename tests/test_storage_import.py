@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from chexmask.datasets import ID_COLUMNS
+from chexmask.errors import ConfigError
 from chexmask.status import ImageStatus
 from chexmask.storage.chexmask_import import Frame, import_csv, import_sha256, import_uri
 from chexmask.storage.export import export
@@ -120,6 +121,29 @@ def test_bad_rows_are_reported_with_their_line_numbers(index, tmp_path):
     assert "238 landmark coordinates" in lines[362]
     assert "Dice" in lines[481]
     assert [i.dataset_image_id for i in index.images()] == ["good1.png", "good2.png"]
+
+
+def test_a_child_process_reads_large_files_with_the_same_outcome(index, tmp_path):
+    # the path large files take: reading and parsing in a spawned child, batches handed over
+    rows = [original_row(f"{i:08d}_000.png") for i in range(7)]
+    rows[3] = original_row("bad_rle.png", rle="1 5 x")
+    path = write_csv(tmp_path / "in.csv", "Image Index", rows)
+    seen: list[int] = []
+    report = run_import(index, path, "nih", parse_in_child=True, batch_size=2, progress=seen.append)
+    assert (report.taken, report.skipped, report.frame) == (6, 1, Frame.ORIGINAL)
+    assert report.bad[0][0] == 2 + 3 * 120 and "unparsable RLE" in report.bad[0][1]
+    assert seen == [2, 2, 2, 1]  # every record counted once, batch by batch
+    out = tmp_path / "out.csv"
+    export(index, out, dataset="nih")
+    assert out.read_bytes() == write_csv(tmp_path / "good.csv", "Image Index", rows[:3] + rows[4:]).read_bytes()
+
+
+def test_a_header_error_in_the_child_process_is_raised_to_the_caller(index, tmp_path):
+    path = tmp_path / "in.csv"
+    path.write_text(csv_line(["Image Index", "Landmarks"]) + csv_line(["a.png", "[]"]))
+    with pytest.raises(ConfigError, match="not a CheXmask CSV"):
+        run_import(index, path, "nih", parse_in_child=True)
+    assert index.images() == []
 
 
 def test_reimport_changes_nothing_and_a_newer_file_updates_its_changed_rows(index, tmp_path):

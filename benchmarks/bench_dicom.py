@@ -3,10 +3,13 @@ disk it writes to, and how soon a received image is segmented.
 
 1. **Storage.** ``chexmask listen --dicom-port`` runs as its own process (the
    scaled-out listener: embedded broker, no worker running, so this is storage and
-   queueing only). This process, the SCU, sends N synthetic CR instances of 6-10 MB
-   (uint16 MONOCHROME2, explicit VR little endian, each different) over loopback,
-   in one association, and times from the first C-STORE to the last
-   acknowledgement. Every instance is written to the store (and fsynced) before
+   queueing only). N synthetic CR instances of 6-10 MB (uint16 MONOCHROME2,
+   explicit VR little endian, each different) are sent over loopback, in one
+   association and then in several in parallel, and timed from the first
+   C-STORE to the last acknowledgement. The senders are dcmtk's ``storescu``,
+   one process per association, where it is installed (a C sender, as PACS and
+   modalities are: the machine's cores go to the SCP, not to the sender), else
+   pynetdicom SCUs, also one process each (``--sender``). Every instance is written to the store (and fsynced) before
    its acknowledgement. In the same run the disk's own sequential write speed is
    measured: one file of the same total size written and fsynced in 8 MiB chunks
    in the same folder. The SCP's MB/s is reported as a share of it.
@@ -26,6 +29,7 @@ import argparse
 import multiprocessing
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -136,6 +140,23 @@ def _send_part(port: int, part: int) -> list[int]:
         assoc.release()
 
 
+def send_with_storescu(port: int, paths: list[Path], associations: int) -> tuple[list[int], float]:
+    """dcmtk's storescu, one process per association; a failed store fails the process
+    (status 1 for each of its files)."""
+    started = time.perf_counter()
+    senders = [
+        subprocess.Popen(
+            ["storescu", "-aec", "CHEXMASK", "127.0.0.1", str(port), *map(str, paths[i::associations])],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for i in range(associations)
+    ]
+    codes = [sender.wait() for sender in senders]
+    seconds = time.perf_counter() - started
+    return [int(code != 0) for i, code in enumerate(codes) for _ in paths[i::associations]], seconds
+
+
 def send_all(port: int, datasets: list[Dataset], associations: int) -> tuple[list[int], float]:
     """C-STORE the datasets over ``associations`` parallel associations (a PACS sends
     over several), each from its own process as separate senders are (threads of one
@@ -150,14 +171,22 @@ def send_all(port: int, datasets: list[Dataset], associations: int) -> tuple[lis
     return [status for part in parts for status in part], seconds
 
 
-def bench_storage(instances: int, associations: int, work: Path, env: dict[str, str]) -> dict[str, float]:
+def bench_storage(instances: int, associations: int, sender: str, work: Path, env: dict[str, str]) -> dict[str, float]:
     rng = np.random.default_rng(associations)
     datasets = [synthetic_cr(i, rng) for i in range(instances)]
     total = sum(len(ds.PixelData) for ds in datasets)
+    paths = []
+    if sender == "storescu":
+        for i, ds in enumerate(datasets):
+            paths.append(work / f"send-{associations}-{i:04d}.dcm")
+            ds.save_as(paths[-1], enforce_file_format=True)
     listener, port = start(["listen", "--dicom-port", "0"], env, work / f"listen-{associations}.log")
     try:
         cpu = cpu_seconds(listener.pid)
-        statuses, seconds = send_all(port, datasets, associations)
+        if sender == "storescu":
+            statuses, seconds = send_with_storescu(port, paths, associations)
+        else:
+            statuses, seconds = send_all(port, datasets, associations)
         cpu = cpu_seconds(listener.pid) - cpu
     finally:
         stop(listener)
@@ -240,6 +269,12 @@ def main() -> None:
     parser.add_argument("--associations", type=int, default=4, help="parallel associations of the second run")
     parser.add_argument("--latency-images", type=int, default=4)
     parser.add_argument("--weights", help="checkpoint for the latency run (default: the bundled model)")
+    parser.add_argument(
+        "--sender",
+        choices=("storescu", "pynetdicom"),
+        default="storescu" if shutil.which("storescu") else "pynetdicom",
+        help="what sends: dcmtk's storescu (default where installed) or pynetdicom SCUs",
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bench-dicom-", dir=".") as tmp:
@@ -247,7 +282,11 @@ def main() -> None:
         base = {k: v for k, v in os.environ.items() if not k.startswith("CHEXMASK_")}
         storage = [
             bench_storage(
-                args.instances, n, work, {**base, "CHEXMASK_HOME": str(work / f"listen-{n}"), "PYTHONUNBUFFERED": "1"}
+                args.instances,
+                n,
+                args.sender,
+                work,
+                {**base, "CHEXMASK_HOME": str(work / f"listen-{n}"), "PYTHONUNBUFFERED": "1"},
             )
             for n in (1, args.associations)
         ]
@@ -256,7 +295,10 @@ def main() -> None:
             serve_env["CHEXMASK_WEIGHTS"] = args.weights
         latency = bench_latency(args.latency_images, work, serve_env)
 
-    print(f"\nSCP storage: {args.instances} synthetic CR instances of 6-10 MB ({storage[0]['mb']:.0f} MB), loopback")
+    print(
+        f"\nSCP storage: {args.instances} synthetic CR instances of 6-10 MB ({storage[0]['mb']:.0f} MB), loopback, "
+        f"sent by {args.sender}"
+    )
     print(f"{'associations':>12}{'instances/s':>13}{'MB/s':>8}{'disk MB/s':>11}{'SCP/disk':>10}{'SCP CPU ms/inst':>17}")
     for run in storage:
         print(

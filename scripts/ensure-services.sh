@@ -26,15 +26,18 @@ if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null
     echo "chromium/chromedriver missing and not installable here (needs apt-get as root); the browser tests will be skipped"
   fi
 fi
-# dciodvfy (Debian's dicom3tools) validates the DICOM SEG and SR in tests/test_dicom_outputs.py.
-if ! command -v dciodvfy >/dev/null 2>&1; then
+# dciodvfy (Debian's dicom3tools) validates the DICOM SEG and SR in tests/test_dicom_outputs.py;
+# dcmtk's storescu is the C sender (as PACS are) of tests/test_dicom_listener.py and make bench-dicom.
+for tool in dciodvfy:dicom3tools storescu:dcmtk; do
+  command="${tool%%:*}" package="${tool##*:}"
+  command -v "$command" >/dev/null 2>&1 && continue
   if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-    echo "installing dicom3tools"
-    (apt-get install -y -q dicom3tools >/dev/null 2>&1 \
-      || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q dicom3tools >/dev/null 2>&1; }) \
-      || echo "could not install dicom3tools; the DICOM validation test will be skipped"
+    echo "installing $package"
+    (apt-get install -y -q "$package" >/dev/null 2>&1 \
+      || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q "$package" >/dev/null 2>&1; }) \
+      || echo "could not install $package; the tests that use $command will be skipped"
   else
-    echo "dciodvfy missing and not installable here (needs apt-get as root); the DICOM validation test will be skipped"
+    echo "$command missing and not installable here (needs apt-get as root); the tests that use it will be skipped"
   fi
-fi
+done
 exit 0

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import re
+import shutil
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -50,6 +52,13 @@ SAMPLES = (
     "sitk_cxr_RLE.dcm",
 )
 PYDICOM_SAMPLES = ("RG1_UNCR.dcm", "RG1_J2KR.dcm")
+# dcmtk storescu's option proposing a compressed transfer syntax family
+DCMTK_PROPOSALS = {
+    "1.2.840.10008.1.2.4.50": ["--propose-jpeg8"],
+    "1.2.840.10008.1.2.4.70": ["--propose-lossless"],
+    "1.2.840.10008.1.2.4.80": ["--propose-jls-lossless"],
+    "1.2.840.10008.1.2.5": ["--propose-rle"],
+}
 
 
 class ListQueue:
@@ -174,6 +183,33 @@ def test_samples_are_stored_by_content_then_queued(samples_dir, scp, store, inde
         received = stored[ds.file_meta.TransferSyntaxUID, ds.PhotometricInterpretation, ds.SOPInstanceUID]
         assert without_group_lengths(received) == without_group_lengths(ds)  # the dataset as sent
     assert {a.uri for a in queue.arrivals} == {image.uri for image in images}
+
+
+@pytest.mark.skipif(shutil.which("storescu") is None, reason="dcmtk's storescu is not installed")
+def test_dcmtk_storescu_sends_the_samples(samples_dir, scp, store, index, queue):
+    """A C sender as PACS use (dcmtk), in its own process: other PDU sizes and pacing
+    than pynetdicom's; every file arrives whole, its dataset as it was on disk."""
+    paths = [samples_dir / name for name in SAMPLES if name != "cr_mono1_acr_nema_no_preamble.dcm"]
+    for path in paths:
+        # storescu proposes the uncompressed syntaxes and, when told, one compressed family:
+        # the one each file is in, so it goes as it is (no conversion on the way)
+        family = DCMTK_PROPOSALS.get(pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID, [])
+        sender = subprocess.run(
+            ["storescu", "-aec", "CHEXMASK", *family, "127.0.0.1", str(scp.port), str(path)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert sender.returncode == 0, sender.stderr
+    assert len(queue.arrivals) == len(paths) == len(index.images())
+    received = {}
+    for key in stored_keys(store):
+        ds = pydicom.dcmread(store.url(key).removeprefix("file://"))
+        received[ds.file_meta.TransferSyntaxUID, ds.PhotometricInterpretation, ds.SOPInstanceUID] = ds
+    for path in paths:
+        sent = pydicom.dcmread(path)
+        key = sent.file_meta.TransferSyntaxUID, sent.PhotometricInterpretation, sent.SOPInstanceUID
+        assert without_group_lengths(received[key]) == without_group_lengths(sent)  # as it was on disk
 
 
 @pytest.mark.parametrize("name", PYDICOM_SAMPLES)

@@ -183,14 +183,15 @@ class DicomListener:
         handlers: list[EventHandlerType] = [(evt.EVT_C_STORE, self._on_store)]
         self._group = GroupOffer(self.intake)
         try:
-            self._server = self.ae.start_server(self.address, block=False, evt_handlers=handlers)
+            server = self.ae.start_server(self.address, block=False, evt_handlers=handlers)
         except OSError as exc:  # the port is taken, or needs privileges
             self._group.close()
             self._group = None
             raise ConfigError(f"cannot listen for DICOM on {self.address[0]}:{self.address[1]}: {exc}") from exc
         # socketserver's public hook: connections from now on get the whole-PDU reads
         # (one accepted in between still works, with pynetdicom's own)
-        self._server.RequestHandlerClass = _RequestHandler
+        server.RequestHandlerClass = _RequestHandler
+        self._server = server
         return self
 
     def stop(self) -> None:

@@ -188,6 +188,7 @@ class DicomListener:
             self._group.close()
             self._group = None
             raise ConfigError(f"cannot listen for DICOM on {self.address[0]}:{self.address[1]}: {exc}") from exc
+        assert server is not None, "start_server(block=False) returns its server"
         # socketserver's public hook: connections from now on get the whole-PDU reads
         # (one accepted in between still works, with pynetdicom's own)
         server.RequestHandlerClass = _RequestHandler

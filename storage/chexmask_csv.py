@@ -23,6 +23,7 @@ import multiprocessing
 import queue
 import re
 import sys
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import Enum
@@ -135,6 +136,24 @@ class ParsedBatch:
     rows: list[ParsedRow]
     bad: list[tuple[int, str]]  # every bad row of the batch, in order
     mean_above_max: int
+    unchanged: int = 0  # rows left out as the index already has them (``Imported``)
+
+
+@dataclass(frozen=True)
+class Imported:
+    """What the index held of a dataset's imported rows when an import started: each
+    image id's row etag (``import_etag``), so that rows imported before, unchanged,
+    are told apart before they are parsed and checked (a re-import then costs little
+    more than reading the file). The writer still checks every row it gets."""
+
+    model: str
+    etags: dict[str, str]  # dataset image id -> etag of its imported row
+
+
+def import_etag(model: str, fingerprint: str) -> str:
+    """An imported image's ``etag_or_version``. The model is part of it: the same file
+    imported as another model must still store that model's rows."""
+    return f"chexmask-import:{hashlib.sha1(f'{model}:{fingerprint}'.encode()).hexdigest()}"
 
 
 @dataclass
@@ -146,9 +165,12 @@ class ReadBatch:
     records: int  # records read (good and bad), for the progress bar
 
 
-def read_batches(path: str | Path, frame: Frame, batch_size: int) -> Iterator[ReadBatch]:
-    """The CSV at ``path`` read, parsed and checked ``batch_size`` records at a time.
-    ``frame`` AUTO is told by the first whole record (``frame_of``)."""
+def read_batches(
+    path: str | Path, frame: Frame, batch_size: int, imported: Imported | None = None
+) -> Iterator[ReadBatch]:
+    """The CSV at ``path`` read, parsed and checked ``batch_size`` records at a time,
+    leaving out rows ``imported`` has unchanged. ``frame`` AUTO is told by the first
+    whole record (``frame_of``)."""
     with open_text(path) as handle:
         columns, records = read_records(handle)
         detected: Frame | None = None
@@ -157,17 +179,19 @@ def read_batches(path: str | Path, frame: Frame, batch_size: int) -> Iterator[Re
                 # until a record has the header's field count, every record is bad whatever the frame
                 whole = next((r for _, r in chunk if len(r) == columns.count), None)
                 detected = None if whole is None else frame_of(frame, columns, whole)
-            yield ReadBatch(detected, parse_batch(columns, detected or Frame.ORIGINAL, chunk), len(chunk))
+            yield ReadBatch(detected, parse_batch(columns, detected or Frame.ORIGINAL, chunk, imported), len(chunk))
 
 
-def read_batches_in_child(path: str | Path, frame: Frame, batch_size: int) -> Iterator[ReadBatch]:
+def read_batches_in_child(
+    path: str | Path, frame: Frame, batch_size: int, imported: Imported | None = None
+) -> Iterator[ReadBatch]:
     """``read_batches`` run in a child process, its batches handed over through a
     bounded queue; an error there (a header that is not CheXmask's) is raised here.
     The child is spawned, not forked: the caller may hold threads or a model."""
     context = multiprocessing.get_context("spawn")
     batches: multiprocessing.Queue[ReadBatch | BaseException | None] = context.Queue(CHILD_QUEUE_BATCHES)
     child = context.Process(
-        target=_read_into, args=(batches, str(path), frame, batch_size), name="chexmask-csv", daemon=True
+        target=_read_into, args=(batches, str(path), frame, batch_size, imported), name="chexmask-csv", daemon=True
     )
     child.start()
     try:
@@ -182,9 +206,11 @@ def read_batches_in_child(path: str | Path, frame: Frame, batch_size: int) -> It
             child.join()
 
 
-def _read_into(batches: multiprocessing.Queue[Any], path: str, frame: Frame, batch_size: int) -> None:
+def _read_into(
+    batches: multiprocessing.Queue[Any], path: str, frame: Frame, batch_size: int, imported: Imported | None
+) -> None:
     try:
-        for batch in read_batches(path, frame, batch_size):
+        for batch in read_batches(path, frame, batch_size, imported):
             batches.put(batch)
     except Exception as exc:  # handed to the parent, which raises it: nothing dies silently here
         batches.put(exc)
@@ -248,13 +274,22 @@ def frame_of(frame: Frame, columns: Columns, record: list[str]) -> Frame:
     return Frame.ORIGINAL if record[columns.landmarks].lstrip().startswith("[") else Frame.R1024
 
 
-def parse_batch(columns: Columns, frame: Frame, records: list[tuple[int, list[str]]]) -> ParsedBatch:
-    """Parse and check ``records`` (line, fields); runs in a worker process."""
+def parse_batch(
+    columns: Columns, frame: Frame, records: list[tuple[int, list[str]]], imported: Imported | None = None
+) -> ParsedBatch:
+    """Parse and check ``records`` (line, fields), leaving out rows ``imported`` has
+    unchanged (counted)."""
     batch = ParsedBatch([], [], 0)
+    # An id twice in a batch is left to the writer, which reports the repeat.
+    once = _ids_once(columns, records) if imported and imported.etags else set()
     for line, record in records:
         try:
             if len(record) != columns.count:
                 raise BadRow(f"{len(record)} fields, the header has {columns.count}")
+            if imported and _unchanged(record, columns, frame, imported, once):
+                batch.unchanged += 1
+                batch.mean_above_max += _mean_above_max(record, columns)
+                continue
             row, mean_above_max = _parse(line, record, columns, frame)
         except BadRow as exc:
             batch.bad.append((line, str(exc)))
@@ -262,6 +297,28 @@ def parse_batch(columns: Columns, frame: Frame, records: list[tuple[int, list[st
         batch.rows.append(row)
         batch.mean_above_max += mean_above_max
     return batch
+
+
+def _ids_once(columns: Columns, records: list[tuple[int, list[str]]]) -> set[str]:
+    counts = Counter(r[columns.image_id].strip() for _, r in records if len(r) == columns.count)
+    return {image_id for image_id, count in counts.items() if count == 1}
+
+
+def _unchanged(record: list[str], columns: Columns, frame: Frame, imported: Imported, once: set[str]) -> bool:
+    image_id = record[columns.image_id].strip()
+    etag = imported.etags.get(image_id) if image_id in once else None
+    return etag is not None and etag == import_etag(imported.model, _fingerprint(image_id, frame, record, columns))
+
+
+def _fingerprint(image_id: str, frame: Frame, record: list[str], columns: Columns) -> str:
+    fingerprinted = [image_id, frame.value, *(record[i] for i in columns.values)]
+    return hashlib.sha1("\x1f".join(fingerprinted).encode()).hexdigest()
+
+
+def _mean_above_max(record: list[str], columns: Columns) -> bool:
+    # of a row imported before, so both values parsed then
+    mean, max_ = _dice(record[columns.mean]), _dice(record[columns.max])
+    return mean is not None and max_ is not None and mean > max_
 
 
 def _id_index(header: list[str]) -> int:
@@ -296,10 +353,9 @@ def _parse(line: int, record: list[str], columns: Columns, frame: Frame) -> tupl
         values.update(landmarks_original=points, landmarks_original_str=landmarks, landmarks_1024="[]")
     else:
         values.update(landmarks_1024=points, landmarks_original="[]", landmarks_original_str="")
-    fingerprinted = [image_id, frame.value, *(record[i] for i in columns.values)]
-    digest = hashlib.sha1("\x1f".join(fingerprinted).encode()).hexdigest()
     known = (height, width) if frame is Frame.ORIGINAL else (None, None)
-    row = ParsedRow(line, image_id, values, height=known[0], width=known[1], fingerprint=digest)
+    fingerprint = _fingerprint(image_id, frame, record, columns)
+    row = ParsedRow(line, image_id, values, height=known[0], width=known[1], fingerprint=fingerprint)
     return row, mean is not None and max_ is not None and mean > max_
 
 

@@ -45,8 +45,10 @@ from chexmask.datasets import canonical
 from chexmask.status import ImageStatus
 from chexmask.storage.chexmask_csv import (
     Frame,
+    Imported,
     ImportReport,
     ParsedRow,
+    import_etag,
     read_batches,
     read_batches_in_child,
 )
@@ -108,19 +110,31 @@ def import_csv(
     if parse_in_child is None:
         parse_in_child = Path(path).stat().st_size > CHILD_PARSE_BYTES
     read = read_batches_in_child if parse_in_child else read_batches
+    imported = Imported(model, _imported_etags(index, dataset))
     with ThreadPoolExecutor(1, thread_name_prefix="chexmask-import") as writer:
         writing: tuple[Future[_Stored], int] | None = None
-        for batch in read(path, Frame(frame), batch_size):
+        for batch in read(path, Frame(frame), batch_size, imported):
             report.frame = batch.frame
             for line, reason in batch.parsed.bad:
                 report.skip(line, reason)
             report.mean_above_max += batch.parsed.mean_above_max
+            report.unchanged += batch.parsed.unchanged
             if writing:  # one batch in flight at a time: bounded memory, file order kept
                 _finish(report, *writing, progress)
             writing = (writer.submit(_store, index, context, batch.parsed.rows), batch.records)
         if writing:
             _finish(report, *writing, progress)
     return report
+
+
+def _imported_etags(index: MaskIndex, dataset: str) -> dict[str, str]:
+    """Each imported image of ``dataset`` in the index: its dataset image id and row etag."""
+    dataset, uri = canonical(dataset), SourceImage.__table__.c.uri
+    statement = sa.select(SourceImage.dataset_image_id, SourceImage.etag_or_version).where(
+        SourceImage.dataset == dataset, uri.startswith(import_uri(dataset, ""), autoescape=True)
+    )
+    with index.engine.connect() as connection:
+        return {image_id: etag for image_id, etag in connection.execute(statement) if image_id and etag}
 
 
 def _finish(report: ImportReport, written: Future[_Stored], rows: int, progress: Callable[[int], None] | None) -> None:
@@ -152,9 +166,7 @@ class _Context:
     weights_sha256: str
 
     def etag(self, row: ParsedRow) -> str:
-        # The model is part of the fingerprint: the same file imported as another
-        # model must still store that model's rows.
-        return f"chexmask-import:{hashlib.sha1(f'{self.model}:{row.fingerprint}'.encode()).hexdigest()}"
+        return import_etag(self.model, row.fingerprint)
 
 
 def _store(index: MaskIndex, context: _Context, rows: list[ParsedRow]) -> _Stored:

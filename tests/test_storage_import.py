@@ -13,6 +13,7 @@ import pytest
 from chexmask.datasets import ID_COLUMNS
 from chexmask.errors import ConfigError
 from chexmask.status import ImageStatus
+from chexmask.storage.chexmask_csv import Imported
 from chexmask.storage.chexmask_import import Frame, import_csv, import_sha256, import_uri
 from chexmask.storage.export import export
 from chexmask.storage.index import MaskIndex
@@ -169,6 +170,33 @@ def test_reimport_changes_nothing_and_a_newer_file_updates_its_changed_rows(inde
     assert out.read_bytes() == newer.read_bytes()
 
 
+def test_rows_imported_before_are_recognised_before_they_are_parsed(index, tmp_path):
+    from chexmask.storage.chexmask_csv import read_batches
+    from chexmask.storage.chexmask_import import _imported_etags
+
+    ids = [f"{i:08d}_000.png" for i in range(4)]
+    rows = [original_row(i, mean=0.97) for i in ids]  # Mean above Max: counted even when left out
+    run_import(index, write_csv(tmp_path / "v1.csv", "Image Index", rows), "nih")
+    imported = Imported(OFFICIAL, _imported_etags(index, "nih"))
+    assert set(imported.etags) == set(ids)
+
+    rows[1] = original_row(ids[1], rle="3 4")  # changed
+    rows.append(original_row(ids[2], rle="9 1"))  # id 2 again: left to the writer, which reports it
+    newer = write_csv(tmp_path / "v2.csv", "Image Index", rows)
+    (batch,) = read_batches(newer, Frame.AUTO, 100, imported)
+    assert [row.image_id for row in batch.parsed.rows] == [ids[1], ids[2], ids[2]]
+    assert (batch.parsed.unchanged, batch.parsed.mean_above_max) == (2, 3)  # ids 0 and 3 left out, 2 parsed
+    # under another model every row is new to the index
+    (other,) = read_batches(newer, Frame.AUTO, 100, Imported("ours", imported.etags))
+    assert (len(other.parsed.rows), other.parsed.unchanged) == (5, 0)
+
+    report = run_import(index, newer, "nih")
+    assert (report.taken, report.updated, report.unchanged, report.skipped) == (0, 2, 2, 1)
+    assert "again at line" in report.bad[0][1]
+    segmentations = {r.dataset_image_id: index.get_segmentation(r.id) for r in index.query(QueryFilters(dataset="nih"))}
+    assert segmentations[ids[1]].rle_left_lung == "3 4" and segmentations[ids[2]].rle_left_lung == "9 1"
+
+
 def test_1024_file_without_size_columns(index, tmp_path):
     header = ["dicom_id", "Dice RCA (Mean)", "Dice RCA (Max)", "Landmarks", "Left Lung", "Right Lung", "Heart"]
     landmarks = ",".join(str(v) for point in POINTS for v in point)
@@ -248,6 +276,8 @@ def test_rows_stored_by_another_import_meanwhile_are_upserted(index, tmp_path, m
         return {} if len(calls) == 1 else lookup(connection, uris)
 
     monkeypatch.setattr(chexmask_import, "_known", lookup_before_the_other_import_committed)
+    # and this import started before the other one committed: nothing known to it then
+    monkeypatch.setattr(chexmask_import, "_imported_etags", lambda index, dataset: {})
     report = run_import(index, path, "nih")
     assert len(calls) == 2  # the batch was written twice: first as new rows, then as upserts
     assert (report.taken, report.updated, report.unchanged, report.skipped) == (0, 0, 3, 0)

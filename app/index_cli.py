@@ -27,6 +27,29 @@ if TYPE_CHECKING:
 
 _SORT_CHOICES = [*SORT_KEYS, *(f"-{key}" for key in SORT_KEYS)]
 
+# The table's columns, and those added with --compare-to.
+SUMMARY_SHOWN = [
+    "id",
+    "dataset",
+    "release",
+    "dataset_image_id",
+    "model_version",
+    "dice_rca_mean",
+    "dice_rca_max",
+    "qc_status",
+    "status",
+]
+AGREEMENT_SHOWN = [
+    "other_dice_rca_mean",
+    "agreement_dice",
+    "agreement_dice_rl",
+    "agreement_dice_ll",
+    "agreement_dice_h",
+    "agreement_hausdorff_rl",
+    "agreement_hausdorff_ll",
+    "agreement_hausdorff_h",
+]
+
 
 def _open_index(upgraded: bool = True) -> MaskIndex:
     index = MaskIndex(Settings.from_env().database_url)
@@ -87,13 +110,10 @@ def query_command(sort: str, limit: int, offset: int, fmt: str, **filters: Any) 
         query = QueryFilters(status=ImageStatus(status) if status else None, **filters)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    rows = _open_index().query(
-        query,
-        sort=sort,
-        limit=limit,
-        offset=offset,
-    )
-    _print_rows([{k: _plain(v) for k, v in asdict(row).items()} for row in rows], fmt)
+    rows = _open_index().query(query, sort=sort, limit=limit, offset=offset)
+    # JSON and CSV always carry every field (the agreement ones empty without --compare-to)
+    shown = [*SUMMARY_SHOWN, *(AGREEMENT_SHOWN if query.compare_to else [])]
+    _print_rows([{k: _plain(v) for k, v in asdict(row).items()} for row in rows], fmt, shown=shown)
 
 
 PROBLEM_STATUSES = (ImageStatus.REFUSED.value, ImageStatus.FAILED.value)
@@ -142,17 +162,7 @@ def _print_rows(
         # lists (QC flags) as one cell, "a;b"
         writer.writerows({k: ";".join(v) if isinstance(v, list) else v for k, v in row.items()} for row in rows)
     else:
-        shown = shown or [
-            "id",
-            "dataset",
-            "release",
-            "dataset_image_id",
-            "model_version",
-            "dice_rca_mean",
-            "dice_rca_max",
-            "qc_status",
-            "status",
-        ]
+        shown = shown or SUMMARY_SHOWN
         click.echo(_table(shown, [[_cell(row[c]) for c in shown] for row in rows]))
 
 

@@ -91,6 +91,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
         offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     ) -> Page:
+        """Segmentations matching the filters. With ``compare_to`` only those ``chexmask
+        compare`` paired with that model's mask of the same image, each carrying the
+        comparison (the ``other_*``, ``agreement_*`` and ``compared_at`` fields)."""
         # One extra row tells whether a next page exists without a COUNT(*) over the set.
         rows = index.query(filters, sort=sort, limit=limit + 1, offset=offset)
         return Page(

@@ -28,25 +28,29 @@ class Agreement:
 
 
 def save_comparisons(index: MaskIndex, agreements: Iterable[Agreement]) -> int:
-    """Store (or replace) each agreement, once from each side; returns how many were stored."""
+    """Store each agreement, once from each side, replacing the segmentation's earlier
+    comparison with that model (a later pairing wins, also within one run); returns
+    how many were stored."""
     from sqlalchemy.dialects import postgresql, sqlite
 
     insert = (postgresql if index.dialect == "postgresql" else sqlite).insert(MaskComparison)
-    key = ("id", "segmentation_id", "other_segmentation_id")
+    key = ("id", "segmentation_id", "other_model")
     replaced = [name for name in MaskComparison.model_fields if name not in key]
     statement = insert.on_conflict_do_update(
-        index_elements=["segmentation_id", "other_segmentation_id"],
-        set_={name: insert.excluded[name] for name in replaced},
+        index_elements=list(key[1:]), set_={name: insert.excluded[name] for name in replaced}
     )
-    count, batch = 0, []
+    count = 0
+    # by key: one statement may not update a row twice (two masks of the other model
+    # sharing a dataset image id); the later pairing wins, as a later run's would
+    batch: dict[tuple[int, str], dict[str, Any]] = {}
     for agreement in agreements:
-        batch += _rows(agreement)
+        batch.update(((row["segmentation_id"], row["other_model"]), row) for row in _rows(agreement))
         count += 1
         if len(batch) >= 2 * BATCH:
-            _write(index, statement, batch)
-            batch = []
+            _write(index, statement, list(batch.values()))
+            batch = {}
     if batch:
-        _write(index, statement, batch)
+        _write(index, statement, list(batch.values()))
     return count
 
 
@@ -66,7 +70,17 @@ def _rows(agreement: Agreement) -> list[dict[str, Any]]:
         "created_at": now,
     }
     (first, second), (model_a, model_b) = agreement.segmentations, agreement.models
-    rows = [{**values, "segmentation_id": first, "other_segmentation_id": second, "other_model": model_b}]
+    rows = [
+        {**values, "segmentation_id": first, "other_segmentation_id": second, "model": model_a, "other_model": model_b}
+    ]
     if second != first:  # a model compared with itself pairs each mask with itself: one row
-        rows.append({**values, "segmentation_id": second, "other_segmentation_id": first, "other_model": model_a})
+        rows.append(
+            {
+                **values,
+                "segmentation_id": second,
+                "other_segmentation_id": first,
+                "model": model_b,
+                "other_model": model_a,
+            }
+        )
     return rows

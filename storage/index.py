@@ -42,12 +42,15 @@ from chexmask.storage.models import (
     utcnow,
 )
 from chexmask.storage.queries import (
+    AGREEMENT,
     SUMMARY_COLUMNS,
     QueryFilters,
     SegmentationSummary,
+    agreement_on,
     image_conditions,
     order_by,
     segmentation_conditions,
+    with_agreement,
 )
 
 
@@ -728,11 +731,13 @@ class MaskIndex:
 
         ``sort`` is a key of ``SORT_KEYS``, ``-`` in front for descending; a
         missing Dice sorts as the lowest value. Ties are broken by id so pages
-        never overlap.
+        never overlap. With ``compare_to`` each row carries its comparison with
+        that model's mask (the agreement fields), in the same query.
         """
-        statement = (
-            self.select_segmentations(filters, *SUMMARY_COLUMNS).order_by(*order_by(sort)).limit(limit).offset(offset)
-        )
+        statement = self.select_segmentations(filters, *SUMMARY_COLUMNS)
+        if filters.compare_to is not None:
+            statement = with_agreement(statement)
+        statement = statement.order_by(*order_by(sort)).limit(limit).offset(offset)
         with self.engine.connect() as connection:
             return [SegmentationSummary(**row._mapping) for row in connection.execute(statement)]
 
@@ -742,7 +747,8 @@ class MaskIndex:
         ``join_images=False`` leaves the images out where neither the columns, the
         filters nor the caller's ORDER BY need them (every segmentation has its
         image, so the rows are the same): an index over segmentation columns then
-        answers alone.
+        answers alone. ``compare_to`` joins each segmentation's comparison with that
+        model's mask (``queries.AGREEMENT``, one row at most per segmentation).
         """
         # The dataset is matched on the segmentation so (dataset, Dice) is one index.
         image_filters = image_conditions(replace(filters, dataset=None))
@@ -750,6 +756,8 @@ class MaskIndex:
         statement = sa.select(*columns).select_from(Segmentation)
         if join_images or image_filters:
             statement = statement.join(SourceImage, Segmentation.image_id == SourceImage.id)
+        if filters.compare_to is not None:
+            statement = statement.join(AGREEMENT, agreement_on(filters))
         return statement.where(
             Segmentation.is_current.is_(True),
             *dataset,

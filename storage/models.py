@@ -297,22 +297,26 @@ class MaskComparison(StorageModel, table=True):
     """How a segmentation agrees with another model's mask of the same image (paired by
     dataset and dataset image id), as the last ``chexmask compare`` of the two found it.
 
-    Kept once per direction, the other side's model on each row, so "masks of A that
-    disagree with B's" is a lookup on this table alone from either side. ``dice_min``,
+    Kept once per direction, both models on each row (``model`` is the segmentation's
+    own, ``other_model`` the other side's), so "masks of A that disagree with B's" is
+    a lookup on this table alone from either side; one row per segmentation and other
+    model (migration 0009): the latest pairing replaces an earlier one. ``dice_min``,
     the lowest of the organs' Dice, is the agreement the filters use: an image
     disagrees when any organ does.
     """
 
     __tablename__ = "comparison"
     __table_args__ = (
-        sa.UniqueConstraint("segmentation_id", "other_segmentation_id"),
+        sa.UniqueConstraint("segmentation_id", "other_model"),
         sa.Index("ix_comparison_other_model_dice_min", "other_model", "dice_min"),
+        sa.Index("ix_comparison_model_other_model", "model", "other_model"),
     )
 
     id: int | None = Field(default=None, primary_key=True)
     segmentation_id: int = Field(foreign_key="segmentation.id", nullable=False)
     other_segmentation_id: int = Field(foreign_key="segmentation.id", nullable=False)
     other_model: str = Field(sa_type=sa.String(128), nullable=False)
+    model: str = Field(sa_type=sa.String(128), nullable=False)  # the segmentation's own (migration 0009)
     frame: str = Field(sa_type=sa.String(16), nullable=False)  # "original" or "1024": where the masks met
     dice_min: float = Field(nullable=False)
     dice_right_lung: float = Field(nullable=False)

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
 import sqlalchemy as sa
+from pydantic import Field
+from sqlalchemy.orm import aliased
 
 from chexmask.datasets import canonical
 from chexmask.status import ImageStatus, QCStatus
@@ -25,9 +27,9 @@ class QueryFilters:
     are taken as UTC. ``status`` is the image's.
 
     ``compare_to`` keeps segmentations that ``chexmask compare`` paired with that
-    model's mask of the same image (stored comparisons); ``min_agreement_dice``
-    and ``max_agreement_dice`` (inclusive, need ``compare_to``) bound their
-    agreement: the lowest of the organs' Dice between the two masks.
+    model's mask of the same image (stored comparisons); ``min_agreement_dice`` and
+    ``max_agreement_dice`` (inclusive, need ``compare_to``) bound their agreement:
+    the lowest of the organs' Dice between the two masks.
     """
 
     dataset: str | None = None
@@ -56,6 +58,11 @@ class QueryFilters:
         """Whether any filter concerns segmentations rather than images."""
         image_fields = {"dataset", "release", "status", "id_pattern"}
         return any(getattr(self, f.name) is not None for f in fields(self) if f.name not in image_fields)
+
+
+def compared(description: str) -> Any:
+    """The schema's description of a field filled only when a listing names a model to compare to."""
+    return Field(description=f"With compare_to, else null: {description}.")
 
 
 @dataclass(frozen=True)
@@ -101,6 +108,32 @@ class SegmentationSummary:
     uncertainty_rl: float | None = None
     uncertainty_ll: float | None = None
     uncertainty_h: float | None = None
+    # With compare_to: the stored comparison with that model's mask of the same image
+    # (AGREEMENT_COLUMNS); None without compare_to.
+    other_model: Annotated[str | None, compared("the model compared with (compare_to)")] = None
+    other_segmentation_id: Annotated[int | None, compared("id of that model's segmentation of the same image")] = None
+    other_dice_rca_mean: Annotated[float | None, compared("that segmentation's Dice RCA (Mean)")] = None
+    other_dice_rca_max: Annotated[float | None, compared("that segmentation's Dice RCA (Max)")] = None
+    agreement_dice: Annotated[
+        float | None, compared("the agreement: the lowest of the three organs' Dice between the two masks")
+    ] = None
+    agreement_dice_rl: Annotated[float | None, compared("Dice between the two right lung masks")] = None
+    agreement_dice_ll: Annotated[float | None, compared("Dice between the two left lung masks")] = None
+    agreement_dice_h: Annotated[float | None, compared("Dice between the two heart masks")] = None
+    agreement_hausdorff_rl: Annotated[
+        float | None,
+        compared("right lung Hausdorff distance, pixels of agreement_frame (null: one mask empty)"),
+    ] = None
+    agreement_hausdorff_ll: Annotated[
+        float | None,
+        compared("left lung Hausdorff distance, pixels of agreement_frame (null: one mask empty)"),
+    ] = None
+    agreement_hausdorff_h: Annotated[
+        float | None,
+        compared("heart Hausdorff distance, pixels of agreement_frame (null: one mask empty)"),
+    ] = None
+    agreement_frame: Annotated[str | None, compared("where the masks were compared: original or 1024")] = None
+    compared_at: Annotated[datetime | None, compared("when `chexmask compare` stored this result")] = None
 
 
 # The measurement columns, in the order queries and the export's --measurements add them.
@@ -146,6 +179,27 @@ SUMMARY_COLUMNS = (
     Segmentation.uncertainty_ll,
     Segmentation.uncertainty_h,
 )
+
+# The comparison a listing with compare_to joins (``agreement_on``), and the other model's mask.
+AGREEMENT = aliased(MaskComparison, name="agreement")
+OTHER_SEGMENTATION = aliased(Segmentation, name="other_segmentation")
+
+AGREEMENT_COLUMNS = (
+    AGREEMENT.other_model.label("other_model"),
+    AGREEMENT.other_segmentation_id.label("other_segmentation_id"),
+    OTHER_SEGMENTATION.dice_rca_mean.label("other_dice_rca_mean"),
+    OTHER_SEGMENTATION.dice_rca_max.label("other_dice_rca_max"),
+    AGREEMENT.dice_min.label("agreement_dice"),
+    AGREEMENT.dice_right_lung.label("agreement_dice_rl"),
+    AGREEMENT.dice_left_lung.label("agreement_dice_ll"),
+    AGREEMENT.dice_heart.label("agreement_dice_h"),
+    AGREEMENT.hausdorff_right_lung.label("agreement_hausdorff_rl"),
+    AGREEMENT.hausdorff_left_lung.label("agreement_hausdorff_ll"),
+    AGREEMENT.hausdorff_heart.label("agreement_hausdorff_h"),
+    AGREEMENT.frame.label("agreement_frame"),
+    AGREEMENT.created_at.label("compared_at"),
+)
+AGREEMENT_FIELDS = tuple(column.key for column in AGREEMENT_COLUMNS)
 
 SORT_KEYS: dict[str, Any] = {
     "id": Segmentation.id,
@@ -200,19 +254,36 @@ def segmentation_conditions(filters: QueryFilters) -> list[Any]:
         conditions.append(Segmentation.created_at >= as_utc(filters.created_after))
     if filters.created_before is not None:
         conditions.append(Segmentation.created_at < as_utc(filters.created_before))
-    if filters.compare_to is not None:
-        conditions.append(_agreement_condition(filters))
     return conditions
 
 
-def _agreement_condition(filters: QueryFilters) -> Any:
-    """Some stored comparison with a mask of ``compare_to`` within the agreement bounds."""
-    bounds = [MaskComparison.segmentation_id == Segmentation.id, MaskComparison.other_model == filters.compare_to]
+def agreement_on(filters: QueryFilters, by_model_index: bool = True) -> Any:
+    """The join condition of ``AGREEMENT``: each segmentation's comparison with
+    ``compare_to``'s mask of its image (one at most, migration 0009), kept when within
+    the agreement bounds.
+
+    An index join either way round: from the comparison's (other_model, dice_min)
+    index to the segmentations' primary key, or from a segmentation to its
+    comparison by the unique (segmentation_id, other_model) index.
+    ``by_model_index=False`` makes the same tests in a form the first index cannot
+    serve, leaving the database the second way only (see ``browse``).
+    """
+    other_model, dice = AGREEMENT.other_model, AGREEMENT.dice_min
+    if not by_model_index:
+        other_model, dice = other_model + "", dice + 0
+    conditions = [AGREEMENT.segmentation_id == Segmentation.id, other_model == filters.compare_to]
     if filters.min_agreement_dice is not None:
-        bounds.append(MaskComparison.dice_min >= filters.min_agreement_dice)
+        conditions.append(dice >= filters.min_agreement_dice)
     if filters.max_agreement_dice is not None:
-        bounds.append(MaskComparison.dice_min <= filters.max_agreement_dice)
-    return sa.exists().where(*bounds)
+        conditions.append(dice <= filters.max_agreement_dice)
+    return sa.and_(*conditions)
+
+
+def with_agreement(statement: sa.Select) -> sa.Select:
+    """``statement`` (``select_segmentations`` with compare_to) with AGREEMENT_COLUMNS added."""
+    return statement.add_columns(*AGREEMENT_COLUMNS).outerjoin(
+        OTHER_SEGMENTATION, OTHER_SEGMENTATION.id == AGREEMENT.other_segmentation_id
+    )
 
 
 def order_by(sort: str) -> list[Any]:

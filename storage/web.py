@@ -19,20 +19,21 @@ from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlencode
 
+import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, Form, HTTPException, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from chexmask.anatomy import ORGAN_ROWS
+from chexmask.anatomy import N_LANDMARKS, ORGAN_ROWS
 from chexmask.errors import NotFound, TransientError
 from chexmask.quality import GOOD_DICE
 from chexmask.status import ImageStatus
 from chexmask.storage import browse, plots, reviews
 from chexmask.storage.auth import COOKIE, COOKIE_MAX_AGE, authorized, bearer, csrf_value, same
 from chexmask.storage.index import MaskIndex
-from chexmask.storage.models import GRADE_COLUMNS
+from chexmask.storage.models import GRADE_COLUMNS, Segmentation
 from chexmask.storage.objectstore import ObjectStore
 from chexmask.storage.queries import SORT_KEYS, QueryFilters
 
@@ -72,6 +73,9 @@ class GalleryQuery(BaseModel):
     created_after: datetime | None = None
     created_before: datetime | None = None
     id_pattern: str | None = None
+    compare_to: str | None = None
+    min_agreement_dice: float | None = Field(None, ge=0, le=1)
+    max_agreement_dice: float | None = Field(None, ge=0, le=1)
     flag: str | None = None
     reviewed: bool | None = None
     sort: str = "dice_rca_mean"
@@ -93,6 +97,10 @@ def gallery_query(request: Request) -> GalleryQuery:
         raise HTTPException(HTTPStatus.UNPROCESSABLE_ENTITY, exc.errors(include_url=False)) from None
     if query.sort.removeprefix("-") not in SORT_KEYS:
         raise HTTPException(HTTPStatus.UNPROCESSABLE_ENTITY, f"cannot sort by {query.sort!r}")
+    try:
+        query.filters()
+    except ValueError as exc:  # an agreement bound without a model to compare to
+        raise HTTPException(HTTPStatus.UNPROCESSABLE_ENTITY, str(exc)) from None
     return query
 
 
@@ -145,7 +153,13 @@ def mount_web(app: FastAPI, index: MaskIndex, store: ObjectStore, token: str | N
         except NotFound:
             raise HTTPException(HTTPStatus.NOT_FOUND, "the page cursor names no segmentation") from None
         return render(
-            request, "gallery.html", page=result, query=query, carried=carried(request), datasets=browse.datasets(index)
+            request,
+            "gallery.html",
+            page=result,
+            query=query,
+            carried=carried(request),
+            datasets=browse.datasets(index),
+            compared=browse.compared_models(index, query.model),
         )
 
     @router.get("/thumbs/{segmentation_id}.jpg", name="thumbnail")
@@ -167,7 +181,7 @@ def mount_web(app: FastAPI, index: MaskIndex, store: ObjectStore, token: str | N
     def image(
         segmentation_id: int, request: Request, query: Annotated[GalleryQuery, Depends(gallery_query)]
     ) -> HTMLResponse:
-        context = _image_context(index, segmentation_id)
+        context = _image_context(index, segmentation_id, query.compare_to)
         previous, following = browse.neighbours(index, query.filters(), query.sort, segmentation_id)
         rest = carried(request)
         # After a grade, on to the next image of the same list (or back here at its end).
@@ -326,20 +340,51 @@ def _overlay_key(index: MaskIndex, segmentation_id: int) -> str:
     return segmentation.object_keys["overlay"]
 
 
-def _image_context(index: MaskIndex, segmentation_id: int) -> dict[str, Any]:
+def _image_context(index: MaskIndex, segmentation_id: int, compare_to: str | None = None) -> dict[str, Any]:
     segmentation = index.get_segmentation(segmentation_id)
     if segmentation is None:
         raise HTTPException(HTTPStatus.NOT_FOUND, "no such segmentation")
     image = index.get_image(segmentation.image_id)
     points = segmentation.landmarks_1024
     organs = {code: points[rows] for code, rows in ORGAN_ROWS.items()}
+    agreements = browse.agreements(index, segmentation_id)
+    # The outline drawn beside ours: the model of the gallery's compare filter, else the first compared.
+    shown = next((a for a in agreements if a["other_model"] == compare_to), agreements[0] if agreements else None)
+    other = _other_landmarks(segmentation, shown) if shown is not None else None
+    outlined = None if shown is None or other is None else shown["other_model"]
     return {
         "seg": segmentation,
         "img": image,
         "organs_json": json.dumps(organs),
+        "agreements": agreements,
+        "outlined": outlined,
+        "other_json": "" if other is None else json.dumps({c: other[rows].tolist() for c, rows in ORGAN_ROWS.items()}),
         "reviews": reviews.reviews_of(index, segmentation_id),
         "grade_columns": GRADE_COLUMNS,
     }
+
+
+def _other_landmarks(ours: Segmentation, agreement: dict[str, Any]) -> np.ndarray | None:
+    """The other mask's landmarks in the 1024 frame, to draw over our picture.
+
+    An import at the original resolution holds no 1024 landmarks: they are mapped
+    with the frame of our own mask of the image (scale and padding per axis, fitted
+    on our landmarks in both frames). None when neither is possible.
+    """
+    if len(agreement["landmarks_1024"]) == N_LANDMARKS:
+        return np.asarray(agreement["landmarks_1024"], dtype=float)
+    original = np.asarray(agreement["landmarks_original"], dtype=float)
+    ours_1024, ours_original = (np.asarray(p, dtype=float) for p in (ours.landmarks_1024, ours.landmarks_original))
+    if not len(original) == len(ours_1024) == len(ours_original) == N_LANDMARKS:
+        return None
+    mapped = np.empty_like(original)
+    for axis in (0, 1):
+        # original = scale * frame + shift on each axis
+        scale, shift = np.polyfit(ours_1024[:, axis], ours_original[:, axis], 1)
+        if abs(scale) < 1e-9:
+            return None
+        mapped[:, axis] = (original[:, axis] - shift) / scale
+    return np.round(mapped, 1)
 
 
 def _grades(form: dict[str, str]) -> dict[str, int | None]:

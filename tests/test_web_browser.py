@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -75,6 +76,13 @@ def home(tmp_path_factory, samples_dir) -> Path:
 
 @pytest.fixture(scope="module")
 def server(home: Path) -> Iterator[str]:
+    with api_server(home) as base:
+        yield base
+
+
+@contextmanager
+def api_server(home: Path) -> Iterator[str]:
+    """``chexmask api`` over ``home`` with the token, on a free loopback port."""
     from services import free_port
 
     port = free_port()
@@ -231,3 +239,106 @@ def test_browse_filter_and_grade_by_keyboard(server, browser, shots, home):
         browser.save_screenshot(str(shots / f"{name}.png"))
     browser.get(f"{server}/problems?status=refused")
     assert "not_an_image" in browser.page_source
+
+
+OTHER_MODEL = "hybridgnet-official"
+# How far the other model's outlines lie from ours, per segmentation (pixels of the 1024 frame).
+OTHER_SHIFT = {1: 0, 2: 24, 3: 60}
+
+
+@pytest.fixture(scope="module")
+def compared_home(home: Path, tmp_path_factory) -> Path:
+    """A copy of ``home`` where a second model segmented the same three images (our
+    outlines shifted by OTHER_SHIFT) and ``chexmask compare`` stored the agreement."""
+    import numpy as np
+
+    from chexmask.anatomy import ORGAN_NAMES
+    from chexmask.storage.index import MaskIndex
+    from chexmask.worker.postprocess import organ_masks, rle_encode
+
+    copy = tmp_path_factory.mktemp("compared") / "home"
+    shutil.copytree(home, copy)
+    index = MaskIndex(f"sqlite:///{copy / 'index.db'}")
+    for seg_id, shift in OTHER_SHIFT.items():
+        ours = index.get_segmentation(seg_id)
+        scale = max(ours.height, ours.width) / 1024
+        points_1024 = np.asarray(ours.landmarks_1024) + shift
+        points = np.round(np.asarray(ours.landmarks_original) + shift * scale).astype(int)
+        index.add_segmentation(
+            image_id=ours.image_id,
+            image_sha256=ours.image_sha256,
+            model_version=OTHER_MODEL,
+            weights_sha256="b7" * 32,
+            landmarks_1024=points_1024.tolist(),
+            landmarks_original=points.tolist(),
+            height=ours.height,
+            width=ours.width,
+            rle={ORGAN_NAMES[o]: rle_encode(m) for o, m in organ_masks(points, ours.height, ours.width).items()},
+            rle_1024={ORGAN_NAMES[o]: rle_encode(m) for o, m in organ_masks(points_1024, 1024, 1024).items()},
+        )
+    model = ours.model_version
+    datasets = sorted({index.get_image(index.get_segmentation(i).image_id).dataset for i in OTHER_SHIFT})
+    index.close()
+    env = {**os.environ, "CHEXMASK_HOME": str(copy)}
+    env.pop("CHEXMASK_API_TOKEN", None)
+    for dataset in datasets:
+        subprocess.run(
+            [CHEXMASK, "compare", "--dataset", dataset, "--models", model, OTHER_MODEL],
+            env=env,
+            check=True,
+            capture_output=True,
+            timeout=300,
+        )
+    return copy
+
+
+def test_compare_filter_and_agreement_on_the_image_page(compared_home, browser, shots):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import Select
+
+    from chexmask.storage.index import MaskIndex
+    from chexmask.storage.queries import QueryFilters
+
+    index = MaskIndex(f"sqlite:///{compared_home / 'index.db'}")
+    ours = index.get_segmentation(1).model_version
+    disagreeing = index.query(QueryFilters(model=ours, compare_to=OTHER_MODEL, max_agreement_dice=0.95), sort="id")
+    index.close()
+    assert [r.id for r in disagreeing] == [2, 3]  # the shifted outlines; the unshifted one agrees fully
+    worst = min(disagreeing, key=lambda r: r.dice_rca_mean)
+
+    with api_server(compared_home) as base:
+        browser.get(f"{base}/?token={TOKEN}")
+        browser.get(f"{base}/?model={ours}")
+        picker = Select(browser.find_element(By.NAME, "compare_to"))
+        assert [o.text for o in picker.options] == ["none", OTHER_MODEL]  # the models compared with ours
+        picker.select_by_visible_text(OTHER_MODEL)
+        browser.find_element(By.NAME, "max_agreement_dice").send_keys("0.95")
+        browser.find_element(By.CSS_SELECTOR, "form.filters button[type=submit]").click()
+        wait_for(browser, lambda d: "max_agreement_dice=0.95" in d.current_url)
+        cards = browser.find_elements(By.CSS_SELECTOR, "#gallery a[data-id]")
+        assert [c.get_attribute("data-id") for c in cards] == [
+            str(worst.id),
+            *(str(r.id) for r in disagreeing if r is not worst),
+        ]
+        said = [c.find_element(By.CSS_SELECTOR, ".agreement").text for c in cards]
+        assert said[0] == f"agreement with {OTHER_MODEL}: Dice {worst.agreement_dice:.3f}"
+        assert broken_images(browser) == []
+        browser.save_screenshot(str(shots / "gallery-compare.png"))
+
+        press(browser, "j", Keys.ENTER)
+        wait_for(browser, lambda d: f"/image/{worst.id}" in d.current_url)
+        assert "compare_to=" in browser.current_url
+        section = browser.find_element(By.ID, "agreement").text
+        for value in (worst.agreement_dice_rl, worst.agreement_dice_ll, worst.agreement_dice_h):
+            assert f"{value:.3f}" in section
+        assert f"{worst.agreement_hausdorff_h:.1f}" in section
+        outlines = "return document.querySelectorAll('#layers [data-layer=other] polygon').length"
+        assert browser.execute_script(outlines) == 3
+        assert broken_images(browser) == []
+        browser.save_screenshot(str(shots / "image-compare.png"))
+        browser.execute_script("document.getElementById('agreement').scrollIntoView()")
+        browser.save_screenshot(str(shots / "image-compare-values.png"))
+        press(browser, "c")  # the other model's outline off
+        shown = "return getComputedStyle(document.querySelector('#layers [data-layer=other]')).display"
+        assert browser.execute_script(shown) == "none"

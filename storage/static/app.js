@@ -31,7 +31,7 @@
   // --- image page: outlines from the landmarks, switchable layers ---
   var SVG = "http://www.w3.org/2000/svg";
   var COLOURS = { RL: "#00e5ff", LL: "#ffd400", H: "#ff4fd8" };
-  function layers(stage, svg, organs) {
+  function layers(stage, svg, organs, other) {
     var fills = stage.getAttribute("data-fills") === "1";
     Object.keys(organs).forEach(function (code) {
       var g = document.createElementNS(SVG, "g");
@@ -58,6 +58,21 @@
       });
     });
     svg.appendChild(dots);
+    if (other) {
+      // The compared model's organs: dashed outlines only, over ours.
+      var theirs = document.createElementNS(SVG, "g");
+      theirs.setAttribute("data-layer", "other");
+      Object.keys(other).forEach(function (code) {
+        var line = document.createElementNS(SVG, "polygon");
+        line.setAttribute("points", other[code].map(function (p) { return p[0] + "," + p[1]; }).join(" "));
+        line.setAttribute("fill", "none");
+        line.setAttribute("stroke", "#ffffff");
+        line.setAttribute("stroke-width", "3");
+        line.setAttribute("stroke-dasharray", "12 8");
+        theirs.appendChild(line);
+      });
+      svg.appendChild(theirs);
+    }
     var show = function (name, on) {
       if (name === "picture") { stage.classList.toggle("hide-picture", !on); return; }
       var g = svg.querySelector('[data-layer="' + name + '"]');
@@ -111,10 +126,12 @@
     if (list) { gallery(list); }
     var data = document.getElementById("organs");
     if (!data) { return; }
-    var toggle = layers(document.getElementById("stage"), document.getElementById("layers"), JSON.parse(data.textContent));
+    var theirs = document.getElementById("other-organs");
+    var toggle = layers(document.getElementById("stage"), document.getElementById("layers"), JSON.parse(data.textContent),
+      theirs ? JSON.parse(theirs.textContent) : null);
     var form = document.getElementById("grade");
     var grade = form ? grading(form) : function () { return false; };
-    var keys = { o: "picture", r: "RL", l: "LL", h: "H", m: "points" };
+    var keys = { o: "picture", r: "RL", l: "LL", h: "H", m: "points", c: "other" };
     document.addEventListener("keydown", function (e) {
       if (typing(e) || e.ctrlKey || e.metaKey || e.altKey) { return; }
       if (grade(e)) { e.preventDefault(); return; }

@@ -97,7 +97,9 @@ def _keep_our_logging(fmt: str) -> None:
     setup_logging.connect(configure, weak=False)
 
 
-def _intake(settings: Settings):
+def open_intake(settings: Settings):
+    """The producers' door (``Intake``): the index, and the broker of CHEXMASK_BROKER_URL
+    (its embedded default too, whose queued images ``serve`` also takes up from the index)."""
     from chexmask.ingest.queue import CeleryQueue, Intake
     from chexmask.ingest.registry import Registry
     from chexmask.storage.index import MaskIndex
@@ -220,7 +222,7 @@ def watch_command(
     from chexmask.ingest.watcher import FolderWatcher
     from chexmask.messages import Arrival
 
-    intake = _intake(Settings.from_env())
+    intake = open_intake(Settings.from_env())
 
     def on_files(paths: list[Path]) -> None:
         arrivals = [Arrival.for_file(p, dataset, release) for p in paths if p.exists()]
@@ -275,7 +277,7 @@ def listen_command(
     if dicom_port is not None:
         _listen_dicom(settings, dicom_port, ae_title or settings.dicom_ae_title, dataset, release)
         return
-    listener = s3events.Listener(_intake(settings), dataset=dataset, release=release)
+    listener = s3events.Listener(open_intake(settings), dataset=dataset, release=release)
     if webhook_port is not None:
         import uvicorn
 
@@ -307,7 +309,7 @@ def _listen_dicom(settings: Settings, port: int, ae_title: str, dataset: str | N
     from chexmask.storage.objectstore import open_store
 
     store = open_store(settings.store_url, settings.s3_endpoint_url)
-    listener = DicomListener(_intake(settings), store, port=port, ae_title=ae_title, dataset=dataset, release=release)
+    listener = DicomListener(open_intake(settings), store, port=port, ae_title=ae_title, dataset=dataset, release=release)
     with listener:
         click.echo(f"receiving DICOM on port {listener.port} as {ae_title}; store {mask_url(settings.store_url)}")
         _wait_for_stop()
@@ -327,7 +329,7 @@ def scan_command(uri: str, dataset: str | None, release: str | None, restart: bo
     from chexmask.ingest.scanner import ReleaseScanner
 
     settings = Settings.from_env()
-    scanner = ReleaseScanner(_intake(settings), dataset=dataset, release=release, state_dir=settings.home / "scans")
+    scanner = ReleaseScanner(open_intake(settings), dataset=dataset, release=release, state_dir=settings.home / "scans")
     counts = scanner.scan(uri, resume=not restart)
     click.echo(
         f"{counts.seen} seen, {counts.new} new, {counts.changed} changed, {counts.skipped} skipped, "

@@ -64,6 +64,7 @@ class Settings(BaseSettings):
     webhook_token: SecretStr | None = None  # CHEXMASK_WEBHOOK_TOKEN: token MinIO's webhook sends
     dicom_port: int | None = None  # CHEXMASK_DICOM_PORT: `listen`/`serve` receive DICOM C-STORE on it
     dicom_ae_title: str = Field("CHEXMASK", min_length=1, max_length=16)  # CHEXMASK_DICOM_AE_TITLE: our AE title
+    stow_max_bytes: int = Field(1 << 30, ge=1)  # CHEXMASK_STOW_MAX_BYTES: largest STOW-RS request body
     log_format: Literal["text", "json"] = "text"  # CHEXMASK_LOG_FORMAT: json = one JSON object per line
     max_pixels: int = 100_000_000  # CHEXMASK_MAX_PIXELS: larger images are refused from their header
     fault: str | None = None  # CHEXMASK_FAULT: a test hook, see faults.py (unset in production)

@@ -31,6 +31,7 @@ COMMANDS = {
     ),
     "reprocess": ("chexmask.app.pipeline_cli", "Queue the images that lack a segmentation from a model."),
     "retry": ("chexmask.app.pipeline_cli", "Queue again stuck images and QCs, and with --failed every failed image."),
+    "push": ("chexmask.app.pipeline_cli", "Send the DICOM SEG and SR of DICOM inputs to the configured destinations."),
     "query": (
         "chexmask.app.index_cli",
         "List segmentations matching the filters (--status refused|failed: those images).",

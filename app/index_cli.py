@@ -332,8 +332,17 @@ def _stats_table(groups: list[GroupStats]) -> str:
 @click.command("api")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, default=8000, show_default=True)
-def api_command(host: str, port: int) -> None:
-    """Serve the HTTP API (OpenAPI docs at /docs) and the web app (at /).
+@click.option(
+    "--stow/--no-stow",
+    default=True,
+    show_default=True,
+    help="Also take DICOM over HTTP (STOW-RS, POST /dicomweb/studies): stored and queued like C-STORE.",
+)
+@click.option("--dataset", help="Dataset of the images posted by STOW-RS (default: generic).")
+@click.option("--release", help="Release tag recorded with every image posted by STOW-RS.")
+def api_command(host: str, port: int, stow: bool, dataset: str | None, release: str | None) -> None:
+    """Serve the HTTP API (OpenAPI docs at /docs) and the web app (at /), and take
+    DICOM instances posted by STOW-RS (POST /dicomweb/studies) unless --no-stow.
 
     With CHEXMASK_API_TOKEN set, every route but /health and the docs needs it:
     programs send "Authorization: Bearer TOKEN"; a browser opens any page once
@@ -341,16 +350,18 @@ def api_command(host: str, port: int) -> None:
     """
     import uvicorn
 
-    from chexmask.storage.api import create_app
+    from chexmask.app.api import create_api
+    from chexmask.app.pipeline_cli import open_intake
 
     settings = Settings.from_env()
     if not settings.api_token and not _loopback(host):
         click.echo(
             f"warning: serving on {host} without CHEXMASK_API_TOKEN: anyone who can reach "
-            f"port {port} can read every segmentation",
+            f"port {port} can read every segmentation" + (" and post images" if stow else ""),
             err=True,
         )
-    uvicorn.run(create_app(settings), host=host, port=port)
+    intake = open_intake(settings) if stow else None
+    uvicorn.run(create_api(settings, intake, dataset=dataset, release=release), host=host, port=port)
 
 
 def _loopback(host: str) -> bool:

@@ -97,7 +97,9 @@ def _keep_our_logging(fmt: str) -> None:
     setup_logging.connect(configure, weak=False)
 
 
-def _intake(settings: Settings):
+def open_intake(settings: Settings):
+    """The producers' door (``Intake``): the index, and the broker of CHEXMASK_BROKER_URL
+    (its embedded default too, whose queued images ``serve`` also takes up from the index)."""
     from chexmask.ingest.queue import CeleryQueue, Intake
     from chexmask.ingest.registry import Registry
     from chexmask.storage.index import MaskIndex
@@ -220,7 +222,7 @@ def watch_command(
     from chexmask.ingest.watcher import FolderWatcher
     from chexmask.messages import Arrival
 
-    intake = _intake(Settings.from_env())
+    intake = open_intake(Settings.from_env())
 
     def on_files(paths: list[Path]) -> None:
         arrivals = [Arrival.for_file(p, dataset, release) for p in paths if p.exists()]
@@ -275,7 +277,7 @@ def listen_command(
     if dicom_port is not None:
         _listen_dicom(settings, dicom_port, ae_title or settings.dicom_ae_title, dataset, release)
         return
-    listener = s3events.Listener(_intake(settings), dataset=dataset, release=release)
+    listener = s3events.Listener(open_intake(settings), dataset=dataset, release=release)
     if webhook_port is not None:
         import uvicorn
 
@@ -307,7 +309,9 @@ def _listen_dicom(settings: Settings, port: int, ae_title: str, dataset: str | N
     from chexmask.storage.objectstore import open_store
 
     store = open_store(settings.store_url, settings.s3_endpoint_url)
-    listener = DicomListener(_intake(settings), store, port=port, ae_title=ae_title, dataset=dataset, release=release)
+    listener = DicomListener(
+        open_intake(settings), store, port=port, ae_title=ae_title, dataset=dataset, release=release
+    )
     with listener:
         click.echo(f"receiving DICOM on port {listener.port} as {ae_title}; store {mask_url(settings.store_url)}")
         _wait_for_stop()
@@ -327,7 +331,7 @@ def scan_command(uri: str, dataset: str | None, release: str | None, restart: bo
     from chexmask.ingest.scanner import ReleaseScanner
 
     settings = Settings.from_env()
-    scanner = ReleaseScanner(_intake(settings), dataset=dataset, release=release, state_dir=settings.home / "scans")
+    scanner = ReleaseScanner(open_intake(settings), dataset=dataset, release=release, state_dir=settings.home / "scans")
     counts = scanner.scan(uri, resume=not restart)
     click.echo(
         f"{counts.seen} seen, {counts.new} new, {counts.changed} changed, {counts.skipped} skipped, "
@@ -386,6 +390,43 @@ def retry_command(failed: bool, dataset: str | None) -> None:
 
     queued = retry(Settings.from_env(), failed=failed, dataset=dataset)
     click.echo(f"{queued} image(s) and QC(s) queued again")
+
+
+@click.command("push")
+@click.option("--dataset", help="Only segmentations of this dataset.")
+@click.option("--release", help="Only images of this release.")
+@click.option("--model", help="Only segmentations by this model version.")
+@click.option("--again", is_flag=True, help="Also send what a destination already took.")
+def push_command(dataset: str | None, release: str | None, model: str | None, again: bool) -> int:
+    """Send the DICOM SEG and SR of DICOM inputs to the configured destinations
+    (CHEXMASK_DICOM_DESTINATION, CHEXMASK_STOW_DESTINATION) now, in this process:
+    each one a destination has not taken yet (failed, given up, or never tried),
+    with --again every one. Exit status 1 when a push failed.
+    """
+    from chexmask.status import PushStatus
+    from chexmask.storage.pushes import dicom_segmentations
+    from chexmask.storage.queries import QueryFilters
+    from chexmask.worker.service import Service
+
+    settings = Settings.from_env()
+    if not settings.push_destinations:
+        raise click.UsageError("no destination: set CHEXMASK_DICOM_DESTINATION and/or CHEXMASK_STOW_DESTINATION")
+    service = Service(settings)
+    counts = {status: 0 for status in PushStatus}
+    try:
+        service.index.upgrade()
+        dicom = dicom_segmentations(service.index, QueryFilters(dataset=dataset, release=release, model=model))
+        for segmentation_id in dicom:
+            for pushed in service.push(segmentation_id, again=again):
+                counts[pushed.status] += 1
+                if pushed.status is not PushStatus.DONE:
+                    click.echo(f"segmentation {segmentation_id} -> {pushed.destination}: {pushed.reason}", err=True)
+    finally:
+        service.close()
+    click.echo(
+        f"{len(dicom)} DICOM segmentation(s): {counts[PushStatus.DONE]} sent, {counts[PushStatus.FAILED]} failed"
+    )
+    return 1 if counts[PushStatus.FAILED] else 0
 
 
 @click.command("worker")
@@ -469,8 +510,9 @@ def _expand_hostname(hostname: str | None) -> str | None:
 
 def _start_celery_sweeper(settings: Settings, app) -> threading.Event:
     """A thread beside the worker that sends again the segment and QC tasks of images and
-    QCs whose holder is gone, and of failed images whose retry is due."""
-    from chexmask.queues import QC_QUEUE, QC_TASK, SEGMENT_TASK
+    QCs whose holder is gone, of failed images whose retry is due, and the push tasks of
+    DICOM outputs whose sending is due again."""
+    from chexmask.queues import PUSH_TASK, QC_QUEUE, QC_TASK, SEGMENT_TASK
     from chexmask.storage.index import MaskIndex
     from chexmask.worker.leases import Sweeper
 
@@ -480,6 +522,8 @@ def _start_celery_sweeper(settings: Settings, app) -> threading.Event:
         resegment=lambda image_id: app.send_task(SEGMENT_TASK, args=[image_id], queue=SEGMENT_QUEUE),
         requalify=lambda segmentation_id: app.send_task(QC_TASK, args=[segmentation_id], queue=QC_QUEUE),
         handoff_s=settings.visibility_timeout_s,
+        repush=lambda segmentation_id: app.send_task(PUSH_TASK, args=[segmentation_id], queue=QC_QUEUE),
+        push_to=settings.push_destinations,
     )
     stop = threading.Event()
     threading.Thread(

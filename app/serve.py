@@ -9,7 +9,8 @@ finished when the process stopped is taken up again at the next start, and the
 watcher's first scan offers whatever arrived in between. While it runs, a sweep
 every half lease (``worker/leases.py``) takes up what nobody alive holds
 (images and QCs of a crashed process, failed images whose retry is due) and
-images put back to ``queued`` by ``chexmask retry`` or ``reprocess``.
+images put back to ``queued`` by ``chexmask retry`` or ``reprocess``, and DICOM
+outputs whose sending to a configured destination failed and is due again.
 
 Stopping is bounded: queued work is dropped (it stays ``queued`` or
 ``processing`` in the index and is taken up at the next start), retry waits
@@ -113,7 +114,14 @@ class Server:
         self._in_flight_ids: set[int] = set()
         self._in_flight_uris: set[str] = set()
         self._version = ""
-        self.sweeper = Sweeper(self.service.index, self._resegment, self._requalify, settings.lease_s)
+        self.sweeper = Sweeper(
+            self.service.index,
+            self._resegment,
+            self._requalify,
+            settings.lease_s,
+            repush=self._repush,
+            push_to=settings.push_destinations,
+        )
         self._sweep_every = max(0.5, settings.lease_s / 2)
         self._sweep_thread = threading.Thread(target=self._sweep_loop, name="chexmask-sweep", daemon=True)
         self.registry = Registry(self.service.index)
@@ -234,6 +242,12 @@ class Server:
 
     def _requalify(self, segmentation_id: int) -> None:
         self._submit(self._process_qc, segmentation_id, f"segmentation {segmentation_id}")
+
+    def _repush(self, segmentation_id: int) -> None:
+        self._submit(self._process_push, segmentation_id)
+
+    def _process_push(self, segmentation_id: int) -> None:
+        self.service.push(segmentation_id)
 
     def _sweep_loop(self) -> None:
         while not self._stop.wait(self._sweep_every):

@@ -13,6 +13,8 @@ A malformed value raises ``ConfigError`` naming the variable. Secrets are
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
@@ -64,6 +66,11 @@ class Settings(BaseSettings):
     webhook_token: SecretStr | None = None  # CHEXMASK_WEBHOOK_TOKEN: token MinIO's webhook sends
     dicom_port: int | None = None  # CHEXMASK_DICOM_PORT: `listen`/`serve` receive DICOM C-STORE on it
     dicom_ae_title: str = Field("CHEXMASK", min_length=1, max_length=16)  # CHEXMASK_DICOM_AE_TITLE: our AE title
+    stow_max_bytes: int = Field(1 << 30, ge=1)  # CHEXMASK_STOW_MAX_BYTES: largest STOW-RS request body
+    # Where the DICOM SEG and SR of DICOM inputs are sent once stored (worker/push.py):
+    dicom_destination: str | None = None  # CHEXMASK_DICOM_DESTINATION: a C-STORE SCP, AET@host:port
+    stow_destination: str | None = None  # CHEXMASK_STOW_DESTINATION: a STOW-RS URL (http(s)://.../studies)
+    stow_destination_token: SecretStr | None = None  # CHEXMASK_STOW_DESTINATION_TOKEN: its bearer token
     log_format: Literal["text", "json"] = "text"  # CHEXMASK_LOG_FORMAT: json = one JSON object per line
     max_pixels: int = 100_000_000  # CHEXMASK_MAX_PIXELS: larger images are refused from their header
     fault: str | None = None  # CHEXMASK_FAULT: a test hook, see faults.py (unset in production)
@@ -95,6 +102,27 @@ class Settings(BaseSettings):
     def _absolute_home(cls, home: Path) -> Path:
         return home.expanduser().resolve()
 
+    @field_validator("dicom_destination")
+    @classmethod
+    def _dicom_destination(cls, value: str | None) -> str | None:
+        if value is not None:
+            DicomDestination.parse(value)
+        return value
+
+    @field_validator("stow_destination")
+    @classmethod
+    def _stow_destination(cls, value: str | None) -> str | None:
+        if value is not None and (urlsplit(value).scheme not in ("http", "https") or not urlsplit(value).netloc):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+    @property
+    def push_destinations(self) -> list[str]:
+        """The configured destinations of the DICOM outputs, as the index names them:
+        ``dicom:AET@host:port`` and ``stow:URL``."""
+        named = [("dicom", self.dicom_destination), ("stow", self.stow_destination)]
+        return [f"{kind}:{value}" for kind, value in named if value]
+
     @property
     def broker_configured(self) -> bool:
         """Whether a broker was named (CHEXMASK_BROKER_URL), i.e. Celery workers do the
@@ -115,6 +143,24 @@ class Settings(BaseSettings):
                 object.__setattr__(self, name, default)
         return self
 
+
+@dataclass(frozen=True)
+class DicomDestination:
+    """A C-STORE SCP to send to, written ``AET@host:port``."""
+
+    ae_title: str
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> DicomDestination:
+        match = _DICOM_DESTINATION.fullmatch(text.strip())
+        if match is None or not 0 < int(match["port"]) < 65536:
+            raise ValueError("must be AET@host:port (an AE title of 1-16 characters)")
+        return cls(match["aet"].strip(), match["host"].strip("[]"), int(match["port"]))
+
+
+_DICOM_DESTINATION = re.compile(r"(?P<aet>[^@\\]{1,16})@(?P<host>\[[0-9A-Fa-f:.]+\]|[^:@\s]+):(?P<port>\d{1,5})")
 
 # field name -> the variable it is read from, where that is not CHEXMASK_<FIELD>
 _RENAMED = {
@@ -141,9 +187,10 @@ def _describe(exc: ValidationError) -> str:
         field = str(error["loc"][0]) if error["loc"] else "?"
         name = _variable(field) if field in Settings.model_fields else field.upper()
         got = error.get("input")
-        secret = field in ("api_token", "webhook_token")
+        secret = field in ("api_token", "webhook_token", "stow_destination_token")
         shown = "" if secret or isinstance(got, dict) else f", got {got!r}"
         message = "must be a whole number" if error["type"].startswith("int_") else error["msg"]
+        message = message.removeprefix("Value error, ")  # our validators' sentences, as written
         lines.append(f"{name}: {message}{shown}")
     return "; ".join(lines)
 

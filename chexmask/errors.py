@@ -38,3 +38,9 @@ class ConfigError(ChexmaskError):
 class NotARegularFile(ChexmaskError, OSError):
     """A source path that is a FIFO, a device, a socket or a folder (or a link to one):
     never opened for reading, since a FIFO would block and a device never end."""
+
+
+class PushFailed(ChexmaskError):
+    """A destination did not take the DICOM outputs sent to it (down, refused the
+    association, or answered a failure status): recorded with this reason, and
+    tried again later."""

@@ -7,7 +7,8 @@ imported here.
 - ``ingest``: cheap: read the source, hash it, register it, drop duplicates;
   also the periodic release scans;
 - ``segment``: the model (GPU workers);
-- ``qc``: reverse-classification-accuracy scores.
+- ``qc``: reverse-classification-accuracy scores, and sending the DICOM outputs
+  on to the configured destinations again (a push is first tried by the QC task).
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ INGEST_TASK = "chexmask.ingest"
 SEGMENT_TASK = "chexmask.segment"
 QC_TASK = "chexmask.qc"
 SCAN_TASK = "chexmask.scan"
+PUSH_TASK = "chexmask.push"
 
 ROUTES: dict[str, dict[str, str]] = {
     INGEST_TASK: {"queue": INGEST_QUEUE},
     SCAN_TASK: {"queue": INGEST_QUEUE},
     SEGMENT_TASK: {"queue": SEGMENT_QUEUE},
     QC_TASK: {"queue": QC_QUEUE},
+    PUSH_TASK: {"queue": QC_QUEUE},
 }

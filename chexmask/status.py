@@ -19,3 +19,11 @@ class QCStatus(str, Enum):
     PENDING = "pending"  # segmented, Dice RCA not computed yet
     DONE = "done"
     SKIPPED = "skipped"  # QC deliberately not run (e.g. no reference bank configured)
+
+
+class PushStatus(str, Enum):
+    """Sending a DICOM input's SEG and SR on to a configured destination."""
+
+    PENDING = "pending"  # to be sent (held by a sender until retry_at, should it die)
+    DONE = "done"  # the destination acknowledged both
+    FAILED = "failed"  # refused or unreachable; reason says why; tried again at retry_at

@@ -7,58 +7,34 @@ Other SOP classes and syntaxes are refused when the association is negotiated,
 so a sender never hears "stored" for something we would refuse to decode.
 
 Each received instance is written as a DICOM Part-10 file (the file meta built
-from the association, then the dataset exactly as it was sent) to the object
-store under the sha256 of those bytes, and only then acknowledged. pynetdicom
-writes that file to a temporary folder while the fragments arrive
+from the association, then the dataset exactly as it was sent) and handed to
+``DicomIntake`` (``dicom_intake``, shared with STOW-RS), which stores it by
+content and queues it before the sender hears success. pynetdicom writes that
+file to a temporary folder while the fragments arrive
 (``STORE_RECV_CHUNKED_DATASET``: nothing assembled in memory or decoded), and the
 store takes it by a hard link where the temporary folder (``TMPDIR``) is on the
-store's filesystem, so the bytes reach the disk once. A write that
-fails answers 0xA700 (out of resources): the sender keeps the instance and sends
-it again, so nothing is lost. The stored object then goes through ``Intake``
-like a file the watcher found or an object an S3 event announced: an instance
-sent twice is the same object under the same key, which the index already has,
-so it is queued once.
+store's filesystem, so the bytes reach the disk once.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import queue
-import threading
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 from pynetdicom import AE, _config, evt
 from pynetdicom.events import EventHandlerType
-from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # generated at import
-    ComputedRadiographyImageStorage,
-    DigitalXRayImageStorageForPresentation,
-    DigitalXRayImageStorageForProcessing,
-    SecondaryCaptureImageStorage,
-    Verification,
-)
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # generated at import
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
-from chexmask.datasets import GENERIC, canonical
 from chexmask.errors import ConfigError
+from chexmask.ingest.dicom_intake import STORAGE_SOP_CLASSES, DicomIntake
 from chexmask.ingest.queue import Intake
-from chexmask.messages import Arrival
 from chexmask.storage.objectstore import ObjectStore
 from chexmask.worker.decode import decodable_transfer_syntaxes
 
 log = logging.getLogger(__name__)
 
-STORAGE_SOP_CLASSES = (
-    ComputedRadiographyImageStorage,
-    DigitalXRayImageStorageForPresentation,
-    DigitalXRayImageStorageForProcessing,
-    SecondaryCaptureImageStorage,
-)
-# C-STORE statuses (PS3.4 Table B.2-1).
-SUCCESS = 0x0000
-OUT_OF_RESOURCES = 0xA700
 # The largest PDU we tell senders we take. pynetdicom reads a PDU 4 KiB at a time
 # and copies it whole a few times over, so very large PDUs cost more CPU than they
 # save in per-PDU work: 256 KiB took 35-41 ms of CPU per 8 MB instance, against
@@ -67,12 +43,6 @@ MAX_PDU_BYTES = 256 << 10
 # Received datasets go straight to a temporary Part-10 file (``event.dataset_path``).
 # A process-wide pynetdicom setting: this SCP is the only one receiving C-STOREs here.
 _config.STORE_RECV_CHUNKED_DATASET = True
-
-
-def received_key(sha256: str) -> str:
-    """Where a received instance lives in the store: named by its content, fanned out
-    by the first two hex digits like the segmentations."""
-    return f"received/dicom/{sha256[:2]}/{sha256}.dcm"
 
 
 class _WholeReadSocket(AssociationSocket):
@@ -100,51 +70,6 @@ class _RequestHandler(RequestHandler):
         return association
 
 
-class GroupOffer:
-    """Arrivals from concurrent associations offered to ``intake`` together (a group
-    commit): one thread offers everything that gathered while its previous offer was
-    committing, so parallel senders share the index's and the broker's transactions
-    instead of queueing for SQLite's write lock one by one."""
-
-    def __init__(self, intake: Intake):
-        self.intake = intake
-        self._waiting: queue.SimpleQueue[tuple[Arrival, Future[None]] | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="chexmask-dicom-intake", daemon=True)
-        self._thread.start()
-
-    def offer(self, arrival: Arrival) -> None:
-        """Returns once ``arrival`` is queued; raises what its group's offer raised."""
-        if not self._thread.is_alive():
-            raise RuntimeError("the DICOM listener is stopping")
-        done: Future[None] = Future()
-        self._waiting.put((arrival, done))
-        done.result()
-
-    def close(self) -> None:
-        """Offer what is waiting, then stop the thread."""
-        self._waiting.put(None)
-        self._thread.join()
-
-    def _run(self) -> None:
-        closing = False
-        while not closing:
-            group = [self._waiting.get()]
-            while not self._waiting.empty():
-                group.append(self._waiting.get())
-            closing = None in group
-            self._offer([entry for entry in group if entry is not None])
-
-    def _offer(self, group: list[tuple[Arrival, Future[None]]]) -> None:
-        try:
-            self.intake.offer([arrival for arrival, _ in group])
-        except Exception as exc:
-            for _, done in group:
-                done.set_exception(exc)
-        else:
-            for _, done in group:
-                done.set_result(None)
-
-
 class DicomListener:
     """A C-STORE SCP that stores every instance, then hands it to ``intake``."""
 
@@ -159,11 +84,8 @@ class DicomListener:
         dataset: str | None = None,
         release: str | None = None,
     ):
-        self.intake = intake
-        self.store = store
+        self.received = DicomIntake(intake, store, dataset=dataset, release=release)
         self.address = (host, port)
-        self.dataset = canonical(dataset) if dataset else GENERIC
-        self.release = release
         self.ae = AE(ae_title=ae_title)
         self.ae.maximum_pdu_size = MAX_PDU_BYTES
         syntaxes = decodable_transfer_syntaxes()
@@ -171,7 +93,6 @@ class DicomListener:
             self.ae.add_supported_context(sop_class, syntaxes)
         self.ae.add_supported_context(Verification)  # C-ECHO: pynetdicom answers success itself
         self._server: ThreadedAssociationServer | None = None
-        self._group: GroupOffer | None = None
 
     @property
     def port(self) -> int:
@@ -181,12 +102,11 @@ class DicomListener:
 
     def start(self) -> DicomListener:
         handlers: list[EventHandlerType] = [(evt.EVT_C_STORE, self._on_store)]
-        self._group = GroupOffer(self.intake)
+        self.received.start()
         try:
             server = self.ae.start_server(self.address, block=False, evt_handlers=handlers)
         except OSError as exc:  # the port is taken, or needs privileges
-            self._group.close()
-            self._group = None
+            self.received.close()
             raise ConfigError(f"cannot listen for DICOM on {self.address[0]}:{self.address[1]}: {exc}") from exc
         assert server is not None, "start_server(block=False) returns its server"
         # socketserver's public hook: connections from now on get the whole-PDU reads
@@ -201,9 +121,7 @@ class DicomListener:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
-        if self._group is not None:
-            self._group.close()
-            self._group = None
+        self.received.close()
         self.ae.shutdown()
 
     def __enter__(self) -> DicomListener:
@@ -214,25 +132,5 @@ class DicomListener:
 
     def _on_store(self, event: Any) -> int:
         # The bytes as received, with the file meta of the association: nothing decoded.
-        received = Path(event.dataset_path)
         sop_instance_uid = str(event.request.AffectedSOPInstanceUID)
-        try:
-            with received.open("rb") as f:
-                sha256 = hashlib.file_digest(f, "sha256").hexdigest()
-            size = received.stat().st_size
-            key = received_key(sha256)
-            if not self.store.exists(key):
-                self.store.put_file(key, received, "application/dicom")
-        except Exception:
-            log.exception("could not store DICOM instance %s; answering out of resources", sop_instance_uid)
-            return OUT_OF_RESOURCES
-        arrival = Arrival(self.store.url(key), self.dataset, sop_instance_uid, self.release, sha256, size)
-        try:
-            assert self._group is not None, "not started"
-            self._group.offer(arrival)
-        except Exception:
-            # Stored but not queued: the sender retries, and the same key is offered again.
-            log.exception("could not queue DICOM instance %s; answering out of resources", sop_instance_uid)
-            return OUT_OF_RESOURCES
-        log.info("received %s from %s as %s", sop_instance_uid, event.assoc.requestor.ae_title, key)
-        return SUCCESS
+        return self.received.receive(Path(event.dataset_path), sop_instance_uid, event.assoc.requestor.ae_title)

@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from sqlmodel import Field, SQLModel
 
 from chexmask.anatomy import ORGANS
-from chexmask.status import ImageStatus, QCStatus
+from chexmask.status import ImageStatus, PushStatus, QCStatus
 
 # Named constraints and indexes, so later migrations can refer to them on every backend.
 NAMING_CONVENTION = {
@@ -327,3 +327,33 @@ class MaskComparison(StorageModel, table=True):
     hausdorff_left_lung: float | None = None
     hausdorff_heart: float | None = None
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, nullable=False)
+
+
+class DicomPush(StorageModel, table=True):
+    """Sending one segmentation's DICOM SEG and SR to one destination (``dicom:AET@host:port``
+    or ``stow:URL``), with what came of it: nothing sent is lost or silent.
+
+    A pending or failed push with a ``retry_at`` is (re)sent by a sweep once it is
+    due; a pending one's ``retry_at`` is how long its sender holds it, so a push whose
+    sender died is taken up. A failure is retried with growing waits until it has
+    been failing for CHEXMASK_RETRY_FAILED_FOR (counted from ``failing_since``), after
+    which ``retry_at`` is empty and only ``chexmask push`` sends it again.
+    """
+
+    __tablename__ = "dicom_push"
+    __table_args__ = (
+        sa.UniqueConstraint("segmentation_id", "destination"),
+        sa.Index("ix_dicom_push_retry_at", "retry_at"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    segmentation_id: int = Field(foreign_key="segmentation.id", nullable=False)
+    destination: str = Field(sa_type=sa.String(512), nullable=False)
+    status: PushStatus = Field(default=PushStatus.PENDING, sa_type=_enum(PushStatus), nullable=False)
+    reason: str | None = Field(default=None, sa_type=sa.Text)
+    attempts: int = Field(default=0, nullable=False)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, nullable=False)
+    updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, nullable=False)
+    pushed_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    retry_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    failing_since: datetime | None = Field(default=None, sa_type=UTCDateTime)

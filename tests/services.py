@@ -202,7 +202,7 @@ def _empty_postgres_tables(index) -> None:
 
     # DELETE, not TRUNCATE: on tables this small it is ~30x faster.
     with index.engine.begin() as connection:
-        for table in ("comparison", "review", "segmentation", "source_image", "model_version"):
+        for table in ("dicom_push", "comparison", "review", "segmentation", "source_image", "model_version"):
             connection.execute(sa.text(f"DELETE FROM {table}"))
 
 
@@ -305,9 +305,10 @@ def sample(index):
 
 
 @contextmanager
-def embedded_service(home, weights=None) -> Iterator[Any]:
+def embedded_service(home, weights=None, **fields: Any) -> Iterator[Any]:
     """A worker ``Service`` over an embedded index and store under ``home`` (no broker),
-    its index upgraded; ``weights`` default to the bundled model."""
+    its index upgraded; ``weights`` default to the bundled model; ``fields``: other
+    ``Settings`` fields."""
     from chexmask.config import Settings
     from chexmask.worker.service import Service
 
@@ -317,6 +318,7 @@ def embedded_service(home, weights=None) -> Iterator[Any]:
         store_url=(home / "store").as_uri(),
         broker_url="",
         **({"weights": str(weights)} if weights is not None else {}),
+        **fields,
     )
     service = Service(settings)
     try:

@@ -7,7 +7,7 @@ from click.testing import CliRunner
 from fastapi.testclient import TestClient
 
 from chexmask.app.cli import cli
-from chexmask.config import Settings, mask_url
+from chexmask.config import DicomDestination, Settings, mask_url
 from chexmask.errors import ConfigError
 
 
@@ -112,6 +112,11 @@ def test_dotenv_file(tmp_path, monkeypatch):
         ("CHEXMASK_VISIBILITY_TIMEOUT", "1h"),
         ("CHEXMASK_BATCH_SIZE", "two"),
         ("CHEXMASK_LOG_FORMAT", "xml"),
+        ("CHEXMASK_DICOM_DESTINATION", "pacs.local:104"),
+        ("CHEXMASK_DICOM_DESTINATION", "PACS@pacs.local:70000"),
+        ("CHEXMASK_DICOM_DESTINATION", "AN_AE_TITLE_TOO_LONG@pacs.local:104"),
+        ("CHEXMASK_STOW_DESTINATION", "pacs.local/studies"),
+        ("CHEXMASK_STOW_MAX_BYTES", "0"),
     ],
 )
 def test_malformed_values_name_the_variable(monkeypatch, name, value):
@@ -119,6 +124,18 @@ def test_malformed_values_name_the_variable(monkeypatch, name, value):
     with pytest.raises(ConfigError, match=name) as raised:
         Settings.from_env()
     assert repr(value) in str(raised.value)
+
+
+def test_push_destinations_are_named_as_the_index_records_them(monkeypatch):
+    assert Settings().push_destinations == []
+    assert Settings(stow_destination="http://archive:8042/dicom-web/studies").push_destinations == [
+        "stow:http://archive:8042/dicom-web/studies"
+    ]
+    monkeypatch.setenv("CHEXMASK_DICOM_DESTINATION", "PACS_1@[::1]:11112")
+    monkeypatch.setenv("CHEXMASK_STOW_DESTINATION", "https://pacs.local/dicom-web/studies")
+    settings = Settings.from_env()
+    assert settings.push_destinations == ["dicom:PACS_1@[::1]:11112", "stow:https://pacs.local/dicom-web/studies"]
+    assert DicomDestination.parse("PACS_1@[::1]:11112") == DicomDestination("PACS_1", "::1", 11112)
 
 
 def test_malformed_dotenv_value_names_the_variable(tmp_path):
@@ -139,9 +156,9 @@ def test_the_cli_reports_a_malformed_variable(monkeypatch, capsys):
 
 
 def test_secrets_are_not_shown():
-    settings = Settings(api_token="t0p-secret", webhook_token="hook-secret")
+    settings = Settings(api_token="t0p-secret", webhook_token="hook-secret", stow_destination_token="stow-secret")
     assert "t0p-secret" not in repr(settings) and "t0p-secret" not in str(settings)
-    assert "hook-secret" not in repr(settings)
+    assert "hook-secret" not in repr(settings) and "stow-secret" not in repr(settings)
     assert settings.api_token.get_secret_value() == "t0p-secret"
 
 

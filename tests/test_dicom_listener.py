@@ -32,7 +32,8 @@ from test_e2e_embedded import embedded_env
 
 from chexmask.config import Settings
 from chexmask.errors import ConfigError
-from chexmask.ingest.dicom_listener import OUT_OF_RESOURCES, SUCCESS, DicomListener, received_key
+from chexmask.ingest.dicom_intake import OUT_OF_RESOURCES, SUCCESS, received_key
+from chexmask.ingest.dicom_listener import DicomListener
 from chexmask.ingest.queue import Intake
 from chexmask.ingest.registry import Registry
 from chexmask.messages import Arrival

@@ -97,6 +97,11 @@ def test_the_pieces_agree(services):
     assert f"{port}:{port}" in services["dicom-listener"]["ports"] and port == "11112"
     assert services["dicom-listener"]["environment"]["CHEXMASK_STORE_URL"].startswith("s3://")
 
+    # The QC workers send the DICOM outputs on; every worker's sweep retries failed sends.
+    for worker in ("worker-cpu", "worker-gpu"):
+        env = services[worker]["environment"]
+        assert {"CHEXMASK_DICOM_DESTINATION", "CHEXMASK_STOW_DESTINATION"} <= set(env), worker
+
     gpu = services["worker-gpu"]
     devices = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]

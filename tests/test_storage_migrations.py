@@ -45,6 +45,7 @@ def test_fresh_database_has_no_revision_until_upgraded(tmp_path):
         "segmentation",
         "review",
         "comparison",
+        "dicom_push",
     }
     index.close()
 

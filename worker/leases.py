@@ -19,10 +19,11 @@ import os
 import secrets
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
+from chexmask.storage import pushes
 from chexmask.storage.index import Lease, MaskIndex
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,7 @@ class Swept:
     resegment: int = 0
     requalify: int = 0
     retried: int = 0
+    repushed: int = 0  # segmentations whose DICOM outputs are sent again (not in ``total``)
 
     @property
     def total(self) -> int:
@@ -100,14 +102,23 @@ class Swept:
 class Sweeper:
     """Hands on again what nobody alive holds. ``resegment(image_id)`` and
     ``requalify(segmentation_id)`` queue the work (threads of ``serve``, or Celery
-    tasks); what is handed on stays held by this sweeper for ``handoff_s``, so it
-    is not handed on twice while it waits in a queue."""
+    tasks), and ``repush(segmentation_id)`` the sending of DICOM outputs to
+    ``push_to`` (the configured destinations) that failed or whose sender died; what
+    is handed on stays held by this sweeper for ``handoff_s``, so it is not handed on
+    twice while it waits in a queue."""
 
     def __init__(
-        self, index: MaskIndex, resegment: Callable[[int], None], requalify: Callable[[int], None], handoff_s: float
+        self,
+        index: MaskIndex,
+        resegment: Callable[[int], None],
+        requalify: Callable[[int], None],
+        handoff_s: float,
+        repush: Callable[[int], None] = lambda segmentation_id: None,
+        push_to: Sequence[str] = (),
     ):
-        self.index, self.resegment, self.requalify = index, resegment, requalify
+        self.index, self.resegment, self.requalify, self.repush = index, resegment, requalify, repush
         self.handoff_s = handoff_s
+        self.push_to = list(push_to)
 
     def sweep(self) -> Swept:
         now, owner, swept = datetime.now(timezone.utc), process_owner(), Swept()
@@ -126,6 +137,11 @@ class Sweeper:
                 log.warning("segmentation %d: QC left pending by %s; running it again", lease.id, lease.owner)
                 self.requalify(lease.id)
                 swept.requalify += 1
+        for segmentation_id in pushes.due(self.index, self.push_to) if self.push_to else []:
+            if pushes.take(self.index, segmentation_id, self.handoff_s):
+                log.info("segmentation %d: sending its DICOM outputs again", segmentation_id)
+                self.repush(segmentation_id)
+                swept.repushed += 1
         return swept
 
     def run(self, stop: threading.Event, every_s: float) -> None:

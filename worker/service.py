@@ -26,16 +26,16 @@ import pydicom
 
 from chexmask.anatomy import ORGAN_ROWS
 from chexmask.config import Settings, resolve_device
-from chexmask.errors import NotARegularFile, NotFound, RefusedInput, WeightsError
+from chexmask.errors import NotARegularFile, NotFound, PushFailed, RefusedInput, WeightsError
 from chexmask.faults import fault_point
 from chexmask.logs import bind, image_context
 from chexmask.quality import QC_FIELDS
 from chexmask.retry import RETRY, next_failed_retry, transient_cause
 from chexmask.status import ImageStatus, QCStatus
-from chexmask.storage import sources
+from chexmask.storage import pushes, sources
 from chexmask.storage.index import MaskIndex
+from chexmask.storage.models import DicomPush, SourceImage
 from chexmask.storage.models import Segmentation as SegmentationRow
-from chexmask.storage.models import SourceImage
 from chexmask.storage.objectstore import open_store, segmentation_keys
 from chexmask.worker import bank as qc_bank
 from chexmask.worker import dicom_outputs
@@ -44,10 +44,10 @@ from chexmask.worker.leases import Heartbeat, process_owner
 from chexmask.worker.measure import Measurements
 from chexmask.worker.pipeline import Prepared, Segmentation, Segmenter, prepare
 from chexmask.worker.postprocess import grey_jpeg
+from chexmask.worker.push import DICOM_MEDIA_TYPE, PUSH_HOLD_S, Pusher
 from chexmask.worker.qc import assess
 from chexmask.worker.weights import ModelInfo
 
-DICOM_MEDIA_TYPE = "application/dicom"
 # What highdicom and pydicom raise for source attributes they cannot use.
 DICOM_BUILD_ERRORS = (ValueError, TypeError, AttributeError, KeyError)
 
@@ -80,6 +80,7 @@ class Service:
         self.store = open_store(settings.store_url, settings.s3_endpoint_url)
         self.qc_handoff_s = qc_handoff_s
         self.heartbeat = Heartbeat(self.index, settings.lease_s)
+        self.pusher = Pusher(settings)
         # An image holds one of these slots from decoding through the model to encoding, so
         # at most CHEXMASK_MODEL_THREADS images (one per core by default) are in CPU work, as
         # in ``chexmask segment``: more would only make them compete for the cores and caches.
@@ -334,12 +335,68 @@ class Service:
             result = assess(image1024, np.asarray(row.landmarks_1024, dtype=np.float64), latent, self.bank)
         status = QCStatus.DONE if result.status == "done" else QCStatus.SKIPPED
         reason = result.reason if self.bank is not None else self.qc_state
+        destinations = self.settings.push_destinations if "seg" in row.object_keys else []
+        if destinations:
+            # Registered before QC is done: should this process die before sending, a
+            # sweep finds the push once its hold runs out, and sends it.
+            pushes.hold(self.index, segmentation_id, destinations, PUSH_HOLD_S)
         scored = self.index.set_qc(
             segmentation_id, status=status, reason=reason, **{name: getattr(result, name) for name in QC_FIELDS}
         )
         if "seg" in row.object_keys:
             self._write_sr(scored, data)
+        if destinations:
+            try:
+                self._push(segmentation_id, destinations, again=False)
+            except Exception:  # the index is away: the push stays held, and the sweep sends it later
+                log.exception("segmentation %s: could not send its DICOM outputs; the sweep will", segmentation_id)
         return status
+
+    # --- push -------------------------------------------------------------------------
+
+    def push(self, segmentation_id: int, again: bool = False) -> list[DicomPush]:
+        """Send the DICOM SEG and SR of a segmentation to each configured destination
+        that has not taken them yet (``again``: to every one), and record each outcome.
+        A destination's failure is recorded with its reason and next try, never raised.
+        Returns the pushes tried, as recorded."""
+        with image_context(segmentation_id=segmentation_id):
+            row = self.index.get_segmentation(segmentation_id)
+            if row is None:
+                raise NotFound(f"no segmentation with id {segmentation_id}")
+            bind(image_id=row.image_id, dataset=row.dataset)
+            destinations = self.settings.push_destinations
+            if "seg" not in row.object_keys or not destinations or row.qc_status is QCStatus.PENDING:
+                return []  # not a DICOM input, nowhere to send, or its QC (which sends) is still to come
+            if "sr" not in row.object_keys:  # its writer died after QC: write it now
+                self._write_sr(row, None)
+            return self._push(segmentation_id, destinations, again)
+
+    def _push(self, segmentation_id: int, destinations: list[str], again: bool) -> list[DicomPush]:
+        row = self.index.get_segmentation(segmentation_id)
+        if row is None:
+            raise NotFound(f"no segmentation with id {segmentation_id}")
+        held = pushes.hold(self.index, segmentation_id, destinations, PUSH_HOLD_S, again=again)
+        for push in held:
+            self._push_one(row, push)
+        return pushes.of(self.index, segmentation_id, [push.id for push in held if push.id is not None])
+
+    def _push_one(self, row: SegmentationRow, push: DicomPush) -> None:
+        assert push.id is not None
+        # The SR is missing only where it could not be made (logged then): the SEG goes alone.
+        kinds = [kind for kind in ("seg", "sr") if kind in row.object_keys]
+        what = " and ".join(kind.upper() for kind in kinds)
+        try:
+            self.pusher.send(push.destination, [self.store.get(row.object_keys[kind]) for kind in kinds])
+        except Exception as exc:  # whatever it was, recorded: a push never fails the segmentation
+            reason = str(exc) if isinstance(exc, PushFailed) else f"{type(exc).__name__}: {exc}"
+            retry_at = pushes.record_failure(self.index, push, reason, self.settings.retry_failed_for_s)
+            then = f"trying again at {retry_at:%Y-%m-%d %H:%M:%S} UTC" if retry_at else "no more automatic tries"
+            log.warning(
+                "segmentation %s: sending its %s to %s failed: %s; %s", row.id, what, push.destination, reason, then
+            )
+        else:
+            pushes.record_done(self.index, push.id)
+            log.info("segmentation %s: sent its %s to %s", row.id, what, push.destination)
 
     def _image_of(self, row: SegmentationRow) -> SourceImage:
         image = self.index.get_image(row.image_id)

@@ -1,6 +1,7 @@
-"""Celery tasks of the worker: segment and QC, thin wrappers over ``Service``.
+"""Celery tasks of the worker: segment, QC and push, thin wrappers over ``Service``.
 
-segment -> qc. A task that raises is retried as ``chexmask.retry`` says (a
+segment -> qc (which sends the DICOM outputs on); push sends them again when a
+sweep finds a push due. A task that raises is retried as ``chexmask.retry`` says (a
 refusal is recorded inside ``Service.segment`` and never retried); once the
 retries are spent the image is marked failed with the reason.
 """
@@ -18,7 +19,7 @@ from celery.signals import worker_process_init
 
 from chexmask.config import Settings
 from chexmask.logs import image_context
-from chexmask.queues import QC_TASK, SEGMENT_TASK
+from chexmask.queues import PUSH_TASK, QC_TASK, SEGMENT_TASK
 from chexmask.retry import RETRY
 from chexmask.worker.celery_app import app
 from chexmask.worker.service import Service
@@ -83,3 +84,12 @@ def segment(self: Task, image_id: int, timings: dict[str, float] | None = None, 
 def qc(self: Task, segmentation_id: int) -> str:
     with image_context(segmentation_id=segmentation_id, task_id=self.request.id):
         return attempt(self, lambda: service().qc(segmentation_id)).value
+
+
+@app.task(name=PUSH_TASK, bind=True, max_retries=None)
+def push(self: Task, segmentation_id: int) -> list[str]:
+    """Send a segmentation's DICOM outputs to the destinations that have not taken them;
+    a destination's failure is recorded (and tried again by the sweep), not raised."""
+    with image_context(segmentation_id=segmentation_id, task_id=self.request.id):
+        pushed = attempt(self, lambda: service().push(segmentation_id))
+        return [f"{p.destination}: {p.status.value}" for p in pushed]

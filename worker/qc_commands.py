@@ -347,6 +347,77 @@ def validate_command(
     click.echo(f"wrote {out / 'cases.csv'}, {out / 'summary.json'}, {out / 'scatter.png'}")
 
 
+@qc_command.command("uncertainty")
+@click.option(
+    "--bank",
+    "bank_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Bank file (default: the bundled bank).",
+)
+@click.option("--images", **_dirs)
+@click.option("--landmarks", **_dirs)
+@click.option(
+    "--ids-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="JSON {split: [ids]}; the bundled manifest.json with --split validation_ids gives the default model's.",
+)
+@click.option("--split", default="val", show_default=True)
+@click.option("--weights", default=None, help="Model weights with encoder.fc_logvar (default: the bundled model).")
+@click.option("--samples", type=click.IntRange(min=2), default=20, show_default=True, help="Latent samples per mask.")
+@click.option(
+    "--threshold",
+    "thresholds",
+    type=click.FloatRange(0, 1),
+    multiple=True,
+    default=None,
+    help="A mask is bad below this true Dice (repeatable; the first is drawn in the plot). [default: 0.9, 0.85]",
+)
+@click.option(
+    "--kinds",
+    default=None,
+    help="Comma-separated case kinds (default: clean, every OOD condition and image degradation).",
+)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("--limit", type=int, default=None, help="The first N images only.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--threads", type=int, default=None, help="torch threads of the forward passes.")
+def uncertainty_command(
+    bank_path, images, landmarks, ids_file, split, weights, samples, thresholds, kinds, out, limit, seed, threads
+) -> None:
+    """Does the landmark uncertainty add to Dice RCA in predicting true error? Scores the
+    model's masks of held-out clean, OOD and degraded images (cached in OUT/cases.json)."""
+    from chexmask.worker import qc_uncertainty as study
+    from chexmask.worker.bank import bundled_bank
+    from chexmask.worker.weights import file_sha256
+
+    chosen = tuple(kinds.split(",")) if kinds else study.KINDS
+    if unknown := set(chosen) - set(study.KINDS):
+        raise click.BadParameter(f"unknown {sorted(unknown)}; kinds: {', '.join(study.KINDS)}", param_hint="--kinds")
+    thresholds = tuple(thresholds) or study.THRESHOLDS
+    _threads(threads)
+    model, sha = _model(weights)
+    bank = ReferenceBank.load(bank_path, sha) if bank_path else _bundled(sha)
+    bank_sha = file_sha256(bank_path) if bank_path else bundled_bank()[1]["sha256"]
+    ids = _ids(images, landmarks, ids_file, split)[:limit]
+    if overlap := sorted(set(ids) & set(bank.ids)):
+        raise click.UsageError(f"{len(overlap)} images are in the bank (e.g. {overlap[0]})")
+    key = study.CacheKey(sha or "", bank_sha, samples, seed)
+    with click.progressbar(ids, label="scoring") as bar:
+        rows, cached = study.collect_cases(
+            model, bank, images, landmarks, ids, key, out / "cases.json", chosen, lambda i: bar
+        )
+    summary = study.summarise(rows, thresholds) | {"samples": samples, "kinds": list(chosen)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    study.scatter(rows, thresholds[0], out / "scatter.png")
+    click.echo(f"{len(rows)} masks of {len(ids)} images ({cached} from the cache), {samples} latent samples")
+    for name, part in summary.items():
+        if name in ("all", "clean_and_ood"):
+            click.echo(study.describe(name, part))
+    click.echo(f"wrote {out / 'summary.json'}, {out / 'cases.json'}, {out / 'scatter.png'}")
+
+
 def _bundled(weights_sha256: str | None) -> ReferenceBank:
     from chexmask.worker.bank import resolve
 

@@ -43,7 +43,10 @@ COMMANDS = {
     "api": ("chexmask.app.index_cli", "Serve the HTTP API (docs at /docs) and the web app to browse and grade masks."),
     "reviews": ("chexmask.app.index_cli", "Expert grades of the masks: export them to CSV."),
     "db": ("chexmask.app.index_cli", "Manage the index database schema."),
-    "qc": ("chexmask.worker.qc_commands", "Quality control: build an RCA reference bank, validate RCA."),
+    "qc": (
+        "chexmask.worker.qc_commands",
+        "Quality control: build an RCA reference bank, validate RCA, compare it with the uncertainty.",
+    ),
     "train": ("chexmask.app.model_cli", "Train HybridGNet on landmark-annotated chest X-rays (resumable)."),
     "evaluate": ("chexmask.app.model_cli", "Dice, Hausdorff distance and landmark error against annotations."),
 }

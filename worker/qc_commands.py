@@ -1,4 +1,5 @@
-"""``chexmask qc``: build the QC reference bank, and validate RCA against true Dice.
+"""``chexmask qc``: build the QC reference bank, validate RCA against true Dice, and
+compare it with the landmark uncertainty (``uncertainty``, in ``worker.qc_uncertainty``).
 
 Validation widens the range of true quality on purpose. Per annotated image not
 in the bank it scores: the ground truth ('truth'), the model's prediction
@@ -43,7 +44,7 @@ USABLE = 0.5  # the summary also reports the cases with at least this true Dice
 
 @click.group("qc")
 def qc_command() -> None:
-    """Quality control: reference bank and RCA validation."""
+    """Quality control: reference bank, RCA validation, RCA against the landmark uncertainty."""
 
 
 def _ids(images: Path, landmarks: Path, ids_file: Path | None, split: str) -> list[str]:
@@ -389,8 +390,6 @@ def uncertainty_command(
     """Does the landmark uncertainty add to Dice RCA in predicting true error? Scores the
     model's masks of held-out clean, OOD and degraded images (cached in OUT/cases.json)."""
     from chexmask.worker import qc_uncertainty as study
-    from chexmask.worker.bank import bundled_bank
-    from chexmask.worker.weights import file_sha256
 
     chosen = tuple(kinds.split(",")) if kinds else study.KINDS
     if unknown := set(chosen) - set(study.KINDS):
@@ -399,15 +398,12 @@ def uncertainty_command(
     _threads(threads)
     model, sha = _model(weights)
     bank = ReferenceBank.load(bank_path, sha) if bank_path else _bundled(sha)
-    bank_sha = file_sha256(bank_path) if bank_path else bundled_bank()[1]["sha256"]
     ids = _ids(images, landmarks, ids_file, split)[:limit]
     if overlap := sorted(set(ids) & set(bank.ids)):
         raise click.UsageError(f"{len(overlap)} images are in the bank (e.g. {overlap[0]})")
-    key = study.CacheKey(sha or "", bank_sha, samples, seed)
+    key = study.CacheKey(sha or "", _bank_sha256(bank_path), samples, seed)
     with click.progressbar(ids, label="scoring") as bar:
-        rows, cached = study.collect_cases(
-            model, bank, images, landmarks, ids, key, out / "cases.json", chosen, lambda i: bar
-        )
+        rows, cached = study.collect_cases(model, bank, images, landmarks, ids, key, out / "cases.json", chosen, bar)
     summary = study.summarise(rows, thresholds) | {"samples": samples, "kinds": list(chosen)}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     study.scatter(rows, thresholds[0], out / "scatter.png")
@@ -416,6 +412,18 @@ def uncertainty_command(
         if name in ("all", "clean_and_ood"):
             click.echo(study.describe(name, part))
     click.echo(f"wrote {out / 'summary.json'}, {out / 'cases.json'}, {out / 'scatter.png'}")
+
+
+def _bank_sha256(bank_path: Path | None) -> str:
+    """The sha256 of the bank in use: the --bank file's, else the bundled one's (pinned, and
+    checked when it was loaded)."""
+    from chexmask.worker.bank import bundled_bank
+    from chexmask.worker.weights import file_sha256
+
+    if bank_path is not None:
+        return file_sha256(bank_path)
+    found = bundled_bank()
+    return found[1]["sha256"] if found else ""
 
 
 def _bundled(weights_sha256: str | None) -> ReferenceBank:

@@ -67,7 +67,7 @@ class CacheKey:
 
 
 def case_images(image: np.ndarray, truth: np.ndarray, image_id: str, kinds: tuple[str, ...], seed: int) -> Iterator:
-    """(kind, image, ground truth) of one source image's cases, in ``kinds`` order."""
+    """(kind, image, ground truth) of one source image's cases of ``kinds``, in KINDS order."""
     rng = np.random.default_rng([seed, *image_id.encode()])  # the image degradations' strengths
     for kind in KINDS:
         if kind in IMAGE_DEGRADATIONS:
@@ -88,7 +88,7 @@ def score_case(
     """True Dice, Dice RCA as served and the landmark spread of the model's mask of one image."""
     from chexmask.worker.model import segment_with_uncertainty
     from chexmask.worker.postprocess import landmarks_to_pixels
-    from chexmask.worker.qc import assess
+    from chexmask.worker.qc import ORGAN_FIELDS, assess
 
     landmarks, latents, std = segment_with_uncertainty(model, image[None], samples, seed)
     points = landmarks_to_pixels(landmarks[0])
@@ -96,18 +96,15 @@ def score_case(
     true = rca.dice_table(points, np.asarray(truth)[None], FRAME)
     row: dict[str, float | str] = {"true": float(true["overall"][0]), "flags": " ".join(qc.flags)}
     row |= {f"true_{organ}": float(true[organ][0]) for organ in ORGANS}
+    suffixes = {organ: suffix for suffix, organ in ORGAN_FIELDS.items()}  # 'heart' -> 'h'
     for stat in ("max", "mean"):
         row[f"rca_{stat}"] = getattr(qc, f"dice_rca_{stat}")
-        row |= {f"rca_{stat}_{organ}": getattr(qc, f"dice_rca_{stat}_{_field(organ)}") for organ in ORGANS}
+        row |= {f"rca_{stat}_{organ}": getattr(qc, f"dice_rca_{stat}_{suffixes[organ]}") for organ in ORGANS}
     row["uncertainty"] = float(std[0].mean())
     for organ, parts in ORGANS.items():
         rows = np.concatenate([np.arange(N_LANDMARKS)[ORGAN_ROWS[p]] for p in parts])
         row[f"uncertainty_{organ}"] = float(std[0][rows].mean())
     return row
-
-
-def _field(organ: str) -> str:
-    return "h" if organ == "heart" else organ
 
 
 def collect_cases(

@@ -3,11 +3,14 @@ thin click wrappers over the library."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import sys
 import threading
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -53,13 +56,15 @@ def _watch_options(command):
     return command
 
 
-def _wait_for_stop() -> None:
-    """Block until SIGINT or SIGTERM."""
+def _wait_for_stop(helpers: Sequence[multiprocessing.process.BaseProcess] = ()) -> None:
+    """Block until SIGINT or SIGTERM, or until one of ``helpers`` (processes serving
+    beside this one) has died: an error, the caller stops the rest."""
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         while not stop.wait(1.0):
-            pass
+            if dead := [helper for helper in helpers if not helper.is_alive()]:
+                raise click.ClickException(f"{dead[0].name} ended with exit code {dead[0].exitcode}")
     except KeyboardInterrupt:
         pass
 
@@ -245,6 +250,11 @@ def watch_command(
 @click.option("--webhook-host", default="0.0.0.0", show_default=True)
 @click.option("--webhook-token", help="Token MinIO sends (its webhook auth_token; default: CHEXMASK_WEBHOOK_TOKEN).")
 @_dicom_options
+@click.option(
+    "--dicom-processes",
+    type=click.IntRange(min=1),
+    help="Listener processes sharing --dicom-port, one core each at most (default: CHEXMASK_DICOM_PROCESSES, else 1).",
+)
 @_dataset_options
 def listen_command(
     sqs_queue_url: str | None,
@@ -255,6 +265,7 @@ def listen_command(
     webhook_token: str | None,
     dicom_port: int | None,
     ae_title: str | None,
+    dicom_processes: int | None,
     dataset: str | None,
     release: str | None,
 ) -> None:
@@ -275,7 +286,8 @@ def listen_command(
     if sum(x is not None for x in (sqs_queue_url, redis_list, webhook_port, dicom_port)) != 1:
         raise click.UsageError("give exactly one of --sqs-queue-url, --redis-list, --webhook-port, --dicom-port")
     if dicom_port is not None:
-        _listen_dicom(settings, dicom_port, ae_title or settings.dicom_ae_title, dataset, release)
+        processes = dicom_processes or settings.dicom_processes
+        _listen_dicom(settings, dicom_port, ae_title or settings.dicom_ae_title, dataset, release, processes)
         return
     listener = s3events.Listener(open_intake(settings), dataset=dataset, release=release)
     if webhook_port is not None:
@@ -304,17 +316,62 @@ def listen_command(
     thread.join()
 
 
-def _listen_dicom(settings: Settings, port: int, ae_title: str, dataset: str | None, release: str | None) -> None:
+def _listen_dicom(
+    settings: Settings, port: int, ae_title: str, dataset: str | None, release: str | None, processes: int
+) -> None:
+    """The listener in this process and, with ``processes`` > 1, in as many others on
+    the same port: one SCP process holds one core at most (its interpreter lock)."""
+    context = multiprocessing.get_context("spawn")
+    listener = _dicom_listener(settings, port, ae_title, dataset, release, shared_port=processes > 1)
+    with listener:
+        others = []
+        for _ in range(processes - 1):
+            ready = context.Event()
+            options = (listener.port, ae_title, dataset, release, os.getpid(), ready)
+            others.append((context.Process(target=_listen_dicom_beside, args=options, daemon=True), ready))
+            others[-1][0].start()
+        try:
+            for other, ready in others:  # all listening before we say so
+                while not ready.wait(1.0):
+                    if not other.is_alive():
+                        raise click.ClickException(f"a DICOM listener process ended with exit code {other.exitcode}")
+            click.echo(
+                f"receiving DICOM on port {listener.port} as {ae_title} ({processes} process(es)); "
+                f"store {mask_url(settings.store_url)}"
+            )
+            _wait_for_stop([other for other, _ in others])
+        finally:
+            for other, _ in others:
+                other.terminate()
+            for other, _ in others:
+                other.join()
+
+
+def _listen_dicom_beside(
+    port: int, ae_title: str, dataset: str | None, release: str | None, parent: int, ready: Any
+) -> None:
+    """Another listener process on the parent's port, until it is told to stop or the
+    parent is gone."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops us
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with _dicom_listener(Settings.from_env(), port, ae_title, dataset, release, shared_port=True):
+        ready.set()
+        while not stop.wait(1.0) and os.getppid() == parent:
+            pass
+
+
+def _dicom_listener(
+    settings: Settings, port: int, ae_title: str, dataset: str | None, release: str | None, shared_port: bool
+):
     from chexmask.ingest.dicom_listener import DicomListener
     from chexmask.storage.objectstore import open_store
 
     store = open_store(settings.store_url, settings.s3_endpoint_url)
-    listener = DicomListener(
-        open_intake(settings), store, port=port, ae_title=ae_title, dataset=dataset, release=release
+    intake = open_intake(settings)
+    return DicomListener(
+        intake, store, port=port, ae_title=ae_title, dataset=dataset, release=release, shared_port=shared_port
     )
-    with listener:
-        click.echo(f"receiving DICOM on port {listener.port} as {ae_title}; store {mask_url(settings.store_url)}")
-        _wait_for_stop()
 
 
 @click.command("scan")

@@ -1,18 +1,20 @@
 """DICOM network ingestion: how fast the C-STORE SCP takes radiographs in, against the
 disk it writes to, and how soon a received image is segmented.
 
-1. **Storage.** ``chexmask listen --dicom-port`` runs as its own process (the
-   scaled-out listener: embedded broker, no worker running, so this is storage and
-   queueing only). N synthetic CR instances of 6-10 MB (uint16 MONOCHROME2,
-   explicit VR little endian, each different) are sent over loopback, in one
-   association and then in several in parallel, and timed from the first
-   C-STORE to the last acknowledgement. The senders are dcmtk's ``storescu``,
-   one process per association, where it is installed (a C sender, as PACS and
-   modalities are: the machine's cores go to the SCP, not to the sender), else
-   pynetdicom SCUs, also one process each (``--sender``). Every instance is written to the store (and fsynced) before
-   its acknowledgement. In the same run the disk's own sequential write speed is
-   measured: one file of the same total size written and fsynced in 8 MiB chunks
-   in the same folder. The SCP's MB/s is reported as a share of it.
+1. **Storage.** ``chexmask listen --dicom-port --dicom-processes N`` runs as its
+   own processes (the scaled-out listener: embedded broker, no worker running, so
+   this is storage and queueing only; ``--processes``, default 2, one a core).
+   N synthetic CR instances of 6-10 MB (uint16 MONOCHROME2, explicit VR little
+   endian, each different) are sent over loopback, in one association and then
+   in several in parallel, and timed from the first C-STORE to the last
+   acknowledgement. The senders are dcmtk's ``storescu``, one process per
+   association, where it is installed (a C sender, as PACS and modalities are:
+   the machine's cores go to the SCP, not to the sender), else pynetdicom SCUs,
+   also one process each (``--sender``). Every instance is written to the store
+   (and fsynced) before its acknowledgement. In the same run the disk's own
+   sequential write speed is measured: one file of the same total size written
+   and fsynced in 8 MiB chunks in the same folder. The SCP's MB/s is reported as
+   a share of it.
 2. **Latency.** ``chexmask serve --dicom-port`` (embedded: the model loaded, CPU,
    nothing else queued) receives real chest radiographs one at a time; for each,
    the seconds from the C-STORE acknowledgement until its segmentation is in the
@@ -20,7 +22,8 @@ disk it writes to, and how soon a received image is segmented.
    (``object_keys["seg"]``). The first image pays torch's warm-up; the median is
    over the others.
 
-Usage: ``python -m benchmarks.bench_dicom [--instances N] [--latency-images N] [--weights FILE]``.
+Usage: ``python -m benchmarks.bench_dicom [--instances N] [--processes N] [--sender storescu|pynetdicom]
+[--latency-images N] [--weights FILE]``.
 """
 
 from __future__ import annotations
@@ -122,9 +125,18 @@ def disk_write_mb_s(folder: Path, total: int) -> float:
 
 
 def cpu_seconds(pid: int) -> float:
-    """CPU time (user + system, all threads) of a running process, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU time (user + system, all threads) of a running process and its child
+    processes (the other listener processes), from /proc."""
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            pid_and_name, fields = stat.read_text().rsplit(")", 1)
+        except OSError:  # ended meanwhile
+            continue
+        values = fields.split()
+        if int(pid_and_name.split(" (")[0]) == pid or int(values[1]) == pid:  # itself, or its parent is
+            total += (int(values[11]) + int(values[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 # What the sending processes send: set before they are forked, so each inherits the
@@ -171,7 +183,9 @@ def send_all(port: int, datasets: list[Dataset], associations: int) -> tuple[lis
     return [status for part in parts for status in part], seconds
 
 
-def bench_storage(instances: int, associations: int, sender: str, work: Path, env: dict[str, str]) -> dict[str, float]:
+def bench_storage(
+    instances: int, associations: int, sender: str, processes: int, work: Path, env: dict[str, str]
+) -> dict[str, float]:
     rng = np.random.default_rng(associations)
     datasets = [synthetic_cr(i, rng) for i in range(instances)]
     total = sum(len(ds.PixelData) for ds in datasets)
@@ -180,7 +194,8 @@ def bench_storage(instances: int, associations: int, sender: str, work: Path, en
         for i, ds in enumerate(datasets):
             paths.append(work / f"send-{associations}-{i:04d}.dcm")
             ds.save_as(paths[-1], enforce_file_format=True)
-    listener, port = start(["listen", "--dicom-port", "0"], env, work / f"listen-{associations}.log")
+    command = ["listen", "--dicom-port", "0", "--dicom-processes", str(processes)]
+    listener, port = start(command, env, work / f"listen-{associations}.log")
     try:
         cpu = cpu_seconds(listener.pid)
         if sender == "storescu":
@@ -191,7 +206,9 @@ def bench_storage(instances: int, associations: int, sender: str, work: Path, en
     finally:
         stop(listener)
     if any(statuses):
-        raise SystemExit(f"C-STORE failed: statuses {sorted(set(statuses))}")
+        log = (work / f"listen-{associations}.log").read_text()
+        first_error = log[max(log.find(" ERROR "), 0) :]
+        raise SystemExit(f"C-STORE failed: statuses {sorted(set(statuses))}; the listener's log:\n{first_error[:4000]}")
     return {
         "associations": associations,
         "instances": instances,
@@ -275,6 +292,7 @@ def main() -> None:
         default="storescu" if shutil.which("storescu") else "pynetdicom",
         help="what sends: dcmtk's storescu (default where installed) or pynetdicom SCUs",
     )
+    parser.add_argument("--processes", type=int, default=2, help="listener processes sharing the port")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bench-dicom-", dir=".") as tmp:
@@ -285,6 +303,7 @@ def main() -> None:
                 args.instances,
                 n,
                 args.sender,
+                args.processes,
                 work,
                 {**base, "CHEXMASK_HOME": str(work / f"listen-{n}"), "PYTHONUNBUFFERED": "1"},
             )
@@ -297,7 +316,7 @@ def main() -> None:
 
     print(
         f"\nSCP storage: {args.instances} synthetic CR instances of 6-10 MB ({storage[0]['mb']:.0f} MB), loopback, "
-        f"sent by {args.sender}"
+        f"sent by {args.sender}, {args.processes} listener process(es)"
     )
     print(f"{'associations':>12}{'instances/s':>13}{'MB/s':>8}{'disk MB/s':>11}{'SCP/disk':>10}{'SCP CPU ms/inst':>17}")
     for run in storage:

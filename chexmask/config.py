@@ -66,6 +66,7 @@ class Settings(BaseSettings):
     webhook_token: SecretStr | None = None  # CHEXMASK_WEBHOOK_TOKEN: token MinIO's webhook sends
     dicom_port: int | None = None  # CHEXMASK_DICOM_PORT: `listen`/`serve` receive DICOM C-STORE on it
     dicom_ae_title: str = Field("CHEXMASK", min_length=1, max_length=16)  # CHEXMASK_DICOM_AE_TITLE: our AE title
+    dicom_processes: int = Field(1, ge=1)  # CHEXMASK_DICOM_PROCESSES: `listen` SCP processes sharing the port
     stow_max_bytes: int = Field(1 << 30, ge=1)  # CHEXMASK_STOW_MAX_BYTES: largest STOW-RS request body
     # Where the DICOM SEG and SR of DICOM inputs are sent once stored (worker/push.py):
     dicom_destination: str | None = None  # CHEXMASK_DICOM_DESTINATION: a C-STORE SCP, AET@host:port

@@ -19,6 +19,8 @@ store's filesystem, so the bytes reach the disk once.
 from __future__ import annotations
 
 import logging
+import socket
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -70,8 +72,19 @@ class _RequestHandler(RequestHandler):
         return association
 
 
+class _SharedPortServer(ThreadedAssociationServer):
+    """Binds with SO_REUSEPORT: listener processes bound to one port share its
+    connections, spread over them by the kernel (one interpreter lock each)."""
+
+    def server_bind(self) -> None:
+        assert self.socket is not None
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
 class DicomListener:
-    """A C-STORE SCP that stores every instance, then hands it to ``intake``."""
+    """A C-STORE SCP that stores every instance, then hands it to ``intake``.
+    ``shared_port``: other processes may listen on the same port (``_SharedPortServer``)."""
 
     def __init__(
         self,
@@ -83,8 +96,10 @@ class DicomListener:
         host: str = "0.0.0.0",
         dataset: str | None = None,
         release: str | None = None,
+        shared_port: bool = False,
     ):
         self.received = DicomIntake(intake, store, dataset=dataset, release=release)
+        self.shared_port = shared_port
         self.address = (host, port)
         self.ae = AE(ae_title=ae_title)
         self.ae.maximum_pdu_size = MAX_PDU_BYTES
@@ -103,15 +118,18 @@ class DicomListener:
     def start(self) -> DicomListener:
         handlers: list[EventHandlerType] = [(evt.EVT_C_STORE, self._on_store)]
         self.received.start()
+        server_class = _SharedPortServer if self.shared_port else ThreadedAssociationServer
         try:
-            server = self.ae.start_server(self.address, block=False, evt_handlers=handlers)
+            server = self.ae.make_server(
+                self.address, evt_handlers=handlers, server_class=server_class, request_handler=_RequestHandler
+            )
         except OSError as exc:  # the port is taken, or needs privileges
             self.received.close()
             raise ConfigError(f"cannot listen for DICOM on {self.address[0]}:{self.address[1]}: {exc}") from exc
-        assert server is not None, "start_server(block=False) returns its server"
-        # socketserver's public hook: connections from now on get the whole-PDU reads
-        # (one accepted in between still works, with pynetdicom's own)
-        server.RequestHandlerClass = _RequestHandler
+        # as AE.start_server(block=False) does, with our server and request handler classes:
+        # AE.shutdown() and the server's own shutdown find it among the AE's servers
+        self.ae._servers.append(server)
+        threading.Thread(target=server.serve_forever, name="chexmask-dicom-server", daemon=True).start()
         self._server = server
         return self
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import pytest
 from click.testing import CliRunner
 from fastapi.testclient import TestClient
@@ -48,6 +51,42 @@ def test_embedded_broker_file_is_in_wal_mode(tmp_path):
     connection = sqlite3.connect(tmp_path / "broker.db")
     try:
         assert connection.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    finally:
+        connection.close()
+
+
+def _publish_once(home: str, start: Any) -> None:
+    from chexmask.queues import INGEST_QUEUE
+    from chexmask.worker.celery_app import create_app
+
+    start.wait()  # every process at once, on a broker file none of them has seen
+    create_app(Settings(home=Path(home))).send_task("chexmask.noop", queue=INGEST_QUEUE)
+
+
+def test_producers_starting_together_on_a_new_broker_file_all_publish(tmp_path):
+    """kombu's SQL transport makes a queue's row by a lookup, then an insert: producers
+    starting at once (listener processes sharing a port) raced to insert it. Our
+    queues are declared first, and a loser of that race looks again."""
+    import multiprocessing
+    import sqlite3
+
+    context = multiprocessing.get_context("spawn")
+    start = context.Event()
+    producers = [context.Process(target=_publish_once, args=(str(tmp_path), start)) for _ in range(4)]
+    for producer in producers:
+        producer.start()
+    start.set()
+    for producer in producers:
+        producer.join(60)
+    assert [p.exitcode for p in producers] == [0] * 4
+    connection = sqlite3.connect(tmp_path / "broker.db")
+    try:
+        assert connection.execute("SELECT name, count(*) FROM kombu_queue GROUP BY name").fetchall() == [
+            ("ingest", 1),
+            ("qc", 1),
+            ("segment", 1),
+        ]
+        assert connection.execute("SELECT count(*) FROM kombu_message").fetchone() == (4,)
     finally:
         connection.close()
 

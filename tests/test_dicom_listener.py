@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import re
 import shutil
+import socket
 import subprocess
 import threading
 import time
@@ -365,6 +366,36 @@ def test_listen_command_receives_into_the_store_and_queues(tmp_path, samples_dir
         assert image.uri.startswith((home / "store" / "received" / "dicom").as_uri())
     finally:
         index.close()
+
+
+def test_listener_processes_share_the_port(tmp_path, samples_dir):
+    """``--dicom-processes 2``: two SCP processes on one port, the kernel spreading the
+    associations; parallel senders on a new broker file are all stored and queued once,
+    and stopping the command stops both (the port is free again)."""
+    home = tmp_path / "home"
+    command = ["--dicom-port", "0", "--dicom-processes", "2"]
+    listener = Process.ingest_command("listen", command, embedded_env(home), tmp_path / "l.log")
+    try:
+        listener.wait_output("receiving DICOM on port", timeout=60)
+        match = re.search(r"receiving DICOM on port (\d+) as \S+ \(2 process\(es\)\)", listener.output())
+        assert match, listener.output()
+        port = int(match[1])
+        sent = [read_sample(samples_dir / name) for name in SAMPLES]
+        with ThreadPoolExecutor(len(sent)) as senders:  # an association each, at once
+            statuses = list(senders.map(lambda ds: send(port, ds), sent))
+        assert statuses == [[SUCCESS]] * len(sent), listener.output()
+    finally:
+        assert listener.stop() == 0, listener.output()
+    index = MaskIndex(Settings(home=home).database_url)
+    try:
+        images = index.images()
+        assert len(images) == len(sent) and {i.status for i in images} == {ImageStatus.QUEUED}
+    finally:
+        index.close()
+    with socket.socket() as probe:  # nobody listens there any more (closed associations may linger)
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(("0.0.0.0", port))
+        probe.listen()
 
 
 def test_serve_segments_what_it_receives(tmp_path, samples_dir, random_weights):

@@ -18,12 +18,14 @@ import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
+import sqlalchemy as sa
 from celery import Celery
+from kombu import Queue
 from sqlalchemy.engine import make_url
 
 from chexmask.config import Settings
 from chexmask.errors import ConfigError
-from chexmask.queues import INGEST_QUEUE, ROUTES, SCAN_TASK
+from chexmask.queues import INGEST_QUEUE, QUEUES, ROUTES, SCAN_TASK
 from chexmask.storage.engine import enable_wal
 
 log = logging.getLogger(__name__)
@@ -114,7 +116,25 @@ def create_app(settings: Settings | None = None) -> Celery:
         beat_schedule=beat_schedule(prefixes, settings.scan_interval_s),
         beat_schedule_filename=str(settings.home / "celerybeat-schedule"),
     )
+    if _sqlite_broker_path(settings.broker_url) is not None:
+        _declare_queues(app)
     return app
+
+
+def _declare_queues(app: Celery) -> None:
+    """Our queues declared before anything is sent. kombu's SQL transport makes a
+    queue's row on first use by a lookup, then an insert: producers starting together
+    on a new broker file (listener processes sharing a port) both inserted, and the
+    loser's first publish failed. Here the loser looks again and finds the row."""
+    for name in QUEUES:
+        for attempt in (1, 2):
+            try:
+                with app.connection_for_write() as connection:
+                    Queue(name).declare(channel=connection.default_channel)
+                break
+            except sa.exc.IntegrityError:
+                if attempt == 2:
+                    raise
 
 
 def _sqlite_broker_path(broker_url: str) -> Path | None:

@@ -69,12 +69,21 @@ _SEGMENTATION_KEPT = frozenset({"image_sha256", "model_version", "created_at"})
 
 
 def import_uri(dataset: str, image_id: str) -> str:
-    return f"{IMPORT_SCHEME}{canonical(dataset)}/{image_id}"
+    return _uri(canonical(dataset), image_id)
 
 
 def import_sha256(dataset: str, image_id: str) -> str:
     """The surrogate content hash of an imported image (documented in the module doc)."""
-    return hashlib.sha256(f"chexmask-import:{canonical(dataset)}:{image_id}".encode()).hexdigest()
+    return _surrogate_sha256(canonical(dataset), image_id)
+
+
+# The two above for a dataset name already canonical: per row of an import.
+def _uri(dataset: str, image_id: str) -> str:
+    return f"{IMPORT_SCHEME}{dataset}/{image_id}"
+
+
+def _surrogate_sha256(dataset: str, image_id: str) -> str:
+    return hashlib.sha256(f"chexmask-import:{dataset}:{image_id}".encode()).hexdigest()
 
 
 def is_imported_uri(uri: str) -> bool:
@@ -177,7 +186,7 @@ def _store(index: MaskIndex, context: _Context, rows: list[ParsedRow]) -> _Store
     rows = _last_per_id(rows, stored)
     if not rows:
         return stored
-    uris = {import_uri(context.dataset, r.image_id): r for r in rows}
+    uris = {_uri(context.dataset, r.image_id): r for r in rows}
     try:
         with index.engine.begin() as connection:
             _write(connection, context, uris, stored, insert_new=True)
@@ -249,10 +258,13 @@ _PG_KNOWN = (
 
 
 def _database_time(connection: sa.Connection, now: datetime) -> Any:
-    """``now`` as the column type stores it (SQLite: SQLAlchemy's text form), for the
-    driver-level writes below."""
+    """``now`` as the column type stores it, for the driver-level writes below; on
+    SQLite the text sqlite3's own adapter would make of it, once rather than per row."""
     bind = SourceImage.__table__.c.updated_at.type.bind_processor(connection.dialect)
-    return bind(now) if bind else now
+    value = bind(now) if bind else now
+    if connection.dialect.name == "sqlite" and isinstance(value, datetime):
+        return value.isoformat(" ")
+    return value
 
 
 def _image_row(context: _Context, uri: str, etag: str, row: ParsedRow, now: Any) -> tuple[Any, ...]:
@@ -262,7 +274,7 @@ def _image_row(context: _Context, uri: str, etag: str, row: ParsedRow, now: Any)
             "line": row.line,
             "uri": uri,
             "etag_or_version": etag,
-            "sha256": import_sha256(context.dataset, row.image_id),
+            "sha256": _surrogate_sha256(context.dataset, row.image_id),
             "dataset": context.dataset,
             "release": context.release,
             "dataset_image_id": row.image_id,
@@ -283,7 +295,7 @@ def _segmentation_row(context: _Context, uri: str, row: ParsedRow, now: Any) -> 
             **row.values,
             "line": row.line,
             "uri": uri,
-            "image_sha256": import_sha256(context.dataset, row.image_id),
+            "image_sha256": _surrogate_sha256(context.dataset, row.image_id),
             "dataset": context.dataset,
             "is_current": True,
             "model_version": context.model,

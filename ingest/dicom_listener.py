@@ -37,10 +37,11 @@ from chexmask.worker.decode import decodable_transfer_syntaxes
 
 log = logging.getLogger(__name__)
 
-# The largest PDU we tell senders we take. pynetdicom reads a PDU 4 KiB at a time
-# and copies it whole a few times over, so very large PDUs cost more CPU than they
-# save in per-PDU work: 256 KiB took 35-41 ms of CPU per 8 MB instance, against
-# 65 at pynetdicom's default 16 KiB and 67-70 at 4 MiB (benchmarks/bench_dicom.py).
+# The largest PDU we tell senders we take. pynetdicom copies a PDU whole a few times
+# over, so very large PDUs cost more CPU than they save in per-PDU work: 256 KiB took
+# 35-41 ms of CPU per 8 MB instance, against 65 at pynetdicom's default 16 KiB and
+# 67-70 at 4 MiB (benchmarks/bench_dicom.py, measured with pynetdicom's 4 KiB reads,
+# before ``_WholeReadSocket``).
 MAX_PDU_BYTES = 256 << 10
 # Received datasets go straight to a temporary Part-10 file (``event.dataset_path``).
 # A process-wide pynetdicom setting: this SCP is the only one receiving C-STOREs here.

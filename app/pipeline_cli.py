@@ -108,11 +108,13 @@ def open_intake(settings: Settings):
     from chexmask.ingest.queue import CeleryQueue, Intake
     from chexmask.ingest.registry import Registry
     from chexmask.storage.index import MaskIndex
-    from chexmask.worker.celery_app import create_app
+    from chexmask.worker.celery_app import create_app, declare_queues
 
     index = MaskIndex(settings.database_url)
     index.upgrade()
-    return Intake(Registry(index), CeleryQueue(create_app(settings)))
+    app = create_app(settings)
+    declare_queues(app)
+    return Intake(Registry(index), CeleryQueue(app))
 
 
 @click.command("serve")

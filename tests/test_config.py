@@ -57,16 +57,18 @@ def test_embedded_broker_file_is_in_wal_mode(tmp_path):
 
 def _publish_once(home: str, start: Any) -> None:
     from chexmask.queues import INGEST_QUEUE
-    from chexmask.worker.celery_app import create_app
+    from chexmask.worker.celery_app import create_app, declare_queues
 
     start.wait()  # every process at once, on a broker file none of them has seen
-    create_app(Settings(home=Path(home))).send_task("chexmask.noop", queue=INGEST_QUEUE)
+    app = create_app(Settings(home=Path(home)))
+    declare_queues(app)  # as a producer's intake does (open_intake)
+    app.send_task("chexmask.noop", queue=INGEST_QUEUE)
 
 
 def test_producers_starting_together_on_a_new_broker_file_all_publish(tmp_path):
     """kombu's SQL transport makes a queue's row by a lookup, then an insert: producers
-    starting at once (listener processes sharing a port) raced to insert it. Our
-    queues are declared first, and a loser of that race looks again."""
+    starting at once (listener processes sharing a port) raced to insert it. Producers
+    declare our queues first, and a loser of that race looks again."""
     import multiprocessing
     import sqlite3
 

@@ -31,6 +31,7 @@ from chexmask.storage.engine import enable_wal
 log = logging.getLogger(__name__)
 
 app: Celery  # built on first use, see __getattr__ below
+DECLARE_ATTEMPTS = 3  # declare_queues: the tables, then the row, may each be raced once
 
 
 @dataclass(frozen=True)
@@ -116,24 +117,27 @@ def create_app(settings: Settings | None = None) -> Celery:
         beat_schedule=beat_schedule(prefixes, settings.scan_interval_s),
         beat_schedule_filename=str(settings.home / "celerybeat-schedule"),
     )
-    if _sqlite_broker_path(settings.broker_url) is not None:
-        _declare_queues(app)
     return app
 
 
-def _declare_queues(app: Celery) -> None:
-    """Our queues declared before anything is sent. kombu's SQL transport makes a
-    queue's row on first use by a lookup, then an insert: producers starting together
-    on a new broker file (listener processes sharing a port) both inserted, and the
-    loser's first publish failed. Here the loser looks again and finds the row."""
+def declare_queues(app: Celery) -> None:
+    """Our queues declared before a producer sends anything (``open_intake``). kombu's
+    SQL transport makes its tables, then a queue's row, on first use, each by a look
+    then a write: producers starting together on a new broker file (listener
+    processes sharing a port) both wrote, and the loser's first publish failed
+    ("table kombu_queue already exists", or a UNIQUE violation). Here the loser
+    looks again and finds them. Not in ``create_app``: the worker forks its pool
+    after building the app, and an SQLite connection must not cross a fork."""
+    if _sqlite_broker_path(app.conf.broker_url) is None:
+        return
     for name in QUEUES:
-        for attempt in (1, 2):
+        for attempt in range(1, DECLARE_ATTEMPTS + 1):
             try:
                 with app.connection_for_write() as connection:
                     Queue(name).declare(channel=connection.default_channel)
                 break
-            except sa.exc.IntegrityError:
-                if attempt == 2:
+            except (sa.exc.IntegrityError, sa.exc.OperationalError):
+                if attempt == DECLARE_ATTEMPTS:
                     raise
 
 

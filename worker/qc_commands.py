@@ -71,6 +71,13 @@ def _threads(threads: int | None) -> None:
 
 
 _dirs: dict[str, Any] = dict(type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
+_bank_option = click.option(
+    "--bank",
+    "bank_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Bank file (default: the bundled bank).",
+)
 
 
 @qc_command.command("build-bank")
@@ -277,13 +284,7 @@ def cross_validate(rows: list[dict], ids: list[str], folds: int) -> None:
 
 
 @qc_command.command("validate")
-@click.option(
-    "--bank",
-    "bank_path",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=None,
-    help="Bank file (default: the bundled bank).",
-)
+@_bank_option
 @click.option("--images", **_dirs)
 @click.option("--landmarks", **_dirs)
 @click.option("--ids-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None)
@@ -349,13 +350,7 @@ def validate_command(
 
 
 @qc_command.command("uncertainty")
-@click.option(
-    "--bank",
-    "bank_path",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=None,
-    help="Bank file (default: the bundled bank).",
-)
+@_bank_option
 @click.option("--images", **_dirs)
 @click.option("--landmarks", **_dirs)
 @click.option(

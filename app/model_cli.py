@@ -26,6 +26,20 @@ uncertainty_option = click.option(
     "encoder.fc_logvar (the bundled default has one).",
 )
 
+# --reframe/--no-reframe where a command loads the bundled model to segment.
+reframe_option = click.option(
+    "--reframe/--no-reframe",
+    default=None,
+    help="Segment again, re-framed, images the bundled model did not understand (its latent far "
+    "from its training images'; results named <model>-reframed). Default: CHEXMASK_REFRAME or on. "
+    "Other weights (--weights) are never re-framed.",
+)
+
+
+def _settings(reframe: bool | None) -> Settings:
+    settings = Settings.from_env()
+    return settings if reframe is None else settings.model_copy(update={"reframe": reframe})
+
 
 @click.command("segment")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
@@ -49,6 +63,7 @@ uncertainty_option = click.option(
 )
 @click.option("--dataset", default="", help="Dataset name; picks the CheXmask id column of the CSV (default image_id).")
 @uncertainty_option
+@reframe_option
 def segment_command(
     paths: tuple[Path, ...],
     weights: str | None,
@@ -57,6 +72,7 @@ def segment_command(
     device: str | None,
     dataset: str,
     uncertainty: int | None,
+    reframe: bool | None,
 ) -> int:
     """Segment chest X-rays (files or folders of DICOM, PNG or JPEG).
 
@@ -76,7 +92,7 @@ def segment_command(
     from chexmask.worker.pipeline import Segmenter, write_outputs
     from chexmask.worker.weights import load
 
-    settings = Settings.from_env()
+    settings = _settings(reframe)
     model, info = load(weights, settings, resolve_device(device or settings.device))
     files = list(dict.fromkeys(p.absolute() for p in image_files(paths)))
     if not files:
@@ -238,15 +254,16 @@ def train_command(
 )
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs/evaluate"), show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-def evaluate_command(weights, images, landmarks, ids_file, split, ood, out, device) -> int:
+@reframe_option
+def evaluate_command(weights, images, landmarks, ids_file, split, ood, out, device, reframe) -> int:
     """Dice (lungs, heart), Hausdorff distance and landmark error against annotations;
     writes out/summary.json and out/per_image.csv (with --ood also out/conditions.md)."""
     from chexmask.worker.evaluate import condition_table, evaluate, write_report
     from chexmask.worker.weights import load
 
-    model, info = load(weights, Settings.from_env(), resolve_device(device))
+    model, info = load(weights, _settings(reframe), resolve_device(device))
     ids = json.loads(ids_file.read_text())[split] if ids_file else None
-    rows, summary = evaluate(model, images, landmarks, ids, ood=ood)
+    rows, summary = evaluate(model, images, landmarks, ids, ood=ood, framing=info.framing)
     summary["model"] = info.version
     write_report(rows, summary, out)
     click.echo(json.dumps(summary, indent=1))

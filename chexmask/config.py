@@ -56,6 +56,8 @@ class Settings(BaseSettings):
     uncertainty_samples: int = Field(
         0, ge=0
     )  # CHEXMASK_UNCERTAINTY_SAMPLES: latent samples for per-landmark uncertainty; 0 = none
+    # CHEXMASK_REFRAME: segment again, re-framed, images the bundled model did not understand (worker/reframe.py)
+    reframe: bool = True
     api_token: SecretStr | None = None  # CHEXMASK_API_TOKEN: bearer token for the HTTP API
     visibility_timeout_s: int = _env(
         "VISIBILITY_TIMEOUT", 3600

@@ -27,8 +27,12 @@ def tile(overlay_jpeg: bytes, label: str) -> np.ndarray:
     image = cv2.imdecode(np.frombuffer(overlay_jpeg, np.uint8), cv2.IMREAD_COLOR)
     image = cv2.resize(image, (TILE, TILE), interpolation=cv2.INTER_AREA)
     cv2.rectangle(image, (0, 0), (TILE, 18), (0, 0, 0), -1)
-    cv2.putText(image, label[:40], (4, 13), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1, cv2.LINE_AA)
+    cv2.putText(image, label[:52], (4, 13), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1, cv2.LINE_AA)
     return image
+
+
+def label(name: str, framing: dict | None) -> str:
+    return f"{name} (re-framed)" if framing and framing["reframed"] else name
 
 
 def main(weights: str | None, images: Path, out: Path) -> None:
@@ -36,7 +40,7 @@ def main(weights: str | None, images: Path, out: Path) -> None:
     files = image_files((images,))
     sources = [(p.name, functools.partial(read_regular_file, p)) for p in files]
     tiles = [
-        tile(o.segmentation.pictures()["overlay.jpg"], o.name)
+        tile(o.segmentation.pictures()["overlay.jpg"], label(o.name, o.segmentation.framing()))
         for o in Segmenter(model, info).run(sources)
         if o.segmentation is not None
     ]

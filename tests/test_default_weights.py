@@ -13,7 +13,7 @@ from chexmask.config import Settings
 from chexmask.worker.metrics import landmark_scores
 from chexmask.worker.model import segment_batch
 from chexmask.worker.train import load_landmarks
-from chexmask.worker.weights import default_weights, file_sha256, load
+from chexmask.worker.weights import REFRAMED_SUFFIX, default_weights, file_sha256, load
 
 found = default_weights()
 pytestmark = pytest.mark.skipif(found is None, reason="this checkout has no bundled default weights")
@@ -27,7 +27,7 @@ def test_manifest_pins_the_file():
 
 def test_default_model_is_used_without_weights_setting(tmp_path: Path):
     model, info = load(None, Settings(home=tmp_path), "cpu")
-    assert info.name == found[1]["name"] and info.version.startswith(info.name)
+    assert info.name == found[1]["name"] + REFRAMED_SUFFIX and info.version.startswith(info.name)
     assert info.weights_sha256 == found[1]["sha256"]
     assert not model.training
 

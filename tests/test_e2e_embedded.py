@@ -51,12 +51,13 @@ def chexmask(args: list[str], env: dict[str, str]) -> subprocess.CompletedProces
 
 
 def bundled_model() -> str:
-    """The model version of the default weights shipped in chexmask/weights: their name
-    and the first 12 hex digits of their sha256, as the manifest lists them."""
+    """The model version of the default weights shipped in chexmask/weights, run
+    re-framed as by default: their name, "-reframed" and the first 12 hex digits of
+    their sha256, as the manifest lists them."""
     import chexmask
 
     manifest = json.loads((Path(chexmask.__file__).parent / "weights" / "manifest.json").read_text())
-    return f"{manifest['name']}-{manifest['sha256'][:12]}"
+    return f"{manifest['name']}-reframed-{manifest['sha256'][:12]}"
 
 
 def check_stored(home: Path, index: MaskIndex, image) -> int:

@@ -16,13 +16,20 @@ from chexmask.anatomy import FRAME
 from chexmask.worker.augment import CONDITIONS
 from chexmask.worker.metrics import landmark_scores
 from chexmask.worker.model import HybridGNet, segment_batch
+from chexmask.worker.reframe import Framing, segment_reframed
 from chexmask.worker.train import list_ids, load_landmarks, ood_cases
 
 
 def evaluate(
-    model: HybridGNet, images: Path, landmarks: Path, ids: list[str] | None = None, ood: bool = False
+    model: HybridGNet,
+    images: Path,
+    landmarks: Path,
+    ids: list[str] | None = None,
+    ood: bool = False,
+    framing: Framing | None = None,
 ) -> tuple[list[dict], dict]:
-    """Per-image score rows and their means. ``ids`` defaults to every annotated image.
+    """Per-image score rows and their means. ``ids`` defaults to every annotated image;
+    with ``framing`` images the model did not understand are re-framed (``worker.reframe``).
     With ``ood`` every image is scored under every OOD condition instead, and the
     summary has the means per condition and over all of them (``ood``)."""
     ids = ids or list_ids(images, landmarks)
@@ -37,7 +44,10 @@ def evaluate(
         total = len(ids)
     rows = []
     for condition, image_id, image, true in tqdm(cases, total=total, desc="evaluate", unit="image"):
-        predicted, _ = segment_batch(model, image[None])
+        if framing is None:
+            predicted, _ = segment_batch(model, image[None])
+        else:
+            predicted = segment_reframed(model, image[None], framing)[0]
         row = {"condition": condition} if ood else {}
         rows.append({**row, "image_id": image_id, **landmark_scores(predicted[0] * FRAME, true)})
     summary: dict = {"images": len(ids), **means(rows)}

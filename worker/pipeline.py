@@ -50,6 +50,7 @@ from chexmask.worker.postprocess import (
     to_original,
 )
 from chexmask.worker.preprocess import Padding, preprocess
+from chexmask.worker.reframe import segment_reframed
 from chexmask.worker.weights import ModelInfo
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,9 @@ class Segmentation:
     # samples, when uncertainty was asked for.
     landmark_std: np.ndarray | None = None
     uncertainty_samples: int = 0
+    # With re-framing (worker/reframe.py): the first pass's latent distance from the
+    # training images; above the model's threshold the image was segmented again, re-framed.
+    latent_distance: float | None = None
     landmarks_1024: np.ndarray = field(init=False)  # int, half-to-even rounding
     landmarks_original: np.ndarray = field(init=False)  # int, original frame
     rle: dict[str, str] = field(init=False)  # organ -> RLE at original resolution
@@ -138,6 +142,18 @@ class Segmentation:
             "pipeline_version": PIPELINE_VERSION,
             "seconds": {k: round(v, 4) for k, v in p.seconds.items()},
             **({"uncertainty": u} if (u := self.uncertainty()) else {}),
+            **({"framing": f} if (f := self.framing()) else {}),
+        }
+
+    def framing(self) -> dict | None:
+        """Whether the image was re-framed, and the latent distance that decided it."""
+        if self.latent_distance is None or self.model.framing is None:
+            return None
+        threshold = self.model.framing.threshold
+        return {
+            "latent_distance": round(self.latent_distance, 4),
+            "threshold": round(threshold, 4),
+            "reframed": self.latent_distance > threshold,
         }
 
     def rle_by_name(self) -> tuple[dict[str, str], dict[str, str]]:
@@ -288,7 +304,14 @@ class Segmenter:
         started = time.perf_counter()
         images = np.stack([p.image for p in items])
         stds: list[np.ndarray | None] = [None] * len(items)
-        if self.uncertainty:
+        distances: list[float | None] = [None] * len(items)
+        if self.info.framing is not None:
+            landmarks, latents, std, first = segment_reframed(
+                self.model, images, self.info.framing, self.uncertainty, self.together
+            )
+            stds = list(std) if std is not None else stds
+            distances = [float(d) for d in first]
+        elif self.uncertainty:
             landmarks, latents, std = segment_with_uncertainty(self.model, images, self.uncertainty)
             stds = list(std)
         else:
@@ -297,8 +320,8 @@ class Segmenter:
         for p in items:
             p.seconds["inference"] = per_image
         return [
-            Segmentation(p, lm * FRAME, z, self.info, s, self.uncertainty if s is not None else 0)
-            for p, lm, z, s in zip(items, landmarks, latents, stds, strict=True)
+            Segmentation(p, lm * FRAME, z, self.info, s, self.uncertainty if s is not None else 0, d)
+            for p, lm, z, s, d in zip(items, landmarks, latents, stds, distances, strict=True)
         ]
 
     def run(

@@ -11,7 +11,7 @@ import hashlib
 import json
 import urllib.parse
 import urllib.request
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
@@ -22,6 +22,9 @@ from chexmask.errors import WeightsError
 from chexmask.official import OFFICIAL_WEIGHTS_SHA256  # noqa: F401  (re-exported)
 from chexmask.worker import cpu_kernels
 from chexmask.worker.model import HybridGNet, HybridGNetConfig
+from chexmask.worker.reframe import Framing
+
+REFRAMED_SUFFIX = "-reframed"  # of a model's name when its results are re-framed (worker/reframe.py)
 
 
 @dataclass(frozen=True)
@@ -30,9 +33,12 @@ class ModelInfo:
     version: str  # name plus the first 12 hex digits of the weights' sha256
     weights_sha256: str
     path: str
+    # The bundled model's training framing when re-framing is on (CHEXMASK_REFRAME): results
+    # then differ, so the name says so ("chexmask-jsrt-v2-reframed") and the version differs.
+    framing: Framing | None = field(default=None, compare=False, repr=False)
 
     def to_dict(self) -> dict[str, str]:
-        return asdict(self)
+        return {"name": self.name, "version": self.version, "weights_sha256": self.weights_sha256, "path": self.path}
 
 
 def default_weights() -> tuple[Path, dict] | None:
@@ -59,7 +65,9 @@ def resolve_weights(source: str | None, settings: Settings) -> tuple[Path, Model
         path = fetch_weights(str(path), entry["sha256"], settings.home / "weights")
         if "logvar" in entry:  # the fitted fc_logvar beside compact weights: pinned too
             fetch_weights(str(logvar_file(path)), entry["logvar"]["sha256"], settings.home / "weights")
-        return path, ModelInfo(entry["name"], f"{entry['name']}-{entry['sha256'][:12]}", entry["sha256"], str(path))
+        framing = Framing.from_json(entry["framing"]) if settings.reframe and "framing" in entry else None
+        name = entry["name"] + (REFRAMED_SUFFIX if framing else "")
+        return path, ModelInfo(name, f"{name}-{entry['sha256'][:12]}", entry["sha256"], str(path), framing)
     path = fetch_weights(source, settings.weights_sha256, settings.home / "weights")
     sha = file_sha256(path)
     name = "hybridgnet-official" if sha == OFFICIAL_WEIGHTS_SHA256 else Path(path).stem

@@ -426,7 +426,10 @@ def reprocess_command(model: str | None, dataset: str | None, release: str | Non
     except WeightsError:
         configured = None
     if model and configured and model != configured:
-        raise click.UsageError(f"workers segment with {configured}, not {model}; set CHEXMASK_WEIGHTS to its weights")
+        raise click.UsageError(
+            f"workers segment with {configured}, not {model}; set CHEXMASK_WEIGHTS to its weights "
+            "(and CHEXMASK_REFRAME=false for the bundled model without re-framing)"
+        )
     model = model or configured
     if not model:
         raise click.UsageError("no weights configured: give --model")

@@ -32,6 +32,7 @@ from chexmask.worker import cpu_kernels
 from chexmask.worker.memory import keep_freed_memory
 from chexmask.worker.model import HybridGNet, HybridGNetConfig, segment_batch
 from chexmask.worker.pipeline import Outcome, Segmentation, Segmenter, prepare, write_outputs
+from chexmask.worker.reframe import segment_reframed
 from chexmask.worker.weights import ModelInfo, load_model, resolve_weights
 
 # The naive loop as the official script runs it, and the same loop with the memory
@@ -75,7 +76,10 @@ def run_mode(mode: str, images: list[Path], weights: str | None, out: Path, batc
             name = f"{i:04d}_{path.name}"
             try:
                 prepared = prepare(path.read_bytes(), name)
-                landmarks, latents = segment_batch(model, prepared.image[None])
+                if info.framing is None:
+                    landmarks, latents = segment_batch(model, prepared.image[None])
+                else:  # the bundled model re-frames what it did not understand: the same work
+                    landmarks, latents, _, _ = segment_reframed(model, prepared.image[None], info.framing)
                 outcome = Outcome(name, Segmentation(prepared, landmarks[0] * 1024, latents[0], info))
             except RefusedInput as exc:  # recorded like the pipeline does
                 outcome = Outcome(name, refusal=exc)

@@ -58,6 +58,10 @@ class PageUnauthorized(Exception):
     """A page asked for without the token: answered with a page that says how to give it."""
 
 
+class BadFilter(Exception):
+    """Gallery filters that cannot be applied: answered with a page that says why (422)."""
+
+
 class GalleryQuery(BaseModel):
     """The gallery's query string: the index filters, the web-only ones, sort and cursor."""
 
@@ -94,13 +98,13 @@ def gallery_query(request: Request) -> GalleryQuery:
     try:
         query = GalleryQuery.model_validate(values)
     except ValidationError as exc:
-        raise HTTPException(HTTPStatus.UNPROCESSABLE_ENTITY, exc.errors(include_url=False)) from None
+        raise BadFilter(*(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None
     if query.sort.removeprefix("-") not in SORT_KEYS:
-        raise HTTPException(HTTPStatus.UNPROCESSABLE_ENTITY, f"cannot sort by {query.sort!r}")
+        raise BadFilter(f"cannot sort by {query.sort!r}")
     try:
         query.filters()
     except ValueError as exc:  # an agreement bound without a model to compare to
-        raise HTTPException(HTTPStatus.UNPROCESSABLE_ENTITY, str(exc)) from None
+        raise BadFilter(str(exc)) from None
     return query
 
 
@@ -145,6 +149,10 @@ def mount_web(app: FastAPI, index: MaskIndex, store: ObjectStore, token: str | N
             status_code=HTTPStatus.UNAUTHORIZED,
             headers={"WWW-Authenticate": "Bearer"},
         )
+
+    @app.exception_handler(BadFilter)
+    def bad_filter(request: Request, exc: BadFilter) -> HTMLResponse:
+        return render(request, "bad_filter.html", HTTPStatus.UNPROCESSABLE_ENTITY, reasons=exc.args)
 
     @router.get("/", response_class=HTMLResponse)
     def gallery(request: Request, query: Annotated[GalleryQuery, Depends(gallery_query)]) -> HTMLResponse:

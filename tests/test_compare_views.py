@@ -220,8 +220,14 @@ def test_gallery_compare_filter_pages_and_combines_with_other_filters(shrunk, tm
         assert shown(dataset="padchest") == []
         assert shown() == sorted(ours[n] for n in SHRUNK)  # rows whose other side is the published model
         assert ours["lonely.png"] not in shown(model="ours")  # never compared
-        assert client.get("/", params={"max_agreement_dice": 0.8}).status_code == 422
-        assert client.get("/", params={"compare_to": OFFICIAL, "max_agreement_dice": 2}).status_code == 422
+        unbound = client.get("/", params={"max_agreement_dice": 0.8})
+        assert unbound.status_code == 422 and "an agreement Dice bound needs compare_to" in unbound.text
+        assert unbound.headers["content-type"].startswith("text/html")  # a page that says why, not JSON
+        too_high = client.get("/", params={"compare_to": OFFICIAL, "max_agreement_dice": 2})
+        assert (
+            too_high.status_code == 422
+            and "max_agreement_dice: Input should be less than or equal to 1" in too_high.text
+        )
 
         # the image page: neighbours within the compare filter, the agreement values, the other's outline
         first = ours["00000001_000.png"]

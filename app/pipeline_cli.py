@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from chexmask.app.model_cli import uncertainty_option
+from chexmask.app.model_cli import reframe_option, uncertainty_option
 from chexmask.config import Settings, mask_url
 from chexmask.ingest.watcher import DEFAULT_RECONCILE_S, DEFAULT_SETTLE_S
 from chexmask.queues import QUEUES, SEGMENT_QUEUE
@@ -130,6 +130,7 @@ def open_intake(settings: Settings):
 @click.option("--threads", type=int, help="Images in flight (default: twice CHEXMASK_BATCH_SIZE).")
 @_dicom_options
 @uncertainty_option
+@reframe_option
 def serve_command(
     inbox: Path,
     once: bool,
@@ -142,6 +143,7 @@ def serve_command(
     dicom_port: int | None,
     ae_title: str | None,
     uncertainty: int | None,
+    reframe: bool | None,
 ) -> int:
     """Segment every chest X-ray that lands in INBOX, all in this process.
 
@@ -158,6 +160,8 @@ def serve_command(
         raise click.UsageError("--once processes the inbox and exits; it cannot listen on --dicom-port")
     if uncertainty is not None:
         settings = settings.model_copy(update={"uncertainty_samples": uncertainty})
+    if reframe is not None:
+        settings = settings.model_copy(update={"reframe": reframe})
     lock = threading.Lock()
     server: Server
 

@@ -131,3 +131,27 @@ def test_the_record_says_whether_an_image_was_reframed(jsrt: Path, tmp_path: Pat
     plain = Segmenter(model, replace(info, framing=None), workers=1).segment(pngs[1:])[0].record()
     assert "framing" not in plain
     assert np.abs(np.array(plain["landmarks"]) - np.array(moved["landmarks"])).max() > 50  # re-framing moved it
+
+
+@needs_weights
+def test_segment_command_reframes_unless_told_not_to(jsrt: Path, tmp_path: Path, monkeypatch):
+    import json
+
+    from click.testing import CliRunner
+
+    from chexmask.app.cli import cli
+
+    monkeypatch.setenv("CHEXMASK_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("CHEXMASK_REFRAME", raising=False)
+    image_id = found[1]["validation_ids"][0]
+    source = jsrt / "images" / f"{image_id}.png"
+    records = {}
+    for flag in ("--reframe", "--no-reframe"):
+        out = tmp_path / flag
+        result = CliRunner().invoke(cli, ["segment", flag, "--out", str(out), str(source)], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        records[flag] = json.loads((out / f"{image_id}.json").read_text())
+    assert records["--reframe"]["model"]["name"] == "chexmask-jsrt-v2-reframed"
+    assert records["--reframe"]["framing"]["reframed"] is False  # a JSRT image: understood
+    assert records["--no-reframe"]["model"]["name"] == "chexmask-jsrt-v2" and "framing" not in records["--no-reframe"]
+    assert records["--reframe"]["landmarks"] == records["--no-reframe"]["landmarks"]

@@ -155,3 +155,19 @@ def test_segment_command_reframes_unless_told_not_to(jsrt: Path, tmp_path: Path,
     assert records["--reframe"]["framing"]["reframed"] is False  # a JSRT image: understood
     assert records["--no-reframe"]["model"]["name"] == "chexmask-jsrt-v2" and "framing" not in records["--no-reframe"]
     assert records["--reframe"]["landmarks"] == records["--no-reframe"]["landmarks"]
+
+
+@needs_weights
+def test_one_forward_pass_for_the_batch_then_reframing_image_by_image(jsrt: Path, tmp_path: Path):
+    """``together`` (the device path): the batch goes through the network at once, and
+    only the image it did not understand is segmented again, alone."""
+    model, info = load(None, Settings(home=tmp_path), "cpu")
+    image_id = found[1]["validation_ids"][0]
+    image = cv2.imread(str(jsrt / "images" / f"{image_id}.png"), cv2.IMREAD_GRAYSCALE)
+    small, _ = zoom(image, load_landmarks(jsrt / "landmarks", image_id), 0.65)
+    batch = np.stack([image, small])
+    alone, _, _, first_alone = segment_reframed(model, batch, info.framing)
+    together, _, _, first_together = segment_reframed(model, batch, info.framing, together=True)
+    assert list(first_together > info.framing.threshold) == [False, True]
+    np.testing.assert_allclose(first_together, first_alone, atol=1e-3)
+    assert np.abs(together - alone).max() * FRAME < 2.0  # float rounding of the batched pass, not a jump

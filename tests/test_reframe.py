@@ -127,7 +127,7 @@ def test_the_record_says_whether_an_image_was_reframed(jsrt: Path, tmp_path: Pat
     kept, moved = (s.record() for s in Segmenter(model, info, workers=1).segment(pngs))
     assert kept["framing"]["reframed"] is False and moved["framing"]["reframed"] is True
     assert moved["framing"]["latent_distance"] > moved["framing"]["threshold"] > kept["framing"]["latent_distance"]
-    assert moved["model"]["name"] == "chexmask-jsrt-v2-reframed"
+    assert moved["model"]["name"] == found[1]["name"] + REFRAMED_SUFFIX
     plain = Segmenter(model, replace(info, framing=None), workers=1).segment(pngs[1:])[0].record()
     assert "framing" not in plain
     assert np.abs(np.array(plain["landmarks"]) - np.array(moved["landmarks"])).max() > 50  # re-framing moved it
@@ -151,9 +151,10 @@ def test_segment_command_reframes_unless_told_not_to(jsrt: Path, tmp_path: Path,
         result = CliRunner().invoke(cli, ["segment", flag, "--out", str(out), str(source)], catch_exceptions=False)
         assert result.exit_code == 0, result.output
         records[flag] = json.loads((out / f"{image_id}.json").read_text())
-    assert records["--reframe"]["model"]["name"] == "chexmask-jsrt-v2-reframed"
+    assert records["--reframe"]["model"]["name"] == found[1]["name"] + REFRAMED_SUFFIX
     assert records["--reframe"]["framing"]["reframed"] is False  # a JSRT image: understood
-    assert records["--no-reframe"]["model"]["name"] == "chexmask-jsrt-v2" and "framing" not in records["--no-reframe"]
+    plain = records["--no-reframe"]
+    assert plain["model"]["name"] == found[1]["name"] and "framing" not in plain
     assert records["--reframe"]["landmarks"] == records["--no-reframe"]["landmarks"]
 
 

@@ -22,6 +22,22 @@ found = default_weights()
 needs_weights = pytest.mark.skipif(found is None, reason="this checkout has no bundled default weights")
 
 
+@pytest.fixture(scope="module")
+def bundled(tmp_path_factory):
+    """The bundled model and its identity, re-framing on (the default)."""
+    return load(None, Settings(home=tmp_path_factory.mktemp("home")), "cpu")
+
+
+@pytest.fixture(scope="module")
+def chest(jsrt: Path):
+    """A JSRT validation image and its landmarks, as it is and zoomed out (0.65: neck,
+    arms and abdomen in view, black around)."""
+    image_id = found[1]["validation_ids"][0]
+    image = cv2.imread(str(jsrt / "images" / f"{image_id}.png"), cv2.IMREAD_GRAYSCALE)
+    truth = load_landmarks(jsrt / "landmarks", image_id)
+    return (image, truth, *zoom(image, truth, 0.65))
+
+
 def square(cx: float, cy: float, half: float) -> np.ndarray:
     """120 points on a square's outline, centred at (cx, cy)."""
     t = np.linspace(0, 4, 120, endpoint=False)
@@ -72,11 +88,8 @@ def test_default_weights_are_reframed_unless_turned_off(tmp_path: Path, random_w
 
 
 @needs_weights
-def test_a_zoomed_out_chest_is_found_and_a_jsrt_like_one_keeps_its_result(jsrt: Path, tmp_path: Path):
-    model, info = load(None, Settings(home=tmp_path), "cpu")
-    image_id = found[1]["validation_ids"][0]
-    image = cv2.imread(str(jsrt / "images" / f"{image_id}.png"), cv2.IMREAD_GRAYSCALE)
-    truth = load_landmarks(jsrt / "landmarks", image_id)
+def test_a_zoomed_out_chest_is_found_and_a_jsrt_like_one_keeps_its_result(bundled, chest):
+    (model, info), (image, _, small, small_truth) = bundled, chest
 
     plain, plain_latent = segment_batch(model, image[None])
     framed, framed_latent, std, first = segment_reframed(model, image[None], info.framing)
@@ -85,7 +98,6 @@ def test_a_zoomed_out_chest_is_found_and_a_jsrt_like_one_keeps_its_result(jsrt: 
     np.testing.assert_array_equal(framed_latent, plain_latent)
     assert std is None
 
-    small, small_truth = zoom(image, truth, 0.65)  # neck, arms and abdomen in view, black around
     lost, lost_latent = segment_batch(model, small[None])
     found_again, _, _, first = segment_reframed(model, small[None], info.framing)
     before = landmark_scores(lost[0] * FRAME, small_truth)
@@ -96,11 +108,8 @@ def test_a_zoomed_out_chest_is_found_and_a_jsrt_like_one_keeps_its_result(jsrt: 
 
 
 @needs_weights
-def test_uncertainty_of_a_reframed_image_is_in_its_own_scale(jsrt: Path, tmp_path: Path):
-    model, info = load(None, Settings(home=tmp_path), "cpu")
-    image_id = found[1]["validation_ids"][0]
-    image = cv2.imread(str(jsrt / "images" / f"{image_id}.png"), cv2.IMREAD_GRAYSCALE)
-    small, _ = zoom(image, load_landmarks(jsrt / "landmarks", image_id), 0.65)
+def test_uncertainty_of_a_reframed_image_is_in_its_own_scale(bundled, chest):
+    (model, info), (image, _, small, _) = bundled, chest
     landmarks, _, _, _ = segment_reframed(model, small[None], info.framing)
     sampled, _, std, _ = segment_reframed(model, small[None], info.framing, samples=5)
     np.testing.assert_allclose(sampled, landmarks, atol=1e-4)  # sampling does not move the result
@@ -111,16 +120,14 @@ def test_uncertainty_of_a_reframed_image_is_in_its_own_scale(jsrt: Path, tmp_pat
 
 
 @needs_weights
-def test_the_record_says_whether_an_image_was_reframed(jsrt: Path, tmp_path: Path):
+def test_the_record_says_whether_an_image_was_reframed(bundled, chest):
     from dataclasses import replace
 
     from chexmask.worker.pipeline import Segmenter, prepare
 
-    model, info = load(None, Settings(home=tmp_path), "cpu")
-    image_id = found[1]["validation_ids"][0]
-    image = cv2.imread(str(jsrt / "images" / f"{image_id}.png"), cv2.IMREAD_GRAYSCALE)
+    (model, info), (image, _, small, _) = bundled, chest
     # grey around the chest, as soft tissue would be: the preprocessing crops black borders off
-    small, _ = zoom(image, load_landmarks(jsrt / "landmarks", image_id), 0.65)
+    small = small.copy()
     outside = zoom(np.full_like(image, 255), np.zeros((120, 2), np.float32), 0.65)[0] == 0
     small[outside] = 90
     pngs = [prepare(cv2.imencode(".png", im)[1].tobytes(), f"{name}.png") for name, im in (("a", image), ("b", small))]
@@ -159,13 +166,10 @@ def test_segment_command_reframes_unless_told_not_to(jsrt: Path, tmp_path: Path,
 
 
 @needs_weights
-def test_one_forward_pass_for_the_batch_then_reframing_image_by_image(jsrt: Path, tmp_path: Path):
+def test_one_forward_pass_for_the_batch_then_reframing_image_by_image(bundled, chest):
     """``together`` (the device path): the batch goes through the network at once, and
     only the image it did not understand is segmented again, alone."""
-    model, info = load(None, Settings(home=tmp_path), "cpu")
-    image_id = found[1]["validation_ids"][0]
-    image = cv2.imread(str(jsrt / "images" / f"{image_id}.png"), cv2.IMREAD_GRAYSCALE)
-    small, _ = zoom(image, load_landmarks(jsrt / "landmarks", image_id), 0.65)
+    (model, info), (image, _, small, _) = bundled, chest
     batch = np.stack([image, small])
     alone, _, _, first_alone = segment_reframed(model, batch, info.framing)
     together, _, _, first_together = segment_reframed(model, batch, info.framing, together=True)

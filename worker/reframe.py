@@ -36,7 +36,6 @@ import numpy as np
 from chexmask.anatomy import FRAME
 from chexmask.worker.model import HybridGNet, segment_batch, segment_with_uncertainty
 
-IDENTITY = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
 THRESHOLD_PERCENTILE = 99  # of the training images' latent distances
 
 
@@ -114,28 +113,25 @@ def zoom_matrix(scale: float) -> np.ndarray:
 
 @dataclass
 class Framed:
-    """One image's chosen result: landmarks in the 1024 frame of the image (pixels),
-    the latent of the pass that made them, and the warp that pass saw."""
+    """One pass's result: landmarks in the 1024 frame of the image (pixels), its
+    latent and that latent's distance from the training images'."""
 
     landmarks: np.ndarray
     latent: np.ndarray
     std: np.ndarray | None  # per-landmark spread (pixels of the image's frame) when sampled
-    matrix: np.ndarray
     distance: float
 
 
 def _look(model: HybridGNet, image: np.ndarray, matrix: np.ndarray, framing: Framing, samples: int) -> Framed:
-    seen = image if matrix is IDENTITY else warp(image, matrix)
+    """One forward pass of the image warped by ``matrix``, mapped back to its frame."""
+    seen = warp(image, matrix)[None]
     std = None
     if samples:
-        landmarks, latents, stds = segment_with_uncertainty(model, seen[None], samples)
+        landmarks, latents, stds = segment_with_uncertainty(model, seen, samples)
         std = stds[0] / np.sqrt(abs(np.linalg.det(matrix[:, :2])))  # back to the image's scale
     else:
-        landmarks, latents = segment_batch(model, seen[None])
-    points = landmarks[0] * FRAME
-    if matrix is not IDENTITY:
-        points = unwarp(points, matrix)
-    return Framed(points, latents[0], std, matrix, framing.distance(latents[0]))
+        landmarks, latents = segment_batch(model, seen)
+    return Framed(unwarp(landmarks[0] * FRAME, matrix), latents[0], std, framing.distance(latents[0]))
 
 
 def reframe(model: HybridGNet, image: np.ndarray, first: Framed, framing: Framing, samples: int = 0) -> Framed:
@@ -167,7 +163,7 @@ def segment_reframed(
     for i, image in enumerate(images):
         if distances[i] <= framing.threshold:
             continue
-        first = Framed(landmarks[i] * FRAME, latents[i], None if stds is None else stds[i], IDENTITY, distances[i])
+        first = Framed(landmarks[i] * FRAME, latents[i], None if stds is None else stds[i], distances[i])
         best = reframe(model, image, first, framing, samples)
         landmarks[i], latents[i] = best.landmarks / FRAME, best.latent
         if stds is not None and best.std is not None:

@@ -195,6 +195,12 @@ def output_names(files: list[Path]) -> list[str]:
     show_default=True,
     help="Also validate on re-framed, re-processed validation images and choose the best epoch on both.",
 )
+@click.option(
+    "--average-from",
+    type=int,
+    help="From this epoch on also keep the running mean of the weights (stochastic weight "
+    "averaging), written as out/average.pt and validated each epoch.",
+)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 def train_command(
     images,
@@ -211,6 +217,7 @@ def train_command(
     limit,
     augment,
     ood_val,
+    average_from,
     device,
 ) -> int:
     """Train HybridGNet on landmark-annotated chest X-rays (resumable).
@@ -229,6 +236,7 @@ def train_command(
         limit=limit,
         augment=augment,
         ood_val=ood_val,
+        average_from=average_from,
     )
     best = train(images, landmarks, out, cfg, resolve_device(device), resume, init_weights)
     click.echo(json.dumps({"best": best, "weights": str(out / "best.pt")}, indent=1))

@@ -3,6 +3,8 @@ transforms leave them alone, outputs stay uint8 1024x1024, and a seed fixes ever
 
 from __future__ import annotations
 
+import json
+
 import cv2
 import numpy as np
 import pytest
@@ -166,3 +168,30 @@ def test_evaluate_ood_scores_every_condition(jsrt, random_weights):
     assert summary["ood"]["dice_heart"] == pytest.approx(np.mean([r["dice_heart"] for r in rows]))
     table = condition_table(summary)
     assert table.count("\n") == len(CONDITIONS) + 2 and "zoomed_out" in table
+
+
+def test_weight_averaging_keeps_the_mean_of_the_epochs_across_a_resume(jsrt, tmp_path):
+    import shutil
+
+    import torch
+
+    from chexmask.worker.train import TrainConfig, train
+
+    out = tmp_path / "run"
+    config = TrainConfig(epochs=1, batch_size=1, lr=1e-4, limit=3, average_from=1)
+    train(jsrt / "images", jsrt / "landmarks", out, config)
+    first = torch.load(out / "last.ckpt", weights_only=False)["model"]
+    averaged = torch.load(out / "average.pt", weights_only=True)
+    torch.testing.assert_close(averaged["encoder.fc_mu.weight"], first["encoder.fc_mu.weight"].half())
+    shutil.copy(out / "last.ckpt", tmp_path / "epoch1.ckpt")
+
+    config.epochs = 2
+    train(jsrt / "images", jsrt / "landmarks", out, config, resume=tmp_path / "epoch1.ckpt")
+    second = torch.load(out / "last.ckpt", weights_only=False)["model"]
+    averaged = torch.load(out / "average.pt", weights_only=True)
+    for key in ("encoder.fc_mu.weight", next(k for k in first if k.startswith("graphConv"))):
+        assert not torch.equal(first[key], second[key])
+        torch.testing.assert_close(averaged[key].float(), (first[key] + second[key]) / 2, atol=2e-3, rtol=2e-3)
+    history = json.loads((out / "history.json").read_text())
+    assert [e["averaged_epochs"] for e in history] == [1, 2]
+    assert 0 < history[-1]["average_dice_lungs"] <= 1

@@ -1,8 +1,8 @@
 """Fit ``encoder.fc_logvar`` for weights that ship without it, everything else frozen.
 
-    python scripts/fit_logvar.py --weights chexmask/weights/chexmask-jsrt-v2.pt \\
-        --jsrt ../shared/data/jsrt --out chexmask/weights/chexmask-jsrt-v2.logvar.pt \\
-        --cache /tmp/jsrt-encoded.pt
+    python scripts/fit_logvar.py --weights chexmask/weights/NAME.pt \\
+        --jsrt ../shared/data/jsrt --out chexmask/weights/NAME.logvar.pt \\
+        --cache /tmp/jsrt-encoded.pt --pin
 
 The compact default weights (chexmask-jsrt-v2) left fc_logvar out, so the model had no
 latent distribution to sample for per-landmark uncertainty. Training's objective is the
@@ -10,14 +10,15 @@ error of landmarks decoded from sampled latents plus a small KL term; with the e
 mu and the decoder frozen, the same objective fits the log-variance alone: the posterior
 the decoder tolerates around each image's mu. mu, and so every landmark the model puts
 out, is unchanged. Training images only: the manifest's validation ids are left out and
-used to report whether the spread follows the true error. The result of the default
-run is pinned in chexmask/weights/manifest.json ("logvar"); load_model takes it from
-beside the weights.
+used to report whether the spread follows the true error. With ``--pin`` the result is
+pinned in chexmask/weights/manifest.json ("logvar", with the fit and that report);
+load_model takes it from beside the weights.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -26,7 +27,7 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.stats import spearmanr
+from scipy.stats import pearsonr, spearmanr
 
 from chexmask.anatomy import FRAME
 from chexmask.worker.model import HybridGNet, landmark_spread, to_input
@@ -84,6 +85,7 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, help="keep the encoded images here between runs")
     parser.add_argument("--init-logvar", type=float, default=-9.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pin", action="store_true", help="record the file, its fit and validation in --manifest")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     model = load_model(args.weights)
@@ -126,6 +128,37 @@ def main() -> None:
             )
     torch.save({k: v.detach().half() for k, v in head.state_dict().items()}, args.out)
     print(f"wrote {args.out}")
+    if args.pin:
+        pin(args, [spread_and_error(model, item, 20) for item in val])
+
+
+def pin(args: argparse.Namespace, pairs: list[tuple[float, float]]) -> None:
+    """Record the fitted file in the manifest, with how it was fitted and how its spread
+    (N = 20) follows the true error of the validation images."""
+    spread, error = np.array(pairs).T
+    manifest = json.loads(args.manifest.read_text())
+    manifest["logvar"] = {
+        "file": args.out.name,
+        "sha256": hashlib.sha256(args.out.read_bytes()).hexdigest(),
+        "format": "encoder.fc_logvar weight and bias, fp16, fitted with everything else frozen (scripts/fit_logvar.py)",
+        "fit": {
+            "images": "the training ids (validation_ids left out)",
+            "steps": args.steps,
+            "samples": args.samples,
+            "kl_weight": args.kl_weight,
+            "bias_lr": args.lr,
+            "weight_lr": args.weight_lr,
+            "seed": args.seed,
+        },
+        "validation": {
+            "mean_landmark_std_px_n20": round(float(spread.mean()), 2),
+            "mean_landmark_error_px": round(float(error.mean()), 2),
+            "spearman_std_vs_error": round(float(spearmanr(spread, error)[0]), 2),
+            "pearson_std_vs_error": round(float(pearsonr(spread, error)[0]), 2),
+        },
+    }
+    args.manifest.write_text(json.dumps(manifest, indent=1) + "\n")
+    print(json.dumps(manifest["logvar"], indent=1))
 
 
 if __name__ == "__main__":

@@ -278,7 +278,8 @@ def roi_lookup_shared(pos: torch.Tensor, fmap: torch.Tensor) -> torch.Tensor:
     area = (counts[..., 0] * counts[..., 1]).to(fmap.dtype)[..., None]
     index = torch.cat(indices, -1).reshape(B * N, -1)
     weight = (torch.cat(weights, -1).to(fmap.dtype) / area).reshape(B * N, -1)
-    table = fmap[0].flatten(1).t()  # [S*S, C]
+    # [S*S, C], contiguous: on a transposed view embedding_bag takes a path ~30x slower
+    table = fmap[0].flatten(1).t().contiguous()
     return F.embedding_bag(index, table, per_sample_weights=weight, mode="sum").reshape(B, N, C)
 
 

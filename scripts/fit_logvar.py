@@ -4,7 +4,7 @@
         --jsrt ../shared/data/jsrt --out chexmask/weights/NAME.logvar.pt \\
         --cache /tmp/jsrt-encoded.pt --pin
 
-The compact default weights (chexmask-jsrt-v2) left fc_logvar out, so the model had no
+The compact default weights (chexmask-jsrt-v2, v3) leave fc_logvar out, so the model has no
 latent distribution to sample for per-landmark uncertainty. Training's objective is the
 error of landmarks decoded from sampled latents plus a small KL term; with the encoder's
 mu and the decoder frozen, the same objective fits the log-variance alone: the posterior

@@ -272,7 +272,7 @@ def train(
             if state["best"] is None or selection_score(entry) > selection_score(state["best"]):
                 state["best"] = entry
                 torch.save(compact_state_dict(model, keep_logvar=True), out / "best.pt")
-        if average is not None and cfg.average_from is not None and epoch + 1 >= cfg.average_from:
+        if average is not None and epoch + 1 >= (cfg.average_from or 0):
             average.update_parameters(model)
             averaged: HybridGNet = average.module  # type: ignore[assignment]
             entry.update({f"average_{k}": v for k, v in validate(averaged, val_loader, device).items()})

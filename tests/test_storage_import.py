@@ -296,3 +296,13 @@ def test_landmark_texts_with_signs_or_leading_zeros_are_normalised_or_refused():
     assert json.loads(landmarks_json(padded)) == [[7, 1], *points[1:]]
     with pytest.raises(BadRow, match="not all integers"):
         landmarks_json(numpy_text(points).replace(" 2]", " 2.5]", 1))
+
+
+@pytest.mark.parametrize("text", ["1 5 x", "1  5", " 1 5", "1 5 ", "1 5 9", "١ 5", "1 5\t7 2", "1,5"], ids=repr)
+def test_rle_texts_that_are_not_start_length_pairs_are_refused(text):
+    from chexmask.storage.chexmask_csv import BadRow, _rle
+
+    with pytest.raises(BadRow, match="Left Lung: unparsable RLE"):
+        _rle(text, 100, "Left Lung")
+    assert _rle("1 5 9 2", 100, "Left Lung") == "1 5 9 2"
+    assert _rle("", 100, "Left Lung") == ""

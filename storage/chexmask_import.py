@@ -17,7 +17,7 @@ columns only, 1024 files the 1024 columns only (the other side is empty, as
 the back-projection would need the dataset's padding tables). The export and
 ``compare`` read the frame a row has.
 
-Rows are read with the csv module one by one (a file of any size, gzip too),
+Rows are read one by one by ``csv_records`` (a file of any size, gzip too),
 parsed and checked in batches (``chexmask_csv``; in a child process for large
 files, so parsing and writing run on separate cores) and written one transaction
 per batch through the database driver: SQLite ``executemany`` of prepared
@@ -215,9 +215,9 @@ def _write(
     if not new and not changed:
         return
     now = _database_time(connection, utcnow())
-    work = new + changed
-    images = [_image_row(context, uri, etag, row, now) for uri, etag, row in work]
-    segmentations = [_segmentation_row(context, uri, row, now) for uri, _, row in work]
+    work = [(uri, etag, row, _surrogate_sha256(context.dataset, row.image_id)) for uri, etag, row in new + changed]
+    images = [_image_row(context, uri, etag, row, sha256, now) for uri, etag, row, sha256 in work]
+    segmentations = [_segmentation_row(context, uri, row, sha256, now) for uri, _, row, sha256 in work]
     # A new image has no segmentation yet (its surrogate hash is its own), so new rows
     # are plainly inserted, much cheaper than upserts; changed ones are upserted.
     fresh = len(new) if insert_new else 0
@@ -267,14 +267,14 @@ def _database_time(connection: sa.Connection, now: datetime) -> Any:
     return value
 
 
-def _image_row(context: _Context, uri: str, etag: str, row: ParsedRow, now: Any) -> tuple[Any, ...]:
+def _image_row(context: _Context, uri: str, etag: str, row: ParsedRow, sha256: str, now: Any) -> tuple[Any, ...]:
     return _IMAGE_VALUES(
         {
             **_NO_IMAGE_VALUES,
             "line": row.line,
             "uri": uri,
             "etag_or_version": etag,
-            "sha256": _surrogate_sha256(context.dataset, row.image_id),
+            "sha256": sha256,
             "dataset": context.dataset,
             "release": context.release,
             "dataset_image_id": row.image_id,
@@ -288,14 +288,14 @@ def _image_row(context: _Context, uri: str, etag: str, row: ParsedRow, now: Any)
     )
 
 
-def _segmentation_row(context: _Context, uri: str, row: ParsedRow, now: Any) -> tuple[Any, ...]:
+def _segmentation_row(context: _Context, uri: str, row: ParsedRow, sha256: str, now: Any) -> tuple[Any, ...]:
     return _SEGMENTATION_VALUES(
         {
             **_NO_SEGMENTATION_VALUES,
             **row.values,
             "line": row.line,
             "uri": uri,
-            "image_sha256": _surrogate_sha256(context.dataset, row.image_id),
+            "image_sha256": sha256,
             "dataset": context.dataset,
             "is_current": True,
             "model_version": context.model,

@@ -1,27 +1,36 @@
 """Benchmark the CheXmask import and the scan that follows it, on SQLite and PostgreSQL.
 
-    python -m benchmarks.bench_import --rows 200000 --objects 1000000
+    python -m benchmarks.bench_import --rows 200000 --published-rows 20000 --objects 1000000
 
-1. Import: a synthetic original-resolution CheXmask CSV of ``--rows`` rows, written
-   with the exporter's layout (numpy landmark text, RLE of ``--rle-runs`` runs per
-   organ), imported through ``import_csv`` (parse and check, batched driver-level
-   writes in a second thread); then
-   imported again (every row unchanged). Target: 20,000 rows/s.
+1. Import, of two CSVs in the exporter's original-resolution layout:
+   - small rows: ``--rows`` synthetic rows of about 4.2 kB (numpy landmark text,
+     RLE of ``--rle-runs`` runs per organ); the issue's 20,000 rows/s is for these;
+   - published rows: ``--published-rows`` rows whose landmarks, masks and size
+     are the reference's original-resolution rows (../shared/reference: MIMIC-CXR
+     and VinDr-CXR images through the official scripts, 20-185 kB a row, as the
+     published set's rows are) under new ids. From their rate, the time the
+     whole published set (657,566 rows) would take; target under an hour.
+   Each file is imported, then imported again (every row unchanged). The
+   baseline, measured in the same run, is the csv module reading the same file
+   and nothing else: each import is also given as a multiple of that time, and
+   ``csv_records`` (the import's reader) as a speed-up over it.
 2. Scan: a listing of ``--objects`` files of which 1% are new since the import.
    A folder of a million files takes too long to make, so the listing is an
    in-memory list fed through ``ReleaseScanner``'s own paging, triage and
    registration; the index holds the other 99% as imported images. The check
    is that exactly the new ones are queued.
 
-Each backend gets a fresh database, removed afterwards.
+Each backend gets a fresh database for each part, removed afterwards.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import os
 import random
 import resource
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -33,13 +42,19 @@ from chexmask.ingest.registry import Registry
 from chexmask.ingest.scanner import ReleaseScanner
 from chexmask.messages import Arrival
 from chexmask.status import ImageStatus
+from chexmask.storage.chexmask_csv import open_text
 from chexmask.storage.chexmask_import import import_csv, import_sha256, import_uri
+from chexmask.storage.csv_records import csv_records
 from chexmask.storage.index import MaskIndex
 from chexmask.storage.layout import VALUE_COLUMNS, csv_line, numpy_text
 from chexmask.storage.models import SourceImage, utcnow
 
 DATASET = "chestx-ray8"
-TARGET = 20_000.0
+TARGET = 20_000.0  # rows/s, of the small rows
+PUBLISHED_ROWS = 657_566  # the published CheXmask set
+PUBLISHED_TARGET_S = 3600.0
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "postprocessing"
+REFERENCE_FILES = ("mimic_original_resolution_verbatim.csv", "vindr_original_resolution.csv")
 
 
 def image_id(i: int) -> str:
@@ -80,15 +95,74 @@ def _rle(rng: random.Random, runs: int, pixels: int) -> str:
     return " ".join(f"{s} {rng.randrange(1, step // 2)}" for s in starts)
 
 
-def bench_import(index: MaskIndex, csv_path: Path, rows: int) -> list[str]:
-    lines = []
+def reference_rows(folder: Path = REFERENCE) -> list[list[str]]:
+    """The Landmarks, Left Lung, Right Lung, Heart, Height and Width texts of the
+    reference's original-resolution rows (empty when ../shared is absent)."""
+    csv.field_size_limit(sys.maxsize)
+    rows = []
+    for name in REFERENCE_FILES:
+        if (folder / name).is_file():
+            with (folder / name).open(encoding="utf-8", newline="") as f:
+                rows += [record[3:9] for record in list(csv.reader(f))[1:]]
+    return rows
+
+
+def write_published_csv(path: Path, rows: int, pool: list[list[str]], seed: int = 0) -> None:
+    """``rows`` rows cycling through ``pool``'s real masks, each under its own id."""
+    rng = random.Random(seed)
+    with path.open("w", encoding="utf-8", newline="") as f:
+        f.write(csv_line(["Image Index", *VALUE_COLUMNS]))
+        for i in range(rows):
+            mean = round(rng.uniform(0.5, 0.95), 6)
+            f.write(csv_line([image_id(i), mean, round(mean + 0.02, 6), *pool[i % len(pool)]]))
+
+
+def read_seconds(path: Path) -> tuple[float, float]:
+    """The baseline: seconds for the csv module to read every record of ``path``;
+    and the same for ``csv_records``, the import's reader."""
+    timings = []
+    for records in (lambda handle: csv.reader(handle), csv_records):
+        start = time.perf_counter()
+        with open_text(path) as handle:
+            for _ in records(handle):
+                pass
+        timings.append(time.perf_counter() - start)
+    return timings[0], timings[1]
+
+
+class ImportCase:
+    """A CSV to import and its baseline: the csv module's time to read it alone."""
+
+    def __init__(self, label: str, path: Path, rows: int, published: bool) -> None:
+        self.label, self.path, self.rows, self.published = label, path, rows, published
+        self.csv_module_s, self.csv_records_s = read_seconds(path)
+
+    def describe(self) -> str:
+        size = self.path.stat().st_size
+        return (
+            f"{self.label}: {self.rows:,} rows of {size / self.rows / 1000:,.1f} kB; baseline, the csv module reading "
+            f"it alone: {self.csv_module_s:.1f} s ({size / self.csv_module_s / 1e6:.0f} MB/s); csv_records, the "
+            f"import's reader: {self.csv_module_s / self.csv_records_s:.1f}x as fast"
+        )
+
+    def verdict(self, rate: float) -> str:
+        if not self.published:
+            return f"target {TARGET:,.0f} rows/s: {'ok' if rate >= TARGET else 'MISSED'}"
+        whole = PUBLISHED_ROWS / rate
+        met = "ok" if whole <= PUBLISHED_TARGET_S else "MISSED"
+        return f"the published set's {PUBLISHED_ROWS:,} rows in {whole / 60:.1f} min (target 60): {met}"
+
+
+def bench_import(index: MaskIndex, case: ImportCase) -> list[str]:
+    lines, rows = [], case.rows
     for label in ("first import", "re-import (unchanged)"):
         start, cpu, child_cpu = time.perf_counter(), time.process_time(), _children_cpu()
-        report = import_csv(index, csv_path, dataset=DATASET, model="hybridgnet-official", weights_sha256="b7" * 32)
+        report = import_csv(index, case.path, dataset=DATASET, model="hybridgnet-official", weights_sha256="b7" * 32)
         wall, cpu, child_cpu = time.perf_counter() - start, time.process_time() - cpu, _children_cpu() - child_cpu
-        verdict = "ok" if rows / wall >= TARGET else "MISSED"
+        megabytes = case.path.stat().st_size / wall / 1e6
         lines.append(
-            f"  {label}: {rows:,} rows in {wall:.1f} s = {rows / wall:,.0f} rows/s  {verdict}\n"
+            f"  {label}: {rows:,} rows in {wall:.1f} s = {rows / wall:,.0f} rows/s, {megabytes:.0f} MB/s, "
+            f"{wall / case.csv_module_s:.2f}x the baseline's time; {case.verdict(rows / wall)}\n"
             f"    CPU per row: {cpu / rows * 1e6:.0f} us writing (this process), {child_cpu / rows * 1e6:.0f} us "
             f"reading and parsing (child process); taken {report.taken:,}, unchanged {report.unchanged:,}, "
             f"skipped {report.skipped}"
@@ -171,34 +245,42 @@ def bench_scan(index: MaskIndex, objects: int) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=200_000)
-    parser.add_argument("--objects", type=int, default=1_000_000)
+    parser.add_argument("--rows", type=int, default=200_000, help="small synthetic rows (0: none)")
     parser.add_argument(
-        "--rle-runs", type=int, default=64, help="runs per synthetic RLE string (real lungs at 2048 px: ~1500)"
+        "--published-rows", type=int, default=20_000, help="rows made of the reference's real masks (0: none)"
     )
+    parser.add_argument("--objects", type=int, default=1_000_000, help="listed objects to scan (0: no scan)")
+    parser.add_argument("--rle-runs", type=int, default=64, help="runs per RLE string of the small rows")
     parser.add_argument("--backends", default="sqlite,postgresql")
     parser.add_argument("--pg-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/test")
     parser.add_argument("--workdir", type=Path)
     args = parser.parse_args(argv)
 
+    csv.field_size_limit(sys.maxsize)  # the published rows' RLE fields run to 100 kB
     load_before = os.getloadavg()[0]
     lines = []
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
-        csv_path = Path(tmp) / "chexmask.csv"
-        write_csv(csv_path, args.rows, args.rle_runs)
-        lines.append(f"CSV: {args.rows:,} rows, {csv_path.stat().st_size / args.rows:,.0f} bytes/row")
+        cases = []
+        if args.rows:
+            write_csv(Path(tmp) / "small.csv", args.rows, args.rle_runs)
+            cases.append(ImportCase("small rows", Path(tmp) / "small.csv", args.rows, published=False))
+        pool = reference_rows() if args.published_rows else []
+        if pool:
+            write_published_csv(Path(tmp) / "published.csv", args.published_rows, pool)
+            cases.append(ImportCase("published rows", Path(tmp) / "published.csv", args.published_rows, True))
+        elif args.published_rows:
+            lines.append(f"published rows: skipped, no reference CSVs in {REFERENCE}")
+        lines += [case.describe() for case in cases]
+        print("\n".join(lines), flush=True)
         for backend in (b.strip() for b in args.backends.split(",")):
-            for part in ("import", "scan"):  # a fresh database for each
-                workdir = Path(tmp) / f"{backend}-{part}"
+            parts = [(f"import, {case.label}", case) for case in cases] + [("scan", None)] * bool(args.objects)
+            for part, case in parts:  # a fresh database for each
+                workdir = Path(tmp) / f"{backend}-{len(lines)}"
                 workdir.mkdir()
                 opened = sqlite_index(workdir) if backend == "sqlite" else postgres_index(args.pg_url)
                 with opened as index:
                     index.upgrade()
-                    result = (
-                        bench_import(index, csv_path, args.rows)
-                        if part == "import"
-                        else bench_scan(index, args.objects)
-                    )
+                    result = bench_import(index, case) if case else bench_scan(index, args.objects)
                 lines += [f"{backend} {part}:", *result]
                 print("\n".join(lines[-len(result) - 1 :]), flush=True)
     print(

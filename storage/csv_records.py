@@ -71,17 +71,9 @@ def _record(text: str, pos: int, ended: bool) -> tuple[list[str], int, int]:
     lines = 1
     while True:
         if text.startswith('"', pos):
-            end = text.find('"', pos + 1)
-            while end != -1 and text.startswith('"', end + 1):  # a doubled quote is one quote
-                end = text.find('"', end + 2)
-            if end == -1:
-                raise _Unusual if ended else _Incomplete
-            field = text[pos + 1 : end]
-            if '""' in field:
-                field = field.replace('""', '"')
+            field, pos = _quoted_field(text, pos, ended)
             if "\n" in field or "\r" in field:
                 lines += field.count("\n") + field.count("\r") - field.count("\r\n")
-            pos = end + 1
         else:
             end = _field_end(text, pos)
             if end == len(text) and not ended:
@@ -106,6 +98,17 @@ def _record(text: str, pos: int, ended: bool) -> tuple[list[str], int, int]:
             return fields, pos + (2 if text.startswith("\n", pos + 1) else 1), lines
         else:
             raise _Unusual  # text after a closing quote
+
+
+def _quoted_field(text: str, pos: int, ended: bool) -> tuple[str, int]:
+    """The quoted field whose opening quote is at ``pos``, and where it ends."""
+    end = text.find('"', pos + 1)
+    while end != -1 and text.startswith('"', end + 1):  # a doubled quote is one quote
+        end = text.find('"', end + 2)
+    if end == -1:
+        raise _Unusual if ended else _Incomplete
+    field = text[pos + 1 : end]
+    return (field.replace('""', '"') if '""' in field else field), end + 1
 
 
 def _field_end(text: str, pos: int) -> int:

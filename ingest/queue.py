@@ -58,7 +58,7 @@ class Intake:
         triage = self.registry.triage(_latest(arrivals))
         if triage.to_queue:
             self.queue.put(triage.to_queue)
-            self.registry.record(triage.to_queue)
+            self.registry.record(triage)
             for arrival in triage.to_queue:
                 with image_context(dataset=arrival.dataset):  # no image id before it is admitted
                     log.info("queued %s", arrival.uri)

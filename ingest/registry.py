@@ -11,8 +11,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from chexmask.errors import NotARegularFile
 from chexmask.messages import Arrival
@@ -86,31 +87,15 @@ class Registry:
 
     def record_covered(self, arrivals: Sequence[Arrival]) -> None:
         """Register covered arrivals as done, in one statement (see ``triage``)."""
-        self.index.register_linked(
-            [
-                {
-                    "uri": a.uri,
-                    "dataset": a.dataset,
-                    "dataset_image_id": a.dataset_image_id,
-                    "release": a.release,
-                    "etag_or_version": a.etag,
-                    "size": a.size,
-                }
-                for a in arrivals
-            ]
-        )
+        self.index.register_linked([_described(a) for a in arrivals])
 
-    def record(self, arrivals: Iterable[Arrival]) -> None:
-        """Register arrivals (status queued; a changed one goes back to queued)."""
-        for a in arrivals:
-            self.index.register_image(
-                uri=a.uri,
-                dataset=a.dataset,
-                dataset_image_id=a.dataset_image_id,
-                release=a.release,
-                etag_or_version=a.etag,
-                size=a.size,
-            )
+    def record(self, triage: Triage) -> None:
+        """Register what ``triage`` found to queue, as queued: the new arrivals in one
+        statement, changed ones (and new ones registered meanwhile by another producer)
+        one by one, as their stored content is replaced."""
+        added = self.index.register_new([_described(a) for a in triage.new])
+        for a in [a for a in triage.new if a.uri not in added] + triage.changed:
+            self.index.register_image(**_described(a))
 
     def admit(self, arrival: Arrival, keep_bytes: bool = False) -> Admitted | None:
         """Read and hash the source and register it; ``None`` when there is nothing to do
@@ -141,6 +126,18 @@ class Registry:
         image_id = registration.image.id
         assert image_id is not None  # a stored row always has its id
         return Admitted(image_id, time.perf_counter() - started, data if keep_bytes else None)
+
+
+def _described(arrival: Arrival) -> dict[str, Any]:
+    """What an arrival tells of its image, as ``MaskIndex.register_*`` take it."""
+    return {
+        "uri": arrival.uri,
+        "dataset": arrival.dataset,
+        "dataset_image_id": arrival.dataset_image_id,
+        "release": arrival.release,
+        "etag_or_version": arrival.etag,
+        "size": arrival.size,
+    }
 
 
 def _differs(given: object, stored: object) -> bool:

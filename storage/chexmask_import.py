@@ -54,6 +54,7 @@ from chexmask.storage.chexmask_csv import (
 )
 from chexmask.storage.index import MaskIndex
 from chexmask.storage.models import IMPORT_SCHEME, Segmentation, SourceImage, utcnow
+from chexmask.storage.queries import one_of
 
 BATCH_SIZE = 2000
 # Above this a child process reads and parses (starting one costs about a second).
@@ -402,8 +403,9 @@ def imported_ids(index: MaskIndex, dataset: str, image_ids: Iterable[str]) -> se
     found: set[str] = set()
     with index.engine.connect() as connection:
         for start in range(0, len(wanted), 500):
+            chunk = wanted[start : start + 500]
             statement = sa.select(SourceImage.dataset_image_id, SourceImage.uri).where(
-                SourceImage.dataset_image_id.in_(wanted[start : start + 500]),
+                one_of(SourceImage.dataset_image_id, chunk, index.engine.dialect.name),
                 SourceImage.dataset == canonical(dataset),
             )
             found.update(i for i, uri in connection.execute(statement) if is_imported_uri(uri))

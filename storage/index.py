@@ -22,6 +22,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Row
 from sqlalchemy.orm import aliased
 from sqlmodel import Session, select
@@ -48,6 +49,7 @@ from chexmask.storage.queries import (
     SegmentationSummary,
     agreement_on,
     image_conditions,
+    one_of,
     order_by,
     segmentation_conditions,
     with_agreement,
@@ -218,13 +220,18 @@ class MaskIndex:
 
     def register_linked(self, images: Sequence[Mapping[str, Any]]) -> int:
         """Register files whose dataset image id an import already covers, as ``done``
-        (no bytes read: the published mask stands for them), in one statement; known
-        URIs are left as they are. Each mapping gives ``uri``, ``dataset``,
-        ``dataset_image_id`` and optionally ``release``, ``etag_or_version``, ``size``.
+        (no bytes read: the published mask stands for them); see ``register_new``.
         Returns how many were new."""
+        return len(self.register_new(images, ImageStatus.DONE))
+
+    def register_new(self, images: Sequence[Mapping[str, Any]], status: ImageStatus = ImageStatus.QUEUED) -> set[str]:
+        """Register images with ``status`` in one statement; URIs the index knows are left
+        as they are. Each mapping gives ``uri``, ``dataset``, ``dataset_image_id`` and
+        optionally ``release``, ``etag_or_version``, ``size``. Returns the URIs added.
+        (A scan registers a page of a listing at once; one ``register_image`` each, with
+        its own transaction, took 5-10 ms an image.)"""
         if not images:
-            return 0
-        now = utcnow()
+            return set()
         rows = [
             {
                 "uri": i["uri"],
@@ -233,16 +240,26 @@ class MaskIndex:
                 "dataset_image_id": i["dataset_image_id"],
                 "etag_or_version": i.get("etag_or_version"),
                 "size": i.get("size"),
-                "first_seen": now,
-                "updated_at": now,
-                "status": ImageStatus.DONE,
-                "attempts": 0,
             }
             for i in images
         ]
+        now = utcnow()
+        constants = {"first_seen": now, "updated_at": now, "status": status, "attempts": 0}
         with self.engine.begin() as connection:
-            result = connection.execute(self._insert(SourceImage).on_conflict_do_nothing(index_elements=["uri"]), rows)
-            return max(result.rowcount, 0)
+            if self.dialect != "postgresql":
+                insert = self._insert(SourceImage).on_conflict_do_nothing(index_elements=["uri"])
+                added = connection.execute(insert.returning(SourceImage.uri), [{**r, **constants} for r in rows])
+                return set(added.scalars())
+            # PostgreSQL: one statement over an array per column. A many-row VALUES list
+            # (how RETURNING goes with executemany) took ~90 ms a page in the driver alone.
+            columns = SourceImage.__table__.c
+            arrays = [
+                sa.func.unnest(sa.literal([r[c] for r in rows], ARRAY(columns[c].type))).label(c) for c in rows[0]
+            ]
+            fixed = [sa.literal(v, columns[c].type).label(c) for c, v in constants.items()]
+            insert = self._insert(SourceImage).from_select([*rows[0], *constants], sa.select(*arrays, *fixed))
+            insert = insert.on_conflict_do_nothing(index_elements=["uri"]).returning(SourceImage.uri)
+            return set(connection.execute(insert).scalars())
 
     def update_image(
         self,
@@ -335,10 +352,8 @@ class MaskIndex:
             # Chunked so the IN list stays under every backend's parameter limit.
             for start in range(0, len(wanted), 500):
                 chunk = wanted[start : start + 500]
-                found.update(
-                    (image.uri, image)
-                    for image in session.scalars(select(SourceImage).where(SourceImage.uri.in_(chunk)))
-                )
+                condition = one_of(SourceImage.uri, chunk, self.engine.dialect.name)
+                found.update((image.uri, image) for image in session.scalars(select(SourceImage).where(condition)))
         return found
 
     def images(self, filters: QueryFilters = QueryFilters(), limit: int = 100, offset: int = 0) -> list[SourceImage]:

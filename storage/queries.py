@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 import sqlalchemy as sa
 from pydantic import Field
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import aliased
 
 from chexmask.datasets import canonical
@@ -208,6 +209,14 @@ SORT_KEYS: dict[str, Any] = {
     "dice_rca_max": Segmentation.dice_rca_max,
     "dataset_image_id": SourceImage.dataset_image_id,
 }
+
+
+def one_of(column: Any, values: list[str], dialect: str) -> Any:
+    """``column IN values``. On PostgreSQL as ``= ANY`` of one array parameter: binding
+    and planning a list of 500 parameters took 10 times as long as its index lookups."""
+    if dialect == "postgresql":
+        return column == sa.any_(sa.literal(values, ARRAY(sa.String)))
+    return column.in_(values)
 
 
 def image_conditions(filters: QueryFilters) -> list[Any]:

@@ -244,9 +244,9 @@ def open_text(path: str | Path) -> IO[str]:
     with path.open("rb") as probe:
         gzipped = probe.read(2) == b"\x1f\x8b"
     if gzipped:
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8-sig", newline="")
     # a buffer as large as csv_records' blocks: one read and one decode per block
-    return path.open(encoding="utf-8", newline="", buffering=READ_BUFFER_BYTES)
+    return path.open(encoding="utf-8-sig", newline="", buffering=READ_BUFFER_BYTES)
 
 
 def read_records(handle: IO[str]) -> tuple[Columns, Iterator[tuple[int, list[str]]]]:

@@ -95,6 +95,18 @@ def test_each_databases_id_column_and_the_data_dictionarys(index, tmp_path, data
     assert out.read_text().split("\n", 1)[1] == path.read_text().split("\n", 1)[1]
 
 
+@pytest.mark.parametrize("name", ["in.csv", "in.csv.gz"])
+def test_a_byte_order_mark_as_spreadsheets_write_it_is_not_part_of_the_header(index, tmp_path, name):
+    plain = write_csv(tmp_path / "plain.csv", "Image Index", [original_row(f"{i:08d}_000.png") for i in range(3)])
+    marked = b"\xef\xbb\xbf" + plain.read_bytes()
+    (tmp_path / name).write_bytes(gzip.compress(marked) if name.endswith(".gz") else marked)
+    report = run_import(index, tmp_path / name, "nih")
+    assert (report.taken, report.skipped) == (3, 0)
+    out = tmp_path / "out.csv"
+    export(index, out, dataset="nih")
+    assert out.read_bytes() == plain.read_bytes()
+
+
 def test_gzip_file(index, tmp_path):
     path = write_csv(tmp_path / "in.csv.gz", "Image Index", [original_row(f"{i:08d}_000.png") for i in range(5)])
     assert run_import(index, path, "nih").taken == 5

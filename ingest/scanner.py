@@ -25,7 +25,7 @@ from chexmask.ingest.queue import Intake, Offered
 from chexmask.messages import Arrival
 from chexmask.storage import sources
 
-DEFAULT_PAGE = 500
+DEFAULT_PAGE = 1000  # one S3 listing request; a page is looked up and registered in a few statements
 
 
 @dataclass

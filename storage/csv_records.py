@@ -69,13 +69,17 @@ def _record(text: str, pos: int, ended: bool) -> tuple[list[str], int, int]:
         raise _Incomplete
     fields: list[str] = []
     lines = 1
+    line_end = -1  # where the line the unquoted fields are on ends (found once a line)
     while True:
         if text.startswith('"', pos):
             field, pos = _quoted_field(text, pos, ended)
             if "\n" in field or "\r" in field:
                 lines += field.count("\n") + field.count("\r") - field.count("\r\n")
         else:
-            end = _field_end(text, pos)
+            if pos > line_end:
+                line_end = _line_end(text, pos)
+            comma = text.find(",", pos, line_end)
+            end = line_end if comma == -1 else comma
             if end == len(text) and not ended:
                 raise _Incomplete
             field = text[pos:end]
@@ -111,16 +115,13 @@ def _quoted_field(text: str, pos: int, ended: bool) -> tuple[str, int]:
     return (field.replace('""', '"') if '""' in field else field), end + 1
 
 
-def _field_end(text: str, pos: int) -> int:
-    """Where the unquoted field at ``pos`` ends: the next comma or line end."""
-    end = text.find(",", pos)
+def _line_end(text: str, pos: int) -> int:
+    """Where the line at ``pos`` ends: its "\n" or "\r", or the end of the text."""
+    end = text.find("\n", pos)
     if end == -1:
         end = len(text)
-    for stop in ("\n", "\r"):
-        found = text.find(stop, pos, end)
-        if found != -1:
-            end = found
-    return end
+    found = text.find("\r", pos, end)
+    return end if found == -1 else found
 
 
 def _csv_module_records(rest: str, handle: IO[str], line: int) -> Iterator[tuple[int, list[str]]]:

@@ -43,7 +43,6 @@ ID_HEADERS = frozenset({*ID_COLUMNS.values(), "Image ID", "image_id"})
 MAX_REPORTED = 50  # bad rows kept with their line numbers; all are counted
 CHILD_QUEUE_BATCHES = 2  # parsed batches waiting for the writer: bounded memory
 CHILD_POLL_S = 1.0  # how often the reader checks that the child is still alive
-READ_BUFFER_BYTES = BLOCK_CHARS
 
 
 class Frame(str, Enum):
@@ -246,7 +245,7 @@ def open_text(path: str | Path) -> IO[str]:
     if gzipped:
         return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8-sig", newline="")
     # a buffer as large as csv_records' blocks: one read and one decode per block
-    return path.open(encoding="utf-8-sig", newline="", buffering=READ_BUFFER_BYTES)
+    return path.open(encoding="utf-8-sig", newline="", buffering=BLOCK_CHARS)
 
 
 def read_records(handle: IO[str]) -> tuple[Columns, Iterator[tuple[int, list[str]]]]:

@@ -36,13 +36,11 @@ class _Incomplete(Exception):
     """The record runs past the text read so far."""
 
 
-def csv_records(
-    handle: IO[str], first_line: int = 1, block_chars: int = BLOCK_CHARS
-) -> Iterator[tuple[int, list[str]]]:
-    """Each record of ``handle`` (opened with ``newline=""``) with the line it starts on,
-    counted from ``first_line``; blank lines are left out, as ``csv.reader`` gives them
+def csv_records(handle: IO[str], block_chars: int = BLOCK_CHARS) -> Iterator[tuple[int, list[str]]]:
+    """Each record of ``handle`` (opened with ``newline=""``) with the line it starts on
+    (the first is 1); blank lines are left out, as ``csv.reader`` gives them
     as empty records."""
-    text, pos, line, ended = "", 0, first_line, False
+    text, pos, line, ended = "", 0, 1, False
     while True:
         try:
             start = pos
